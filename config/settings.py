@@ -1,0 +1,283 @@
+"""Settings: one frozen object built once from TOML plus environment, then passed down.
+
+Every key is validated at start and unknown keys are errors, because a typo in a relay's
+config (say `alow_plaintext_auth`) silently falling back to a default is how mail goes
+astray. Each problem names its key and the fix; all problems are reported at once.
+
+`INFLIGHT_<SECTION>_<KEY>` overrides a scalar of a section (e.g. `INFLIGHT_UPSTREAM_URL`);
+list keys take a comma-separated value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from relay.policy import TrackingMode
+
+DEFAULT_CONFIG = "config/dev.toml"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` holds one line per problem, naming the key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    listen: str = "127.0.0.1:2525"
+    hostname: str = "relay.example.com"
+    tls_cert: str = ""
+    tls_key: str = ""
+    allow_plaintext_auth: bool = False
+    max_message_bytes: int = 26_214_400
+    max_recipients: int = 50
+
+
+@dataclass(frozen=True)
+class TrackerSettings:
+    listen: str = "127.0.0.1:8080"
+    public_url: str = "http://127.0.0.1:8080"
+    secrets: tuple[str, ...] = ("change-me",)
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1",)
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    url: str = "sqlite:///var/inflight.db"
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    url: str = "outbox:///var/outbox"
+    configuration_set_header: str = "X-SES-CONFIGURATION-SET"
+    configuration_set: str = ""
+    no_tracking_configuration_set: str = ""
+
+
+@dataclass(frozen=True)
+class ProjectSettings:
+    id: str
+    secret: str
+    tracking: TrackingMode = TrackingMode.ENABLED
+
+
+@dataclass(frozen=True)
+class Settings:
+    relay: RelaySettings = field(default_factory=RelaySettings)
+    tracker: TrackerSettings = field(default_factory=TrackerSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    projects: tuple[ProjectSettings, ...] = ()
+
+    def project(self, project_id: str) -> ProjectSettings | None:
+        return next((p for p in self.projects if p.id == project_id), None)
+
+
+SECTIONS: dict[str, type] = {
+    "relay": RelaySettings,
+    "tracker": TrackerSettings,
+    "store": StoreSettings,
+    "upstream": UpstreamSettings,
+}
+UPSTREAM_SCHEMES = ("outbox", "smtp", "smtps", "smtp+insecure")
+
+
+def resolve_config_path(cli_value: str | None, environ: Mapping[str, str] = os.environ) -> Path:
+    """`--config`, else `$INFLIGHT_CONFIG`, else config/dev.toml (the documented order)."""
+    return Path(cli_value or environ.get("INFLIGHT_CONFIG") or DEFAULT_CONFIG)
+
+
+def load_settings(path: Path, environ: Mapping[str, str] = os.environ) -> Settings:
+    """Read, override from the environment, and validate; raise ConfigError listing every problem."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found (pass --config PATH or set INFLIGHT_CONFIG)"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    return settings_from_mapping(raw, environ)
+
+
+def settings_from_mapping(raw: Mapping[str, object], environ: Mapping[str, str] = os.environ) -> Settings:
+    problems: list[str] = []
+    sections: dict[str, object] = {}
+    for key in raw:
+        if key not in SECTIONS and key != "projects":
+            problems.append(f"{key}: unknown section (known: {', '.join([*SECTIONS, 'projects'])})")
+    for name, cls in SECTIONS.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            problems.append(f"{name}: must be a table ([{name}])")
+            continue
+        table = {**table, **_env_overrides(name, cls, environ, problems)}
+        sections[name] = _build(cls, table, name, problems)
+    projects = _build_projects(raw.get("projects", []), problems)
+    if problems:
+        raise ConfigError(problems)
+    settings = Settings(projects=projects, **sections)  # type: ignore[arg-type]
+    problems.extend(_check(settings))
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _env_overrides(section: str, cls: type, environ: Mapping[str, str], problems: list[str]) -> dict[str, object]:
+    overrides: dict[str, object] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        var = f"INFLIGHT_{section.upper()}_{f.name.upper()}"
+        if var in environ:
+            value = _from_env(environ[var], hints[f.name])
+            if value is None:
+                problems.append(f"{section}.{f.name}: {var}={environ[var]!r} is not a valid {_type_name(hints[f.name])}")
+            else:
+                overrides[f.name] = value
+    return overrides
+
+
+def _from_env(text: str, hint: object) -> object | None:
+    if hint is bool:
+        return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if hint is int:
+        return int(text) if text.strip().lstrip("-").isdigit() else None
+    if typing.get_origin(hint) is tuple:
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return text
+
+
+def _build_projects(value: object, problems: list[str]) -> tuple[ProjectSettings, ...]:
+    if not isinstance(value, list):
+        problems.append("projects: must be an array of tables ([[projects]])")
+        return ()
+    projects = []
+    for index, table in enumerate(value):
+        where = f"projects[{index}]"
+        if not isinstance(table, dict):
+            problems.append(f"{where}: must be a table")
+            continue
+        built = _build(ProjectSettings, table, where, problems)
+        if built is not None:
+            projects.append(built)
+    return tuple(projects)
+
+
+def _build(cls: type, table: Mapping[str, object], where: str, problems: list[str]):  # type: ignore[no-untyped-def]
+    """Construct `cls` from a TOML table, type-checking each key against the dataclass field."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, object] = {}
+    ok = True
+    for key, value in table.items():
+        if key not in known:
+            problems.append(f"{where}.{key}: unknown key (known: {', '.join(known)})")
+            ok = False
+            continue
+        converted = _convert(value, hints[key])
+        if converted is _INVALID:
+            problems.append(f"{where}.{key}: expected {_type_name(hints[key])}, got {value!r}")
+            ok = False
+        else:
+            values[key] = converted
+    for name, f in known.items():
+        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if name not in table:
+                problems.append(f"{where}.{name}: required key is missing")
+            ok = False
+    return cls(**values) if ok else None
+
+
+_INVALID = object()
+
+
+def _convert(value: object, hint: object) -> object:
+    if hint is bool:
+        return value if isinstance(value, bool) else _INVALID
+    if hint is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
+    if hint is str:
+        return value if isinstance(value, str) else _INVALID
+    if isinstance(hint, type) and issubclass(hint, TrackingMode):
+        return hint(value) if value in hint.__members__ else _INVALID
+    if typing.get_origin(hint) is tuple:
+        (item, _) = typing.get_args(hint)
+        if not isinstance(value, list) or not all(_convert(v, item) is not _INVALID for v in value):
+            return _INVALID
+        return tuple(value)
+    raise TypeError(f"no converter for {hint!r}")  # a programming error, not a config error
+
+
+def _type_name(hint: object) -> str:
+    if isinstance(hint, type) and issubclass(hint, TrackingMode):
+        return "one of " + " | ".join(hint.__members__)
+    if typing.get_origin(hint) is tuple:
+        return "a list of strings"
+    return {bool: "true or false", int: "an integer", str: "a string"}.get(hint, str(hint))  # type: ignore[call-overload]
+
+
+def parse_listen(value: str) -> tuple[str, int] | None:
+    """`host:port` or `[v6]:port` → (host, port); None when malformed."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _check(s: Settings) -> list[str]:
+    """Cross-field checks that types alone cannot express."""
+    problems = []
+    for key, value in (("relay.listen", s.relay.listen), ("tracker.listen", s.tracker.listen)):
+        if parse_listen(value) is None:
+            problems.append(f"{key}: expected host:port (e.g. 127.0.0.1:2525), got {value!r}")
+    if bool(s.relay.tls_cert) != bool(s.relay.tls_key):
+        problems.append("relay.tls_cert / relay.tls_key: set both (PEM paths) or neither")
+    for key in ("tls_cert", "tls_key"):
+        path = getattr(s.relay, key)
+        if path and not Path(path).is_file():
+            problems.append(f"relay.{key}: file {path!r} does not exist")
+    if s.relay.max_message_bytes <= 0:
+        problems.append("relay.max_message_bytes: must be a positive number of bytes")
+    if s.relay.max_recipients <= 0:
+        problems.append("relay.max_recipients: must be at least 1")
+    public = urlsplit(s.tracker.public_url)
+    if public.scheme not in ("http", "https") or not public.netloc or public.query or public.fragment:
+        problems.append(f"tracker.public_url: expected an http(s) base URL such as https://t.example.com, got {s.tracker.public_url!r}")
+    if not s.tracker.secrets or any(len(secret) < 8 for secret in s.tracker.secrets):
+        problems.append("tracker.secrets: give at least one HMAC key of 8+ characters (the first signs, all verify)")
+    for proxy in s.tracker.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            problems.append(f"tracker.trusted_proxies: {proxy!r} is not an IP address or CIDR")
+    if not s.store.url.startswith("sqlite:///"):
+        problems.append(f"store.url: expected sqlite:///relative/path.db or sqlite:////absolute/path.db, got {s.store.url!r}")
+    scheme = urlsplit(s.upstream.url).scheme
+    if scheme not in UPSTREAM_SCHEMES:
+        problems.append(f"upstream.url: scheme must be one of {', '.join(UPSTREAM_SCHEMES)}, got {s.upstream.url!r}")
+    if not s.projects:
+        problems.append("projects: define at least one [[projects]] with id and secret (AUTH is required)")
+    seen: set[str] = set()
+    for index, project in enumerate(s.projects):
+        if project.id in seen:
+            problems.append(f"projects[{index}].id: duplicate project id {project.id!r}")
+        seen.add(project.id)
+        if not project.id:
+            problems.append(f"projects[{index}].id: must not be empty")
+        if len(project.secret) < 8:
+            problems.append(f"projects[{index}].secret: use at least 8 characters (it is the SMTP password and API token)")
+    return problems
+
+
+def sqlite_path(url: str) -> Path:
+    """sqlite:///var/x.db → var/x.db (relative); sqlite:////srv/x.db → /srv/x.db (SQLAlchemy's convention)."""
+    return Path(url.removeprefix("sqlite:///"))

@@ -1,0 +1,61 @@
+"""`inflight`: the operator's command line (serve, relay, tracker, check-config)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from config.settings import ConfigError, Settings, load_settings, resolve_config_path
+from inflight.service import Service
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    path = resolve_config_path(args.config)
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run(args: argparse.Namespace, *, relay: bool, tracker: bool) -> int:
+    settings = _settings(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # aiosmtpd logs every SMTP command at INFO; our own one line per message is the useful record.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    asyncio.run(Service(settings, relay=relay, tracker=tracker).run_until_signalled())
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    print(f"ok: {resolve_config_path(args.config)} ({len(settings.projects)} project(s))")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inflight", description="Self-hosted mail-tracking SMTP relay.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--config", help="TOML file (default: $INFLIGHT_CONFIG, then config/dev.toml)")
+        return sub
+
+    command("serve", "relay and tracker in one process").set_defaults(func=lambda a: _run(a, relay=True, tracker=True))
+    command("relay", "the SMTP relay only").set_defaults(func=lambda a: _run(a, relay=True, tracker=False))
+    command("tracker", "the HTTP tracker only").set_defaults(func=lambda a: _run(a, relay=False, tracker=True))
+    command("check-config", "validate the configuration and exit").set_defaults(func=_check_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""Run the relay and/or the tracker on one event loop, sharing one store and one token signer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+
+from config.settings import Settings, parse_listen
+from relay.pipeline import Pipeline
+from relay.server import start_relay
+from relay.upstream import upstream_from_url
+from tracker.app import Tracker, create_app
+from tracker.store import SqliteEventStore
+from tracker.tokens import TokenSigner
+
+log = logging.getLogger("inflight")
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the Service owns shutdown for relay and tracker alike."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def bind(listen: str) -> socket.socket:
+    """Bind host:port ourselves so that port 0 works and the real port can be read back."""
+    parsed = parse_listen(listen)
+    if parsed is None:
+        raise ValueError(f"invalid listen address {listen!r}")
+    host, port = parsed
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class Service:
+    def __init__(self, settings: Settings, *, relay: bool = True, tracker: bool = True) -> None:
+        self.settings = settings
+        self.run_relay = relay
+        self.run_tracker = tracker
+        self.store = SqliteEventStore.from_url(settings.store.url)
+        self.signer = TokenSigner(settings.tracker.secrets)
+        self.relay_address: tuple[str, int] | None = None
+        self.tracker_address: tuple[str, int] | None = None
+        self._smtp: asyncio.Server | None = None
+        self._http: _EmbeddedUvicorn | None = None
+        self._http_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.store.open()
+        if self.run_relay:
+            pipeline = Pipeline(
+                settings=self.settings,
+                upstream=upstream_from_url(self.settings.upstream.url),
+                store=self.store,
+                signer=self.signer,
+            )
+            sock = bind(self.settings.relay.listen)
+            self.relay_address = sock.getsockname()[:2]
+            self._smtp = await start_relay(self.settings, pipeline, sock)
+            log.info("relay listening on %s:%d", *self.relay_address)
+        if self.run_tracker:
+            app = create_app(Tracker(settings=self.settings, store=self.store, signer=self.signer))
+            sock = bind(self.settings.tracker.listen)
+            self.tracker_address = sock.getsockname()[:2]
+            config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", server_header=False)
+            self._http = _EmbeddedUvicorn(config)
+            self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
+            while not self._http.started:
+                if self._http_task.done():
+                    self._http_task.result()  # re-raise the startup failure
+                await asyncio.sleep(0.01)
+            log.info("tracker listening on %s:%d (public_url=%s)", *self.tracker_address, self.settings.tracker.public_url)
+
+    async def stop(self) -> None:
+        if self._smtp is not None:
+            self._smtp.close()
+            await self._smtp.wait_closed()
+        if self._http is not None and self._http_task is not None:
+            self._http.should_exit = True
+            await self._http_task
+        await self.store.close()
+
+    async def run_until_signalled(self) -> None:
+        await self.start()
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+        await stopping.wait()
+        log.info("shutting down")
+        await self.stop()

@@ -1,0 +1,38 @@
+"""The relay's LinkMinter: signed tracking URLs for one recipient's copy of a message."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from tracker.tokens import TokenSigner, TrackedSend, TrackingClaims, claims_to_dict
+
+CLICK_PATH = "/c/"
+OPEN_PATH = "/o/"
+
+
+class TrackingLinks:
+    def __init__(self, *, signer: TokenSigner, public_url: str, send: TrackedSend) -> None:
+        self._signer = signer
+        self._base = public_url.rstrip("/")
+        self._tracking_host = (urlsplit(public_url).hostname or "").lower()
+        self._send = send
+
+    def click_url(self, destination: str) -> str | None:
+        if (urlsplit(destination).hostname or "").lower() == self._tracking_host:
+            return None  # a link to our own tracking host is left as is, never wrapped twice
+        token = self._signer.sign(claims_to_dict(TrackingClaims("click", self._send, destination)))
+        return f"{self._base}{CLICK_PATH}{token}"
+
+    def pixel_url(self) -> str:
+        token = self._signer.sign(claims_to_dict(TrackingClaims("open", self._send)))
+        return f"{self._base}{OPEN_PATH}{token}.gif"
+
+    def honeypot_url(self) -> str | None:
+        return None
+
+    def is_tracking_url(self, url: str) -> bool:
+        for path in (CLICK_PATH, OPEN_PATH):
+            prefix = self._base + path
+            if url.startswith(prefix):
+                return self._signer.verify(url[len(prefix):].removesuffix(".gif")) is not None
+        return False

@@ -1,0 +1,37 @@
+"""Every SMTP reply the relay's mail logic gives, in one place (RFC 5321 codes, RFC 3463 enhanced codes)."""
+
+from __future__ import annotations
+
+import re
+
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+PROJECT_MISMATCH = "550 5.7.1 X-Inflight-Project does not match the authenticated project"
+UPSTREAM_UNAVAILABLE = "451 4.4.1 Upstream unavailable, try again later"
+AUTH_UNKNOWN_PROJECT = "535 5.7.8 Authentication credentials invalid"
+
+_ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+def accepted(message_id: str, recipients: int) -> str:
+    return f"250 2.0.0 OK: {recipients} recipient(s) sent <{message_id}>"
+
+
+def invalid_header(name: str, allowed: str) -> str:
+    return f"550 5.6.0 Invalid {name} header: expected {allowed}"
+
+
+def upstream_refused(code: int | None, text: str, *, temporary: bool) -> str:
+    """Pass the upstream's verdict on with a matching code; keep its enhanced code when it gave one."""
+    text = " ".join(text.split())[:200] or "no reason given"
+    if temporary:
+        code = code if code is not None and 400 <= code < 500 else 451
+        enhanced = _enhanced(text) or "4.4.1"
+    else:
+        code = code if code is not None and 500 <= code < 600 else 554
+        enhanced = _enhanced(text) or "5.0.0"
+    return f"{code} {enhanced} Upstream refused: {text}"
+
+
+def _enhanced(text: str) -> str | None:
+    match = _ENHANCED.match(text)
+    return ".".join(match.groups()) if match else None

@@ -1,0 +1,183 @@
+"""The tracker: serves the open pixel and the click redirects, records events, exposes the events API."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from config.settings import Settings
+from tracker.store import EVENT_NAMES, MAX_LIMIT, EventQuery, EventStore, NewEvent, now_rfc3339, rfc3339
+from tracker.tokens import TokenSigner, TrackingClaims, claims_from_dict
+
+log = logging.getLogger("inflight.tracker")
+
+# The smallest transparent GIF (1×1, one transparent palette entry): 43 bytes.
+PIXEL_GIF = bytes.fromhex(
+    "47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b"
+)
+NO_CACHE = {
+    # Every fetch must reach us, or the second open is never seen; proxies must not share it.
+    "Cache-Control": "no-store, no-cache, must-revalidate, private, max-age=0",
+    "Pragma": "no-cache",
+    "Expires": "0",
+}
+HARDENING = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+NOT_FOUND = Response("Not Found", status_code=404, media_type="text/plain", headers=HARDENING)
+
+
+class TrustedProxies:
+    """X-Forwarded-For is believed only from these peers: TLS usually ends at a reverse proxy."""
+
+    def __init__(self, networks: tuple[str, ...]) -> None:
+        self._networks = [ipaddress.ip_network(n, strict=False) for n in networks]
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self._networks)
+
+    def client_ip(self, request: Request) -> str | None:
+        """The nearest address that is not a trusted proxy, walking X-Forwarded-For from the right."""
+        peer = request.client.host if request.client else None
+        if peer is None or not self._trusted(peer):
+            return peer
+        forwarded = [a.strip() for a in request.headers.get("x-forwarded-for", "").split(",") if a.strip()]
+        for address in reversed(forwarded):
+            if not self._trusted(address):
+                return address
+        return forwarded[0] if forwarded else peer
+
+
+class Tracker:
+    def __init__(self, *, settings: Settings, store: EventStore, signer: TokenSigner) -> None:
+        self.settings = settings
+        self.store = store
+        self.signer = signer
+        self.proxies = TrustedProxies(settings.tracker.trusted_proxies)
+        self._tokens = {p.secret: p.id for p in settings.projects}
+
+    def _claims(self, token: str, kind: str) -> TrackingClaims | None:
+        data = self.signer.verify(token)
+        claims = claims_from_dict(data) if data is not None else None
+        return claims if claims is not None and claims.kind == kind else None
+
+    async def _record(self, request: Request, claims: TrackingClaims) -> None:
+        send = claims.send
+        event = NewEvent(
+            name=f"email.{claims.kind}",
+            project=send.project,
+            contact=send.contact,
+            recipient=send.recipient,
+            message_id=send.message_id,
+            at=now_rfc3339(),
+            campaign=send.campaign,
+            template=send.template,
+            template_type=send.template_type,
+            campaign_type=send.campaign_type,
+            link=claims.link,
+            ip=self.proxies.client_ip(request),
+            user_agent=request.headers.get("user-agent"),
+            tracked=True,
+        )
+        await self.store.record([event])
+
+    async def pixel(self, request: Request) -> Response:
+        claims = self._claims(request.path_params["token"].removesuffix(".gif"), "open")
+        if claims is None:
+            return NOT_FOUND
+        await self._record(request, claims)
+        return Response(PIXEL_GIF, media_type="image/gif", headers={**NO_CACHE, **HARDENING})
+
+    async def click(self, request: Request) -> Response:
+        claims = self._claims(request.path_params["token"], "click")
+        if claims is None or claims.link is None or not claims.link.lower().startswith(("http://", "https://")):
+            return NOT_FOUND  # only signed http(s) destinations are ever redirected to: no open redirect
+        await self._record(request, claims)
+        return RedirectResponse(claims.link, status_code=302, headers={**NO_CACHE, **HARDENING})
+
+    def _project(self, request: Request) -> str | None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return None
+        for secret, project in self._tokens.items():
+            if hmac.compare_digest(secret.encode(), token.strip().encode()):
+                return project
+        return None
+
+    async def events(self, request: Request) -> Response:
+        project = self._project(request)
+        if project is None:
+            return JSONResponse({"error": "missing or invalid bearer token"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        query = parse_event_query(project, request.query_params)
+        if isinstance(query, list):
+            return JSONResponse({"error": "; ".join(query)}, status_code=422)
+        return JSONResponse({"events": await self.store.events(query)})
+
+    async def health(self, request: Request) -> Response:
+        ok = await self.store.ping()
+        return JSONResponse({"ok": ok, "store": "ok" if ok else "unreachable"}, status_code=200 if ok else 503)
+
+
+def parse_event_query(project: str, params: Mapping[str, str]) -> EventQuery | list[str]:
+    """The filters of GET /v1/events, or the list of problems with them."""
+    problems = []
+    limit = params.get("limit", "100")
+    if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIMIT:
+        problems.append(f"limit: expected an integer from 1 to {MAX_LIMIT}")
+    name = params.get("name")
+    if name is not None and name not in EVENT_NAMES:
+        problems.append(f"name: expected one of {', '.join(EVENT_NAMES)}")
+    since = params.get("since")
+    if since is not None:
+        try:
+            moment = datetime.fromisoformat(since)
+            # Stored times are UTC with microseconds; normalise so string order is time order.
+            since = rfc3339(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+        except ValueError:
+            problems.append("since: expected an RFC 3339 timestamp such as 2026-01-31T00:00:00Z")
+    if problems:
+        return problems
+    return EventQuery(
+        project=project,
+        contact=params.get("contact"),
+        name=name,
+        campaign=params.get("campaign"),
+        message_id=params.get("message_id"),
+        since=since,
+        limit=int(limit),
+    )
+
+
+def create_app(tracker: Tracker, *, manage_store: bool = False) -> Starlette:
+    """Build the ASGI app. With manage_store, the app opens and closes the store in its lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if manage_store:
+            await tracker.store.open()
+        try:
+            yield
+        finally:
+            if manage_store:
+                await tracker.store.close()
+
+    routes = [
+        Route("/o/{token}", tracker.pixel, methods=["GET", "HEAD"]),
+        Route("/c/{token}", tracker.click, methods=["GET", "HEAD"]),
+        Route("/v1/events", tracker.events, methods=["GET"]),
+        Route("/healthz", tracker.health, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
