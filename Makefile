@@ -21,5 +21,9 @@ test: $(BIN)/inflight
 bench: $(BIN)/inflight
 	$(BIN)/python -m bench.run
 
+check: $(BIN)/inflight
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
 clean:
 	rm -rf $(VENV) var *.egg-info

@@ -160,6 +160,8 @@ def _build_projects(value: object, problems: list[str]) -> tuple[ProjectSettings
     if not isinstance(value, list):
         problems.append("projects: must be an array of tables ([[projects]])")
         return ()
+    if not value:
+        problems.append("projects: define at least one [[projects]] with id and secret (AUTH is required)")
     projects = []
     for index, table in enumerate(value):
         where = f"projects[{index}]"
@@ -208,7 +210,7 @@ def _convert(value: object, hint: object) -> object:
     if hint is str:
         return value if isinstance(value, str) else _INVALID
     if isinstance(hint, type) and issubclass(hint, TrackingMode):
-        return hint(value) if value in hint.__members__ else _INVALID
+        return hint(value) if isinstance(value, str) and value in hint.__members__ else _INVALID
     if typing.get_origin(hint) is tuple:
         (item, _) = typing.get_args(hint)
         if not isinstance(value, list) or not all(_convert(v, item) is not _INVALID for v in value):
@@ -264,8 +266,6 @@ def _check(s: Settings) -> list[str]:
     scheme = urlsplit(s.upstream.url).scheme
     if scheme not in UPSTREAM_SCHEMES:
         problems.append(f"upstream.url: scheme must be one of {', '.join(UPSTREAM_SCHEMES)}, got {s.upstream.url!r}")
-    if not s.projects:
-        problems.append("projects: define at least one [[projects]] with id and secret (AUTH is required)")
     seen: set[str] = set()
     for index, project in enumerate(s.projects):
         if project.id in seen:

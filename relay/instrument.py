@@ -47,7 +47,7 @@ class InstrumentationPlan:
                 part.set_content(result.html, subtype="html", charset=part.get_content_charset() or "utf-8",
                                  cte="quoted-printable" if cte == "7bit" else cte)
                 changed = True
-        except Exception as exc:  # noqa: BLE001 - any failure relays the original untouched
+        except Exception as exc:
             return Instrumented(self.raw, "failed", f"{type(exc).__name__}: {exc}", 0)
         if not changed:
             return Instrumented(self.raw, "untouched", "no html part", 0)

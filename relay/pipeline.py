@@ -157,7 +157,7 @@ class Pipeline:
         ]
         try:
             await self.store.record(events)
-        except Exception:  # noqa: BLE001 - the mail is already upstream: a lost event must not turn into a 4xx and a duplicate
+        except Exception:
             log.exception("event-store-failed message_id=%s events=%d", message_id, len(events))
 
     @staticmethod

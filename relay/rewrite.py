@@ -20,7 +20,7 @@ class RewriteResult:
     links: int
 
 
-def rewrite_html(document: str, minter: "LinkMinter") -> RewriteResult:
+def rewrite_html(document: str, minter: LinkMinter) -> RewriteResult:
     count = 0
 
     def replace(match: re.Match[str]) -> str:

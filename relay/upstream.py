@@ -86,7 +86,7 @@ class SmtpUpstream:
             ) from exc
         except aiosmtplib.SMTPResponseException as exc:
             raise UpstreamError(exc.message, code=exc.code, temporary=exc.code < 500) from exc
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             raise UpstreamError(f"upstream unreachable: {exc}", temporary=True) from exc
         if errors:
             # Some recipients refused at RCPT while others were accepted: report as failure

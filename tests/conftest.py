@@ -1,0 +1,136 @@
+"""Shared fixtures: a real upstream SMTP sink, and the real service running on free loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from config.settings import Settings, settings_from_mapping
+from inflight.service import Service
+
+PROJECT = "demo"
+PROJECT_SECRET = "demo-secret"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Delivered:
+    mail_from: str
+    recipients: list[str]
+    data: bytes
+
+
+@dataclass
+class SinkHandler:
+    """An upstream MTA that stores what it accepts; `data_reply` makes it refuse DATA instead."""
+
+    messages: list[Delivered] = field(default_factory=list)
+    data_reply: str | None = None
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.data_reply is not None:
+            return self.data_reply
+        self.messages.append(Delivered(envelope.mail_from or "", list(envelope.rcpt_tos), envelope.original_content or b""))
+        return "250 2.0.0 Ok: queued"
+
+
+@dataclass
+class Sink:
+    handler: SinkHandler
+    port: int
+
+    @property
+    def messages(self) -> list[Delivered]:
+        return self.handler.messages
+
+    @property
+    def url(self) -> str:
+        return f"smtp+insecure://127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    handler = SinkHandler()
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        yield Sink(handler, controller.port)
+    finally:
+        controller.stop()
+
+
+def make_settings(tmp_path: Path, upstream_url: str, **sections: dict[str, Any]) -> Settings:
+    """Test settings on port 0; `sections` merge into the TOML-shaped mapping (projects replace)."""
+    raw: dict[str, Any] = {
+        "relay": {"listen": "127.0.0.1:0", "hostname": "relay.test", "allow_plaintext_auth": True},
+        "tracker": {"listen": "127.0.0.1:0", "public_url": "http://127.0.0.1:1", "secrets": ["test-secret-1"]},
+        "store": {"url": f"sqlite:///{tmp_path}/inflight.db"},
+        "upstream": {"url": upstream_url},
+        "projects": [{"id": PROJECT, "secret": PROJECT_SECRET, "tracking": "ENABLED"}],
+    }
+    for name, value in sections.items():
+        raw[name] = value if name == "projects" else {**raw.get(name, {}), **value}
+    return settings_from_mapping(raw, environ={})
+
+
+class RunningService:
+    """The real Service on its own event loop in a thread, so tests can use blocking clients."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.service = Service(settings)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            await self.service.start()
+        except BaseException as exc:  # surfaced in __enter__
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        await self._stop.wait()
+        await self.service.stop()
+
+    def __enter__(self) -> RunningService:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("service did not start within 10 s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    @property
+    def smtp_port(self) -> int:
+        assert self.service.relay_address is not None
+        return self.service.relay_address[1]
+
+    @property
+    def http_base(self) -> str:
+        assert self.service.tracker_address is not None
+        return f"http://127.0.0.1:{self.service.tracker_address[1]}"
