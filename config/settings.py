@@ -11,6 +11,7 @@ list keys take a comma-separated value.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import ipaddress
 import os
 import tomllib
@@ -57,19 +58,64 @@ class StoreSettings:
     url: str = "sqlite:///var/inflight.db"
 
 
+class TrackingEngine(enum.StrEnum):
+    """Who writes the pixel and the tracked links: inflight itself, or the provider's configuration set."""
+
+    RELAY = "relay"
+    PROVIDER = "provider"
+
+
 @dataclass(frozen=True)
 class UpstreamSettings:
     url: str = "outbox:///var/outbox"
+    tracking_engine: TrackingEngine = TrackingEngine.RELAY
     configuration_set_header: str = "X-SES-CONFIGURATION-SET"
     configuration_set: str = ""
     no_tracking_configuration_set: str = ""
+
+    @property
+    def owns_configuration_set(self) -> bool:
+        """Whether the relay chooses the configuration set of every send (and drops the app's choice)."""
+        return self.tracking_engine is TrackingEngine.PROVIDER or bool(self.configuration_set or self.no_tracking_configuration_set)
+
+    def missing_for(self, mode: TrackingMode) -> str | None:
+        """The upstream key that `mode` needs and that is not set, or None when the mode is available.
+
+        Once configuration sets are in play (the provider engine, or a `configuration_set`), an
+        untracked send is untracked only if it names a configuration set without tracking: without
+        one the provider applies its default, which may track. Plunk hides the toggle in that case
+        but still accepts the mode and tracks everything; inflight refuses the mode instead. With
+        the provider engine a tracked send likewise needs the set that tracks.
+        """
+        sets_in_play = self.tracking_engine is TrackingEngine.PROVIDER or bool(self.configuration_set)
+        if sets_in_play and mode is not TrackingMode.ENABLED and not self.no_tracking_configuration_set:
+            return "upstream.no_tracking_configuration_set"
+        if self.tracking_engine is TrackingEngine.PROVIDER and mode is not TrackingMode.DISABLED and not self.configuration_set:
+            return "upstream.configuration_set"
+        return None
+
+    def unavailable(self, mode: TrackingMode) -> str | None:
+        """Why `mode` cannot be used, naming the missing key; one wording for config load, the API and the CLI."""
+        missing = self.missing_for(mode)
+        if missing is None:
+            return None
+        when = f'tracking_engine = "{self.tracking_engine.value}"'
+        if self.tracking_engine is TrackingEngine.RELAY:
+            when = "upstream.configuration_set is set"
+        others = f", or choose one of {', '.join(self.available_modes)}" if self.available_modes else ""
+        return f"{mode.value} needs {missing} when {when}; set it{others}"
+
+    @property
+    def available_modes(self) -> tuple[TrackingMode, ...]:
+        return tuple(mode for mode in TrackingMode if self.missing_for(mode) is None)
 
 
 @dataclass(frozen=True)
 class ProjectSettings:
     id: str
     secret: str
-    tracking: TrackingMode = TrackingMode.ENABLED
+    tracking: TrackingMode = TrackingMode.ENABLED  # the initial mode; a runtime change in the store wins
+    allow_tracking_override: bool = True  # false: `X-Inflight-Tracking: on` is ignored (off is always honoured)
 
 
 @dataclass(frozen=True)
@@ -209,8 +255,8 @@ def _convert(value: object, hint: object) -> object:
         return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
     if hint is str:
         return value if isinstance(value, str) else _INVALID
-    if isinstance(hint, type) and issubclass(hint, TrackingMode):
-        return hint(value) if isinstance(value, str) and value in hint.__members__ else _INVALID
+    if isinstance(hint, type) and issubclass(hint, enum.StrEnum):
+        return hint(value) if isinstance(value, str) and value in _choices(hint) else _INVALID
     if typing.get_origin(hint) is tuple:
         (item, _) = typing.get_args(hint)
         if not isinstance(value, list) or not all(_convert(v, item) is not _INVALID for v in value):
@@ -219,9 +265,13 @@ def _convert(value: object, hint: object) -> object:
     raise TypeError(f"no converter for {hint!r}")  # a programming error, not a config error
 
 
+def _choices(hint: type[enum.StrEnum]) -> list[str]:
+    return [member.value for member in hint]
+
+
 def _type_name(hint: object) -> str:
-    if isinstance(hint, type) and issubclass(hint, TrackingMode):
-        return "one of " + " | ".join(hint.__members__)
+    if isinstance(hint, type) and issubclass(hint, enum.StrEnum):
+        return "one of " + " | ".join(_choices(hint))
     if typing.get_origin(hint) is tuple:
         return "a list of strings"
     return {bool: "true or false", int: "an integer", str: "a string"}.get(hint, str(hint))  # type: ignore[call-overload]
@@ -275,6 +325,9 @@ def _check(s: Settings) -> list[str]:
             problems.append(f"projects[{index}].id: must not be empty")
         if len(project.secret) < 8:
             problems.append(f"projects[{index}].secret: use at least 8 characters (it is the SMTP password and API token)")
+        unavailable = s.upstream.unavailable(project.tracking)
+        if unavailable is not None:
+            problems.append(f"projects[{index}].tracking: project {project.id!r}: {unavailable}")
     return problems
 
 

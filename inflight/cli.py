@@ -1,14 +1,24 @@
-"""`inflight`: the operator's command line (serve, relay, tracker, check-config)."""
+"""`inflight`: the operator's command line (serve, relay, tracker, check-config, settings)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
+from typing import Any
 
-from config.settings import ConfigError, Settings, load_settings, resolve_config_path
+from config.settings import ConfigError, Settings, load_settings, resolve_config_path, sqlite_path
+from config.tracking import ModeRefused, TrackingSettings
 from inflight.service import Service
+from tracker.store import SqliteEventStore
+
+
+def _fail(exc: ConfigError) -> SystemExit:
+    for problem in exc.problems:
+        print(f"config error: {problem}", file=sys.stderr)
+    return SystemExit(2)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -16,9 +26,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     try:
         return load_settings(path)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"config error: {problem}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise _fail(exc) from None
 
 
 def _run(args: argparse.Namespace, *, relay: bool, tracker: bool) -> int:
@@ -26,13 +34,50 @@ def _run(args: argparse.Namespace, *, relay: bool, tracker: bool) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # aiosmtpd logs every SMTP command at INFO; our own one line per message is the useful record.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
-    asyncio.run(Service(settings, relay=relay, tracker=tracker).run_until_signalled())
+    try:
+        asyncio.run(Service(settings, relay=relay, tracker=tracker).run_until_signalled())
+    except ConfigError as exc:
+        raise _fail(exc) from None
     return 0
+
+
+async def _with_tracking(settings: Settings, action: Any) -> Any:
+    """Run `action(TrackingSettings)` against the configured store, opened for this command only."""
+    store = SqliteEventStore.from_url(settings.store.url)
+    await store.open()
+    try:
+        return await action(TrackingSettings(settings, store))
+    finally:
+        await store.close()
 
 
 def _check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    if sqlite_path(settings.store.url).exists():  # modes changed at runtime must still be available
+        problems = asyncio.run(_with_tracking(settings, lambda tracking: tracking.problems()))
+        if problems:
+            raise _fail(ConfigError(problems))
     print(f"ok: {resolve_config_path(args.config)} ({len(settings.projects)} project(s))")
+    return 0
+
+
+def _settings_tracking(args: argparse.Namespace) -> int:
+    """Print or set a project's tracking mode: the operator's twin of GET/PUT /v1/settings/tracking."""
+    settings = _settings(args)
+    project = settings.project(args.project)
+    if project is None:
+        known = ", ".join(p.id for p in settings.projects)
+        print(f"error: unknown project {args.project!r} (known: {known})", file=sys.stderr)
+        return 2
+    def act(tracking: TrackingSettings) -> Any:
+        return tracking.view(project) if args.mode is None else tracking.change(project, args.mode, by="cli")
+
+    try:
+        view = asyncio.run(_with_tracking(settings, act))
+    except ModeRefused as refused:
+        print(f"error: {refused}", file=sys.stderr)
+        return 1 if refused.status == 409 else 2
+    print(json.dumps(view))
     return 0
 
 
@@ -40,15 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inflight", description="Self-hosted mail-tracking SMTP relay.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text)
+    def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sub.add_argument("--config", help="TOML file (default: $INFLIGHT_CONFIG, then config/dev.toml)")
         return sub
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return with_config(commands.add_parser(name, help=help_text))
 
     command("serve", "relay and tracker in one process").set_defaults(func=lambda a: _run(a, relay=True, tracker=True))
     command("relay", "the SMTP relay only").set_defaults(func=lambda a: _run(a, relay=True, tracker=False))
     command("tracker", "the HTTP tracker only").set_defaults(func=lambda a: _run(a, relay=False, tracker=True))
     command("check-config", "validate the configuration and exit").set_defaults(func=_check_config)
+    settings = commands.add_parser("settings", help="runtime settings stored in the database").add_subparsers(
+        dest="setting", required=True)
+    tracking = with_config(settings.add_parser("tracking", help="print or set a project's tracking mode (no restart needed)"))
+    tracking.add_argument("project", help="project id")
+    tracking.add_argument("mode", nargs="?", help="ENABLED | DISABLED | MARKETING_ONLY; omit to print the current settings")
+    tracking.set_defaults(func=_settings_tracking)
     return parser
 
 

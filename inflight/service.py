@@ -11,7 +11,8 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from config.settings import Settings, parse_listen
+from config.settings import ConfigError, Settings, parse_listen
+from config.tracking import TrackingSettings
 from relay.pipeline import Pipeline
 from relay.server import start_relay
 from relay.upstream import upstream_from_url
@@ -59,7 +60,12 @@ class Service:
         self._http_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        """Open the store and listen; raise ConfigError when a mode stored at runtime is no longer available."""
         await self.store.open()
+        problems = await TrackingSettings(self.settings, self.store).problems()
+        if problems:
+            await self.store.close()
+            raise ConfigError(problems)
         if self.run_relay:
             pipeline = Pipeline(
                 settings=self.settings,

@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from config.settings import ProjectSettings, Settings
+from config.settings import ProjectSettings, Settings, TrackingEngine
+from config.tracking import TrackingSettings
 from relay import replies
 from relay.headers import SplitMessage, decoded_header, split_message
 from relay.hints import AppHints, Refusal, read_hints, strip_hints
@@ -39,6 +40,7 @@ class Pipeline:
         self.upstream = upstream
         self.store = store
         self.signer = signer
+        self.tracking = TrackingSettings(settings, store)
 
     async def relay(self, project: ProjectSettings, mail_from: str, recipients: list[str], raw: bytes) -> str:
         """Return the SMTP reply for this transaction; 250 only once the upstream accepted every copy."""
@@ -54,7 +56,16 @@ class Pipeline:
             self._log("refused", project.id, None, recipients, None, len(raw), started, refusal.reply)
             return refusal.reply
 
-        decision = decide(project.tracking, hints.send)
+        try:
+            mode = await self.tracking.mode(project)
+        except Exception:
+            # Guessing a mode could track a project that turned tracking off: defer instead.
+            log.exception("tracking-settings-unreadable project=%s", project.id)
+            self._log("deferred", project.id, None, recipients, None, len(raw), started, replies.SETTINGS_UNAVAILABLE)
+            return replies.SETTINGS_UNAVAILABLE
+        decision = decide(mode, hints.send, allow_override=project.allow_tracking_override)
+        if self.settings.upstream.tracking_engine is TrackingEngine.PROVIDER:
+            decision = replace(decision, reason=f"{decision.reason} engine=provider")
         message, message_id = self._prepare_headers(strip_hints(message), decision)
         copies, outcome = self._copies(message.to_bytes(), recipients, hints, project, message_id, decision)
         delivered: list[str] = []
@@ -80,9 +91,13 @@ class Pipeline:
             message_id = f"{uuid.uuid4().hex}@{self.settings.relay.hostname}"
             message = message.with_field("Message-ID", f"<{message_id}>")
         upstream = self.settings.upstream
-        configuration_set = upstream.configuration_set if decision.tracked else upstream.no_tracking_configuration_set
-        if configuration_set:
-            message = message.with_field(upstream.configuration_set_header, configuration_set)
+        if upstream.owns_configuration_set:
+            # The relay alone chooses the set: an app's own header could name a set that tracks.
+            header = upstream.configuration_set_header.lower()
+            message = message.without(lambda name: name == header)
+            configuration_set = upstream.configuration_set if decision.tracked else upstream.no_tracking_configuration_set
+            if configuration_set:
+                message = message.with_field(upstream.configuration_set_header, configuration_set)
         return message, message_id
 
     def _copies(
@@ -97,6 +112,8 @@ class Pipeline:
         """Tracked mail goes as one copy per recipient, each with its own tokens; other mail as one transaction."""
         if not decision.tracked:
             return [Copy(recipients, data)], "untracked"
+        if self.settings.upstream.tracking_engine is TrackingEngine.PROVIDER:
+            return [Copy(recipients, data)], "provider-tracks"  # its configuration set adds pixel and links
         plan = plan_instrumentation(data)
         sent_at = int(time.time())
         copies = []

@@ -7,6 +7,7 @@ import re
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 PROJECT_MISMATCH = "550 5.7.1 X-Inflight-Project does not match the authenticated project"
 UPSTREAM_UNAVAILABLE = "451 4.4.1 Upstream unavailable, try again later"
+SETTINGS_UNAVAILABLE = "451 4.3.0 Tracking settings unavailable, try again later"
 AUTH_UNKNOWN_PROJECT = "535 5.7.8 Authentication credentials invalid"
 
 _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")

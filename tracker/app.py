@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -14,7 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from config.settings import Settings
+from config.settings import ProjectSettings, Settings
+from config.tracking import ModeRefused, TrackingSettings
 from tracker.store import EVENT_NAMES, MAX_LIMIT, EventQuery, EventStore, NewEvent, now_rfc3339, rfc3339
 from tracker.tokens import TokenSigner, TrackingClaims, claims_from_dict
 
@@ -32,6 +34,7 @@ NO_CACHE = {
 }
 HARDENING = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 NOT_FOUND = Response("Not Found", status_code=404, media_type="text/plain", headers=HARDENING)
+UNAUTHORIZED = JSONResponse({"error": "missing or invalid bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
 
 class TrustedProxies:
@@ -65,7 +68,8 @@ class Tracker:
         self.store = store
         self.signer = signer
         self.proxies = TrustedProxies(settings.tracker.trusted_proxies)
-        self._tokens = {p.secret: p.id for p in settings.projects}
+        self.tracking = TrackingSettings(settings, store)
+        self._tokens = {p.secret: p for p in settings.projects}
 
     def _claims(self, token: str, kind: str) -> TrackingClaims | None:
         data = self.signer.verify(token)
@@ -106,7 +110,7 @@ class Tracker:
         await self._record(request, claims)
         return RedirectResponse(claims.link, status_code=302, headers={**NO_CACHE, **HARDENING})
 
-    def _project(self, request: Request) -> str | None:
+    def _project(self, request: Request) -> ProjectSettings | None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             return None
@@ -118,12 +122,30 @@ class Tracker:
     async def events(self, request: Request) -> Response:
         project = self._project(request)
         if project is None:
-            return JSONResponse({"error": "missing or invalid bearer token"}, status_code=401,
-                                headers={"WWW-Authenticate": "Bearer"})
-        query = parse_event_query(project, request.query_params)
+            return UNAUTHORIZED
+        query = parse_event_query(project.id, request.query_params)
         if isinstance(query, list):
             return JSONResponse({"error": "; ".join(query)}, status_code=422)
         return JSONResponse({"events": await self.store.events(query)})
+
+    async def tracking_settings(self, request: Request) -> Response:
+        """GET or PUT /v1/settings/tracking: the project's mode, changed for the next message relayed."""
+        project = self._project(request)
+        if project is None:
+            return UNAUTHORIZED
+        if request.method == "GET":
+            return JSONResponse(await self.tracking.view(project))
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = None
+        if not isinstance(body, dict) or set(body) != {"mode"}:
+            return JSONResponse({"error": 'body: expected a JSON object {"mode": "..."}; the other settings are '
+                                          "set in the configuration file"}, status_code=422)
+        try:
+            return JSONResponse(await self.tracking.change(project, body["mode"], by="api"))
+        except ModeRefused as refused:
+            return JSONResponse({"error": str(refused), **refused.detail}, status_code=refused.status)
 
     async def health(self, request: Request) -> Response:
         ok = await self.store.ping()
@@ -177,6 +199,7 @@ def create_app(tracker: Tracker, *, manage_store: bool = False) -> Starlette:
         Route("/o/{token}", tracker.pixel, methods=["GET", "HEAD"]),
         Route("/c/{token}", tracker.click, methods=["GET", "HEAD"]),
         Route("/v1/events", tracker.events, methods=["GET"]),
+        Route("/v1/settings/tracking", tracker.tracking_settings, methods=["GET", "PUT"]),
         Route("/healthz", tracker.health, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

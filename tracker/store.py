@@ -67,6 +67,8 @@ class EventStore(Protocol):
     async def ping(self) -> bool: ...
     async def record(self, events: list[NewEvent]) -> list[int]: ...
     async def events(self, query: EventQuery) -> list[dict[str, Any]]: ...
+    async def tracking_mode(self, project: str) -> str | None: ...
+    async def set_tracking_mode(self, project: str, mode: str) -> None: ...
 
 
 SCHEMA = """
@@ -94,6 +96,12 @@ CREATE INDEX IF NOT EXISTS events_project_at ON events (project, at);
 CREATE INDEX IF NOT EXISTS events_project_contact ON events (project, contact, at);
 CREATE INDEX IF NOT EXISTS events_project_message ON events (project, message_id);
 CREATE INDEX IF NOT EXISTS events_project_campaign ON events (project, campaign, at);
+-- Settings -> Tracking changed at runtime; a row here wins over the project's TOML `tracking`.
+CREATE TABLE IF NOT EXISTS tracking_settings (
+    project TEXT PRIMARY KEY,
+    mode TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+) WITHOUT ROWID;
 """
 
 COLUMNS = tuple(NewEvent.__dataclass_fields__)
@@ -177,3 +185,20 @@ class SqliteEventStore:
         sql = f"SELECT * FROM events WHERE {' AND '.join(where)} ORDER BY at DESC, id DESC LIMIT ?"
         async with self.db.execute(sql, args) as cursor:
             return [event_json(row) for row in await cursor.fetchall()]
+
+    async def tracking_mode(self, project: str) -> str | None:
+        """The mode set at runtime, or None when the project still follows its TOML value.
+
+        Read on every relayed message (a primary-key lookup, one trip to the worker thread), so a
+        change made by another process, the tracker or `inflight settings`, applies to the next one.
+        """
+        async with self.db.execute("SELECT mode FROM tracking_settings WHERE project = ?", (project,)) as cursor:
+            row = await cursor.fetchone()
+        return str(row[0]) if row is not None else None
+
+    async def set_tracking_mode(self, project: str, mode: str) -> None:
+        sql = ("INSERT INTO tracking_settings (project, mode, updated_at) VALUES (?, ?, ?) "
+               "ON CONFLICT (project) DO UPDATE SET mode = excluded.mode, updated_at = excluded.updated_at")
+        async with self._write_lock:
+            await self.db.execute(sql, (project, mode, now_rfc3339()))
+            await self.db.commit()
