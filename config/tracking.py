@@ -10,11 +10,13 @@ upstream cannot honour.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from config.settings import ProjectSettings, Settings
 from relay.policy import TrackingMode
-from tracker.store import EventStore
+from tracker.store import EventStore, SqliteEventStore
 
 log = logging.getLogger("inflight.settings")
 
@@ -36,6 +38,17 @@ class TrackingSettings:
     def __init__(self, settings: Settings, store: EventStore) -> None:
         self.settings = settings
         self.store = store
+
+    @classmethod
+    @asynccontextmanager
+    async def opened(cls, settings: Settings) -> AsyncIterator[TrackingSettings]:
+        """For a one-off command (the CLI): the configured store, open only for the duration."""
+        store = SqliteEventStore.from_url(settings.store.url)
+        await store.open()
+        try:
+            yield cls(settings, store)
+        finally:
+            await store.close()
 
     async def mode(self, project: ProjectSettings) -> TrackingMode:
         """The mode in force now. Raises ValueError when the store holds something that is not a mode."""

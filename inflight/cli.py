@@ -12,7 +12,6 @@ from typing import Any
 from config.settings import ConfigError, Settings, load_settings, resolve_config_path, sqlite_path
 from config.tracking import ModeRefused, TrackingSettings
 from inflight.service import Service
-from tracker.store import SqliteEventStore
 
 
 def _fail(exc: ConfigError) -> SystemExit:
@@ -42,13 +41,8 @@ def _run(args: argparse.Namespace, *, relay: bool, tracker: bool) -> int:
 
 
 async def _with_tracking(settings: Settings, action: Any) -> Any:
-    """Run `action(TrackingSettings)` against the configured store, opened for this command only."""
-    store = SqliteEventStore.from_url(settings.store.url)
-    await store.open()
-    try:
-        return await action(TrackingSettings(settings, store))
-    finally:
-        await store.close()
+    async with TrackingSettings.opened(settings) as tracking:
+        return await action(tracking)
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -69,6 +63,7 @@ def _settings_tracking(args: argparse.Namespace) -> int:
         known = ", ".join(p.id for p in settings.projects)
         print(f"error: unknown project {args.project!r} (known: {known})", file=sys.stderr)
         return 2
+
     def act(tracking: TrackingSettings) -> Any:
         return tracking.view(project) if args.mode is None else tracking.change(project, args.mode, by="cli")
 

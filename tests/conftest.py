@@ -91,8 +91,8 @@ def make_settings(tmp_path: Path, upstream_url: str, **sections: dict[str, Any])
 class RunningService:
     """The real Service on its own event loop in a thread, so tests can use blocking clients."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.service = Service(settings)
+    def __init__(self, settings: Settings, *, relay: bool = True, tracker: bool = True) -> None:
+        self.service = Service(settings, relay=relay, tracker=tracker)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()

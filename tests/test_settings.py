@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import ConfigError, load_settings, resolve_config_path, settings_from_mapping
+from config.settings import (
+    ConfigError,
+    TrackingEngine,
+    UpstreamSettings,
+    load_settings,
+    resolve_config_path,
+    settings_from_mapping,
+)
+from relay.policy import TrackingMode
 
 ROOT = Path(__file__).resolve().parents[1]
 VALID = {"projects": [{"id": "p", "secret": "secret-123"}]}
@@ -76,3 +84,72 @@ def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
     assert any("relay.max_recipients" in line for line in lines)
     assert any("relay.bogus" in line for line in lines)
     assert any("projects" in line for line in lines)
+
+
+@pytest.mark.parametrize(("engine", "tracking_set", "quiet_set", "available"), [
+    ("relay", "", "", "ENABLED DISABLED MARKETING_ONLY"),
+    ("relay", "", "quiet", "ENABLED DISABLED MARKETING_ONLY"),
+    ("relay", "track", "", "ENABLED"),  # untracked sends would get the provider's default set
+    ("relay", "track", "quiet", "ENABLED DISABLED MARKETING_ONLY"),
+    ("provider", "", "", ""),
+    ("provider", "track", "", "ENABLED"),
+    ("provider", "", "quiet", "DISABLED"),  # nothing could ever be tracked
+    ("provider", "track", "quiet", "ENABLED DISABLED MARKETING_ONLY"),
+])
+def test_availability_rule(engine: str, tracking_set: str, quiet_set: str, available: str) -> None:
+    raw = {"tracking_engine": engine, "configuration_set": tracking_set, "no_tracking_configuration_set": quiet_set}
+    upstream = UpstreamSettings(**{**raw, "tracking_engine": TrackingEngine(engine)})
+    assert " ".join(upstream.available_modes) == available
+    for mode in TrackingMode:
+        reason = upstream.unavailable(mode)
+        assert (reason is None) is (mode.value in available.split())
+        if reason is not None:
+            assert upstream.missing_for(mode) in reason and reason.startswith(mode.value)
+
+
+def test_unavailable_mode_fails_at_load_naming_project_and_key() -> None:
+    found = problems({"upstream": {"tracking_engine": "provider", "configuration_set": "track"},
+                      "projects": [{"id": "shop", "secret": "secret-123", "tracking": "MARKETING_ONLY"},
+                                   {"id": "ok", "secret": "secret-123", "tracking": "ENABLED"}]})
+    assert found == ['projects[0].tracking: project \'shop\': MARKETING_ONLY needs upstream.no_tracking_configuration_set '
+                     'when tracking_engine = "provider"; set it, or choose one of ENABLED']
+    [relay_found] = problems({"upstream": {"configuration_set": "track"},
+                              "projects": [{"id": "shop", "secret": "secret-123", "tracking": "DISABLED"}]})
+    assert "'shop'" in relay_found and "upstream.no_tracking_configuration_set" in relay_found
+    assert "upstream.configuration_set is set" in relay_found
+
+
+def test_engine_and_override_keys_are_validated() -> None:
+    found = problems({"upstream": {"tracking_engine": "ses"},
+                      "projects": [{"id": "p", "secret": "secret-123", "allow_tracking_override": "no"}]})
+    assert any(p.startswith("upstream.tracking_engine: expected one of relay | provider") for p in found)
+    assert any(p.startswith("projects[0].allow_tracking_override: expected true or false") for p in found)
+    settings = settings_from_mapping(VALID, {"INFLIGHT_UPSTREAM_TRACKING_ENGINE": "provider",
+                                             "INFLIGHT_UPSTREAM_CONFIGURATION_SET": "track"})
+    assert settings.upstream.tracking_engine is TrackingEngine.PROVIDER
+    assert settings.project("p").allow_tracking_override is True  # type: ignore[union-attr]
+
+
+def test_check_config_and_start_refuse_an_unavailable_mode(tmp_path: Path) -> None:
+    config = tmp_path / "inflight.toml"
+    config.write_text(f"""
+[relay]
+listen = "127.0.0.1:0"
+[tracker]
+listen = "127.0.0.1:0"
+[store]
+url = "sqlite:///{tmp_path}/inflight.db"
+[upstream]
+tracking_engine = "provider"
+configuration_set = "track"
+[[projects]]
+id = "shop"
+secret = "secret-123"
+tracking = "DISABLED"
+""")
+    for verb in ("check-config", "relay", "serve"):
+        result = subprocess.run([sys.executable, "-m", "inflight.cli", verb, "--config", str(config)],
+                                capture_output=True, text=True, cwd=ROOT, timeout=30)
+        assert result.returncode == 2, (verb, result.stderr)
+        assert "'shop'" in result.stderr and "upstream.no_tracking_configuration_set" in result.stderr, verb
+    assert not (tmp_path / "inflight.db").exists()  # refused before anything was opened

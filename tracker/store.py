@@ -189,12 +189,12 @@ class SqliteEventStore:
     async def tracking_mode(self, project: str) -> str | None:
         """The mode set at runtime, or None when the project still follows its TOML value.
 
-        Read on every relayed message (a primary-key lookup, one trip to the worker thread), so a
-        change made by another process, the tracker or `inflight settings`, applies to the next one.
+        Read on every relayed message, so that a change made by another process (the tracker,
+        `inflight settings`) applies to the next one: a primary-key lookup in one trip to the
+        worker thread, not three (execute, fetch, close) — about 35 µs (bench/cases/tracking_mode.py).
         """
-        async with self.db.execute("SELECT mode FROM tracking_settings WHERE project = ?", (project,)) as cursor:
-            row = await cursor.fetchone()
-        return str(row[0]) if row is not None else None
+        rows = await self.db.execute_fetchall("SELECT mode FROM tracking_settings WHERE project = ?", (project,))
+        return next((str(row[0]) for row in rows), None)
 
     async def set_tracking_mode(self, project: str, mode: str) -> None:
         sql = ("INSERT INTO tracking_settings (project, mode, updated_at) VALUES (?, ?, ?) "

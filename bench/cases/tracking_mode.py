@@ -1,0 +1,82 @@
+"""The cost of reading the tracking mode from the store on every message (runtime changes, no restart).
+
+Baseline: one whole untracked message through Pipeline.relay (upstream that accepts at once,
+`email.sent` written to a real SQLite file), which includes the read. The ratio is the read's
+share of the relay's own work per message, before any network time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from config.settings import Settings, settings_from_mapping
+from config.tracking import TrackingSettings
+from relay.pipeline import Pipeline
+from tracker.store import SqliteEventStore
+from tracker.tokens import TokenSigner
+
+MESSAGE = (b"From: app@example.com\r\nTo: a@example.com\r\nSubject: bench\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: text/html; charset=utf-8\r\n\r\n" + b"<p>" + b"x" * 3000 + b"</p>\r\n")
+
+
+class AcceptingUpstream:
+    async def send(self, mail_from: str, recipients: list[str], data: bytes) -> None:
+        return None
+
+
+def _settings(directory: str) -> Settings:
+    return settings_from_mapping({
+        "store": {"url": f"sqlite:///{directory}/bench.db"},
+        "tracker": {"secrets": ["bench-secret-1"]},
+        "projects": [{"id": "bench", "secret": "bench-secret", "tracking": "ENABLED"}],
+    }, environ={})
+
+
+async def _per_op_us(operation: object, count: int, rounds: int) -> list[float]:
+    timings = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(count):
+            await operation()  # type: ignore[operator]
+        timings.append((time.perf_counter() - started) / count * 1e6)
+    return timings
+
+
+async def _measure(quick: bool) -> list[dict]:
+    count, rounds = (200, 3) if quick else (2000, 7)
+    with tempfile.TemporaryDirectory() as directory:
+        settings = _settings(directory)
+        project = settings.projects[0]
+        store = SqliteEventStore(Path(directory) / "bench.db")
+        await store.open()
+        try:
+            tracking = TrackingSettings(settings, store)
+            pipeline = Pipeline(settings=settings, upstream=AcceptingUpstream(), store=store,
+                                signer=TokenSigner(settings.tracker.secrets))
+            unset = await _per_op_us(lambda: tracking.mode(project), count, rounds)
+            await tracking.change(project, "DISABLED", by="bench")
+            stored = await _per_op_us(lambda: tracking.mode(project), count, rounds)
+            relayed = await _per_op_us(lambda: pipeline.relay(project, "app@example.com", ["a@example.com"], MESSAGE),
+                                       max(count // 4, 50), rounds)
+        finally:
+            await store.close()
+    baseline = statistics.median(relayed)
+
+    def row(variant: str, samples: list[float], budget: str | None = None) -> dict:
+        median = statistics.median(samples)
+        return {"case": "tracking_mode", "variant": variant, "unit": "us", "median": median, "min": min(samples),
+                "max": max(samples), "baseline": baseline, "ratio": median / baseline, "budget": budget}
+
+    return [
+        row("mode read, TOML default (no row)", unset, "ratio < 0.2"),
+        row("mode read, stored row", stored, "ratio < 0.2"),
+        row("relay untracked 3 KB msg (baseline)", relayed),
+    ]
+
+
+def run(quick: bool) -> list[dict]:
+    return asyncio.run(_measure(quick))
