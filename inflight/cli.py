@@ -1,4 +1,4 @@
-"""`inflight`: the operator's command line (serve, relay, tracker, check-config)."""
+"""`inflight`: the operator's command line (serve, relay, tracker, check-config, netdata refresh)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 
 from config.settings import ConfigError, Settings, load_settings, resolve_config_path
 from inflight.service import Service
+from tracker.netdata import network_specs, refresh
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -36,12 +37,31 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _netdata_refresh(args: argparse.Namespace) -> int:
+    """Download the configured network lists from their upstreams; a running tracker
+    picks the new files up by itself within seconds."""
+    settings = _settings(args)
+    if not settings.tracker.network_lists:
+        print("nothing to refresh: no [[tracker.network_lists]] in the configuration", file=sys.stderr)
+        return 1
+    failed = 0
+    for result in refresh(network_specs(settings.tracker.network_lists)):
+        if result.error:
+            failed += 1
+            print(f"failed  {result.name}: {result.error} (kept {result.path})", file=sys.stderr)
+        elif result.skipped:
+            print(f"skipped {result.name}: {result.skipped}")
+        else:
+            print(f"updated {result.name}: {result.entries} CIDRs -> {result.path}")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inflight", description="Self-hosted mail-tracking SMTP relay.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text)
+    def command(name: str, help_text: str, parent: argparse._SubParsersAction = commands) -> argparse.ArgumentParser:
+        sub = parent.add_parser(name, help=help_text)
         sub.add_argument("--config", help="TOML file (default: $INFLIGHT_CONFIG, then config/dev.toml)")
         return sub
 
@@ -49,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("relay", "the SMTP relay only").set_defaults(func=lambda a: _run(a, relay=True, tracker=False))
     command("tracker", "the HTTP tracker only").set_defaults(func=lambda a: _run(a, relay=False, tracker=True))
     command("check-config", "validate the configuration and exit").set_defaults(func=_check_config)
+    netdata = commands.add_parser("netdata", help="network lists of machine traffic").add_subparsers(dest="action", required=True)
+    command("refresh", "download the configured lists from their official upstreams", netdata).set_defaults(func=_netdata_refresh)
     return parser
 
 

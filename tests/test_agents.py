@@ -11,10 +11,19 @@ or Apple Private Relay egress, the case a person must not be mistaken for MPP.
 
 import collections
 import json
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
+import uvicorn
 
+from relay.links import TrackingLinks
+from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, free_port, make_settings
+from tests.test_flow import events, fetch, html_message, send, tracked_urls
 from tracker.agents import (
     AGENTS,
     AgentPolicy,
@@ -25,7 +34,10 @@ from tracker.agents import (
     relabel,
     user_agent_kind,
 )
+from tracker.app import Tracker, create_app
 from tracker.netdata import NetworkLists, NetworkListSpec
+from tracker.store import SqliteEventStore
+from tracker.tokens import TokenSigner, TrackedSend
 
 DATA = Path(__file__).parent / "data"
 TRACES = [json.loads(line) for line in (DATA / "agent_traces.jsonl").read_text().splitlines()]
@@ -104,7 +116,7 @@ def score(traces: list[dict], verdicts: list[Verdict]) -> dict[str, tuple[float,
     table = {}
     lines = [f"{'agent':<12} {'precision':>9} {'recall':>7} {'support':>8}"]
     for agent in AGENTS:
-        predicted = [t["label"] for t, v in zip(traces, verdicts, strict=False) if v.agent == agent]
+        predicted = [t["label"] for t, v in zip(traces, verdicts, strict=True) if v.agent == agent]
         support = sum(t["label"] == agent for t in traces)
         hits = predicted.count(agent)
         precision = hits / len(predicted) if predicted else 1.0
@@ -119,7 +131,7 @@ def assert_quality(traces: list[dict], verdicts: list[Verdict]) -> None:
     table = score(traces, verdicts)
     wrong = [
         (t["msg"], t["t"], t["label"], v.agent, v.reason, t["note"])
-        for t, v in zip(traces, verdicts, strict=False)
+        for t, v in zip(traces, verdicts, strict=True)
         if t["label"] != v.agent
     ]
     humans_as_machines = [w for w in wrong if w[2] == "human"]
@@ -146,7 +158,7 @@ def test_trace_set_precision_and_recall_with_shared_lists(shared_netdata):
 def test_without_network_lists_no_person_becomes_a_machine(tmp_path):
     # A fresh install that has not refreshed its lists loses recall, never precision.
     verdicts = replay(TRACES, network_lists(tmp_path))
-    assert [t["note"] for t, v in zip(TRACES, verdicts, strict=False) if t["label"] == "human" and v.agent != "human"] == []
+    assert [t["note"] for t, v in zip(TRACES, verdicts, strict=True) if t["label"] == "human" and v.agent != "human"] == []
 
 
 def test_private_relay_person_is_human_but_mpp_preload_is_not(fixture_lists):
@@ -259,3 +271,133 @@ def test_policy_validation():
         AgentPolicy(sent_window_seconds=-1)
     with pytest.raises(ValueError, match="proximity_links"):
         AgentPolicy(proximity_links=1)
+
+
+# --- over HTTP: the real tracker app on real uvicorn -----------------------------------
+
+
+def list_settings(directory: Path) -> list[dict[str, str]]:
+    return [{"agent": agent, "path": str(directory / f"{name}.txt")} for name, agent in LISTS]
+
+
+class ReplayClock:
+    """The tracker's clock, set by the test to each trace's time: hours of traffic replay in
+    a second, through the same code path as live requests."""
+
+    def __init__(self) -> None:
+        self.now = SENT
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def replay_server(tmp_path: Path) -> Iterator[tuple[str, ReplayClock, TokenSigner]]:
+    settings = make_settings(tmp_path, f"outbox:///{tmp_path}/outbox", tracker={"network_lists": list_settings(DATA / "netdata")})
+    clock = ReplayClock()
+    signer = TokenSigner(settings.tracker.secrets)
+    tracker = Tracker(settings=settings, store=SqliteEventStore.from_url(settings.store.url), signer=signer, clock=clock)
+    port = free_port()
+    config = uvicorn.Config(create_app(tracker, manage_store=True), host="127.0.0.1", port=port, log_config=None, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "tracker did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}", clock, signer
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def trace_url(trace: dict, signer: TokenSigner) -> str:
+    send = TrackedSend(project=PROJECT, message_id=trace["msg"], contact=f"{trace['msg']}@example.com",
+                       recipient=f"{trace['msg']}@example.com", sent_at=int(SENT))
+    links = TrackingLinks(signer=signer, public_url="http://127.0.0.1:1", send=send, honeypot=True)
+    if trace["honeypot"]:
+        url = links.honeypot_url()
+        assert url is not None
+    elif trace["kind"] == "click":
+        url = links.click_url(f"https://example.com/{trace['link']}")  # type: ignore[assignment]
+    else:
+        url = links.pixel_url()
+    return urlsplit(url).path
+
+
+def test_trace_replay_over_http_matches_the_pure_verdicts(replay_server, fixture_lists):
+    base, clock, signer = replay_server
+    order = sorted(range(len(TRACES)), key=lambda i: TRACES[i]["t"])
+    with httpx.Client(base_url=base) as client:
+        for index in order:
+            trace = TRACES[index]
+            clock.now = SENT + trace["t"]
+            # The peer is 127.0.0.1, a trusted proxy, so X-Forwarded-For names the client.
+            headers = {"User-Agent": trace["ua"], "X-Forwarded-For": trace["ip"]}
+            if trace["purpose"]:
+                headers["Sec-Purpose"] = trace["purpose"]
+            response = client.request(trace["method"], trace_url(trace, signer), headers=headers)
+            assert response.status_code == (302 if trace["kind"] == "click" and not trace["honeypot"] else 200)
+        stored = client.get("/v1/events", params={"limit": "1000"}, headers={"Authorization": f"Bearer {PROJECT_SECRET}"})
+    rows = sorted(stored.json()["events"], key=lambda e: e["id"])
+    assert len(rows) == len(TRACES)
+    over_http = [Verdict("human", "")] * len(TRACES)
+    for index, row in zip(order, rows, strict=True):
+        assert (row["message_id"], row["ip"]) == (TRACES[index]["msg"], TRACES[index]["ip"])
+        over_http[index] = Verdict(row["agent"], row["agent_reason"])
+    assert [v.agent for v in over_http] == [v.agent for v in replay(TRACES, fixture_lists)]
+    assert_quality(TRACES, over_http)
+    relabelled = [v.reason for v, t in zip(over_http, TRACES, strict=True) if t["msg"] == "m08"]
+    assert relabelled[0] == "honeypot-window"  # the click before the trap, re-labelled in the store
+
+
+@pytest.fixture
+def agent_service(tmp_path: Path, sink: Sink) -> Iterator[RunningService]:
+    settings = make_settings(
+        tmp_path,
+        sink.url,
+        tracker={"network_lists": list_settings(DATA / "netdata"), "sent_window_seconds": 0},
+        projects=[{"id": PROJECT, "secret": PROJECT_SECRET, "tracking": "ENABLED", "honeypot_link": True}],
+    )
+    with RunningService(settings) as running:
+        yield running
+
+
+def test_service_labels_real_mail_opens_clicks_and_honeypot(agent_service: RunningService, sink: Sink) -> None:
+    send(agent_service.smtp_port, html_message())
+    [delivered] = sink.messages
+    click_url, pixel_url = tracked_urls(delivered.data)
+    relay_person = {"User-Agent": SAFARI_IOS, "X-Forwarded-For": "172.225.46.77"}
+
+    assert fetch(agent_service, pixel_url, headers={"User-Agent": MPP, "X-Forwarded-For": "172.225.46.5"}).status_code == 200
+    assert fetch(agent_service, click_url, headers=relay_person).status_code == 302
+    message_id = events(agent_service, name="email.sent")[0]["message_id"]
+    click, mpp_open = events(agent_service, message_id=message_id)[:2]
+    assert (mpp_open["agent"], mpp_open["agent_reason"]) == ("apple_mpp", "ua=generic net=apple-private-relay")
+    assert (click["agent"], click["agent_reason"]) == ("human", "net=apple-private-relay")
+
+    # The trap link as the relay's minter builds it for this send (the project enables it);
+    # inserting it into the HTML is the rewriter's part.
+    claims = agent_service.service.signer.verify(urlsplit(pixel_url).path.removeprefix("/o/").removesuffix(".gif"))
+    assert claims is not None
+    send_claims = TrackedSend(project=claims["p"], message_id=claims["m"], contact=claims["c"], recipient=claims["r"],
+                              sent_at=claims["s"])
+    trap = TrackingLinks(signer=agent_service.service.signer, public_url="http://127.0.0.1:1", send=send_claims,
+                         honeypot=agent_service.service.settings.project(PROJECT).honeypot_link).honeypot_url()
+    assert trap is not None
+    response = fetch(agent_service, trap, headers=relay_person)
+    assert response.status_code == 200 and response.headers["x-robots-tag"] == "noindex" and response.content == b""
+    trap_event, click = events(agent_service, message_id=message_id)[:2]
+    assert (trap_event["name"], trap_event["link"], trap_event["agent"]) == ("email.click", None, "scanner")
+    assert trap_event["agent_reason"] == "net=apple-private-relay honeypot"
+    assert (click["agent"], click["agent_reason"]) == ("scanner", "net=apple-private-relay honeypot-window")
+
+
+def test_honeypot_url_only_when_the_project_enables_it() -> None:
+    signer = TokenSigner(["key-one-123"])
+    send = TrackedSend(project="p", message_id="m", contact="c", recipient="c@x", sent_at=1)
+    assert TrackingLinks(signer=signer, public_url="https://t.example", send=send).honeypot_url() is None
+    url = TrackingLinks(signer=signer, public_url="https://t.example", send=send, honeypot=True).honeypot_url()
+    assert url is not None and url.startswith("https://t.example/c/")

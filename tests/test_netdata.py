@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from inflight.cli import main
 from tracker.netdata import (
     IntervalTable,
     NetworkLists,
@@ -155,18 +156,26 @@ def test_broken_reload_keeps_previous_contents(tmp_path):
 def test_real_lists_agree_with_a_linear_scan(shared_netdata):
     names = ["apple-private-relay", "google-fetchers", "microsoft-eop", "security-gateways"]
     agents = ["apple_mpp", "image_proxy", "scanner", "scanner"]
-    specs = [NetworkListSpec(n, a, shared_netdata / f"{n}.txt") for n, a in zip(names, agents, strict=False)]
+    specs = [NetworkListSpec(n, a, shared_netdata / f"{n}.txt") for n, a in zip(names, agents, strict=True)]
     lists = NetworkLists(specs)
     assert lists.entries["apple-private-relay"] > 10_000 and lists.entries["microsoft-eop"] >= 6
-    networks = {spec.name: [ipaddress.ip_network(p) for p in parse_prefixes(spec.path.read_text())] for spec in specs}
+    # Reference: ipaddress's own network bounds, scanned linearly.
+    networks = {
+        spec.name: [
+            (net.version, int(net.network_address), int(net.broadcast_address))
+            for net in map(ipaddress.ip_network, parse_prefixes(spec.path.read_text()))
+        ]
+        for spec in specs
+    }
     rng = random.Random(7)
     probes = []
-    for nets in networks.values():
-        for net in rng.sample(nets, min(50, len(nets))):
-            probes += [net.network_address, net.broadcast_address, net.network_address - 1, net.broadcast_address + 1]
-    probes += [ipaddress.IPv4Address(rng.getrandbits(32)) for _ in range(500)]
-    for address in probes:
-        expected = tuple(name for name, nets in networks.items() if any(address in n for n in nets))
+    for bounds in networks.values():
+        for version, first, last in rng.sample(bounds, min(25, len(bounds))):
+            probes += [(version, first), (version, last), (version, first - 1), (version, last + 1)]
+    probes += [(4, rng.getrandbits(32)) for _ in range(200)]
+    for version, value in probes:
+        address = ipaddress.IPv4Address(value) if version == 4 else ipaddress.IPv6Address(value)
+        expected = tuple(name for name, bounds in networks.items() if any(v == version and a <= value <= b for v, a, b in bounds))
         assert tuple(m.name for m in lists.lookup(str(address))) == expected, address
 
 
@@ -193,7 +202,7 @@ class Upstream:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     def __enter__(self) -> "Upstream":
         self.thread.start()
@@ -279,3 +288,34 @@ def test_refresh_failure_or_empty_download_keeps_the_old_file(tmp_path):
     assert "1.2.3.4/40" in results[2].error
     for spec in specs:
         assert spec.path.read_text() == "203.0.113.0/24\n"
+
+
+def test_cli_netdata_refresh(tmp_path, capsys):
+    routes = {"/egress-ip-ranges.csv": (200, APPLE_CSV), "/special.json": (200, GOOGLE_JSON)}
+    with Upstream(routes) as upstream:
+        config = write(
+            tmp_path / "inflight.toml",
+            f"""
+[tracker]
+secrets = ["cli-secret-123"]
+network_lists = [
+  {{ agent = "apple_mpp", path = "{tmp_path}/lists/apple-private-relay.txt", upstream = ["{upstream.url}/egress-ip-ranges.csv"] }},
+  {{ agent = "image_proxy", path = "{tmp_path}/lists/google.txt", upstream = ["{upstream.url}/special.json"] }},
+  {{ agent = "scanner", path = "{tmp_path}/lists/gateways.txt" }},
+]
+[store]
+url = "sqlite:///{tmp_path}/inflight.db"
+[[projects]]
+id = "demo"
+secret = "demo-secret"
+""",
+        )
+        assert main(["netdata", "refresh", "--config", str(config)]) == 0
+        out = capsys.readouterr().out
+        assert f"updated apple-private-relay: 3 CIDRs -> {tmp_path}/lists/apple-private-relay.txt" in out
+        assert "updated google: 2 CIDRs" in out and "skipped gateways: no upstream source" in out
+
+        upstream.routes.pop("/special.json")
+        assert main(["netdata", "refresh", "--config", str(config)]) == 1
+        assert "failed  google:" in capsys.readouterr().err
+    assert parse_prefixes((tmp_path / "lists" / "google.txt").read_text()) == ["66.249.84.0/27", "2001:4860:4801:4004::/64"]

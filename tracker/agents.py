@@ -87,8 +87,10 @@ class AgentPolicy:
     sent_window_seconds: float = 5.0
     # A gateway network alone is not proof: Proofpoint and Mimecast browser isolation route
     # a person's click through the vendor (shared/netdata/README.md); gateways scan at
-    # delivery, so only hits this soon after sending count as the scanner.
-    gateway_window_seconds: float = 900.0
+    # delivery, so only hits this soon after sending count as the scanner. Short, because
+    # a person reading at once through isolation must stay human; Safe Links time-of-click
+    # checks later on are missed (a recall loss, by choice).
+    gateway_window_seconds: float = 300.0
     # Scanners follow every link about a second apart (mautic/mautic#9798); a person does
     # not open `proximity_links` distinct links with every gap under `proximity_seconds`.
     proximity_seconds: float = 2.0

@@ -24,6 +24,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from config.settings import NetworkListSettings
 
 log = logging.getLogger("inflight.netdata")
 
@@ -71,6 +75,11 @@ class NetworkListSpec:
     @property
     def sources(self) -> tuple[str, ...]:
         return self.upstream or OFFICIAL_UPSTREAMS.get(self.name, ())
+
+
+def network_specs(lists: Sequence[NetworkListSettings]) -> list[NetworkListSpec]:
+    """The configured `[[tracker.network_lists]]`, validated by config.settings already."""
+    return [NetworkListSpec(entry.list_name, entry.agent, Path(entry.path), entry.upstream) for entry in lists]
 
 
 @dataclass(frozen=True)
