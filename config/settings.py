@@ -22,8 +22,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from relay.policy import TrackingMode
+from tracker.netdata import NETWORK_CLASSES
 
 DEFAULT_CONFIG = "config/dev.toml"
+_T = typing.TypeVar("_T")
 
 
 class ConfigError(Exception):
@@ -46,11 +48,31 @@ class RelaySettings:
 
 
 @dataclass(frozen=True)
+class NetworkListSettings:
+    """One `[[tracker.network_lists]]` entry: a file of CIDRs whose traffic is `agent`.
+
+    `name` (default: the file name without extension) appears in verdict reasons and picks
+    the official upstream for `inflight netdata refresh` unless `upstream` lists URLs.
+    """
+
+    agent: str
+    path: str
+    name: str = ""
+    upstream: tuple[str, ...] = ()
+
+    @property
+    def list_name(self) -> str:
+        return self.name or Path(self.path).stem
+
+
+@dataclass(frozen=True)
 class TrackerSettings:
     listen: str = "127.0.0.1:8080"
     public_url: str = "http://127.0.0.1:8080"
     secrets: tuple[str, ...] = ("change-me",)
     trusted_proxies: tuple[str, ...] = ("127.0.0.1",)
+    network_lists: tuple[NetworkListSettings, ...] = ()
+    sent_window_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -116,6 +138,7 @@ class ProjectSettings:
     secret: str
     tracking: TrackingMode = TrackingMode.ENABLED  # the initial mode; a runtime change in the store wins
     allow_tracking_override: bool = True  # false: `X-Inflight-Tracking: on` is ignored (off is always honoured)
+    honeypot_link: bool = False
 
 
 @dataclass(frozen=True)
@@ -197,27 +220,36 @@ def _from_env(text: str, hint: object) -> object | None:
         return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
     if hint is int:
         return int(text) if text.strip().lstrip("-").isdigit() else None
+    if hint is float:
+        try:
+            return float(text)
+        except ValueError:
+            return None
     if typing.get_origin(hint) is tuple:
         return [part.strip() for part in text.split(",") if part.strip()]
     return text
 
 
 def _build_projects(value: object, problems: list[str]) -> tuple[ProjectSettings, ...]:
-    if not isinstance(value, list):
-        problems.append("projects: must be an array of tables ([[projects]])")
-        return ()
-    if not value:
+    if isinstance(value, list) and not value:
         problems.append("projects: define at least one [[projects]] with id and secret (AUTH is required)")
-    projects = []
+    return _build_tables(ProjectSettings, value, "projects", problems) or ()
+
+
+def _build_tables(cls: type[_T], value: object, where: str, problems: list[str]) -> tuple[_T, ...] | None:
+    """An array of tables (`[[where]]`), each built as `cls`; None when it is not one."""
+    if not isinstance(value, list):
+        problems.append(f"{where}: must be an array of tables ([[{where}]])")
+        return None
+    built = []
     for index, table in enumerate(value):
-        where = f"projects[{index}]"
         if not isinstance(table, dict):
-            problems.append(f"{where}: must be a table")
+            problems.append(f"{where}[{index}]: must be a table")
             continue
-        built = _build(ProjectSettings, table, where, problems)
-        if built is not None:
-            projects.append(built)
-    return tuple(projects)
+        item = _build(cls, table, f"{where}[{index}]", problems)
+        if item is not None:
+            built.append(item)
+    return tuple(built)
 
 
 def _build(cls: type, table: Mapping[str, object], where: str, problems: list[str]):  # type: ignore[no-untyped-def]
@@ -230,6 +262,12 @@ def _build(cls: type, table: Mapping[str, object], where: str, problems: list[st
         if key not in known:
             problems.append(f"{where}.{key}: unknown key (known: {', '.join(known)})")
             ok = False
+            continue
+        item_cls = _table_item(hints[key])
+        if item_cls is not None:
+            tables: tuple[object, ...] | None = _build_tables(item_cls, value, f"{where}.{key}", problems)
+            ok = ok and tables is not None
+            values[key] = tables
             continue
         converted = _convert(value, hints[key])
         if converted is _INVALID:
@@ -248,11 +286,22 @@ def _build(cls: type, table: Mapping[str, object], where: str, problems: list[st
 _INVALID = object()
 
 
+def _table_item(hint: object) -> type | None:
+    """The dataclass of a `tuple[SomeSettings, ...]` field (an array of tables), else None."""
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        if dataclasses.is_dataclass(item):
+            return item  # type: ignore[return-value]
+    return None
+
+
 def _convert(value: object, hint: object) -> object:
     if hint is bool:
         return value if isinstance(value, bool) else _INVALID
     if hint is int:
         return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
+    if hint is float:
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else _INVALID
     if hint is str:
         return value if isinstance(value, str) else _INVALID
     if isinstance(hint, type) and issubclass(hint, enum.StrEnum):
@@ -274,7 +323,7 @@ def _type_name(hint: object) -> str:
         return "one of " + " | ".join(_choices(hint))
     if typing.get_origin(hint) is tuple:
         return "a list of strings"
-    return {bool: "true or false", int: "an integer", str: "a string"}.get(hint, str(hint))  # type: ignore[call-overload]
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))  # type: ignore[call-overload]
 
 
 def parse_listen(value: str) -> tuple[str, int] | None:
@@ -311,6 +360,7 @@ def _check(s: Settings) -> list[str]:
             ipaddress.ip_network(proxy, strict=False)
         except ValueError:
             problems.append(f"tracker.trusted_proxies: {proxy!r} is not an IP address or CIDR")
+    problems.extend(_check_network_lists(s.tracker))
     if not s.store.url.startswith("sqlite:///"):
         problems.append(f"store.url: expected sqlite:///relative/path.db or sqlite:////absolute/path.db, got {s.store.url!r}")
     scheme = urlsplit(s.upstream.url).scheme
@@ -328,6 +378,26 @@ def _check(s: Settings) -> list[str]:
         unavailable = s.upstream.unavailable(project.tracking)
         if unavailable is not None:
             problems.append(f"projects[{index}].tracking: project {project.id!r}: {unavailable}")
+    return problems
+
+
+def _check_network_lists(tracker: TrackerSettings) -> list[str]:
+    problems = []
+    if not 0 <= tracker.sent_window_seconds <= 3600:
+        problems.append(f"tracker.sent_window_seconds: expected 0 to 3600 seconds, got {tracker.sent_window_seconds}")
+    names: set[str] = set()
+    for index, entry in enumerate(tracker.network_lists):
+        where = f"tracker.network_lists[{index}]"
+        if entry.agent not in NETWORK_CLASSES:
+            problems.append(f"{where}.agent: expected one of {' | '.join(NETWORK_CLASSES)}, got {entry.agent!r}")
+        if not entry.path:
+            problems.append(f"{where}.path: give the CIDR list file (it may not exist until `inflight netdata refresh`)")
+        if entry.list_name in names:
+            problems.append(f"{where}.name: duplicate list name {entry.list_name!r} (set name = ... to tell them apart)")
+        names.add(entry.list_name)
+        for url in entry.upstream:
+            if urlsplit(url).scheme not in ("http", "https"):
+                problems.append(f"{where}.upstream: expected http(s) URLs, got {url!r}")
     return problems
 
 

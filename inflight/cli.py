@@ -1,4 +1,4 @@
-"""`inflight`: the operator's command line (serve, relay, tracker, check-config, settings)."""
+"""`inflight`: the operator's command line (serve, relay, tracker, check-config, settings, netdata refresh)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 from config.settings import ConfigError, Settings, load_settings, resolve_config_path, sqlite_path
 from config.tracking import ModeRefused, TrackingSettings
 from inflight.service import Service
+from tracker.netdata import network_specs, refresh
 
 
 def _fail(exc: ConfigError) -> SystemExit:
@@ -74,6 +75,23 @@ def _settings_tracking(args: argparse.Namespace) -> int:
         return 1 if refused.status == 409 else 2
     print(json.dumps(view))
     return 0
+def _netdata_refresh(args: argparse.Namespace) -> int:
+    """Download the configured network lists from their upstreams; a running tracker
+    picks the new files up by itself within seconds."""
+    settings = _settings(args)
+    if not settings.tracker.network_lists:
+        print("nothing to refresh: no [[tracker.network_lists]] in the configuration", file=sys.stderr)
+        return 1
+    failed = 0
+    for result in refresh(network_specs(settings.tracker.network_lists)):
+        if result.error:
+            failed += 1
+            print(f"failed  {result.name}: {result.error} (kept {result.path})", file=sys.stderr)
+        elif result.skipped:
+            print(f"skipped {result.name}: {result.skipped}")
+        else:
+            print(f"updated {result.name}: {result.entries} CIDRs -> {result.path}")
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", help="TOML file (default: $INFLIGHT_CONFIG, then config/dev.toml)")
         return sub
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        return with_config(commands.add_parser(name, help=help_text))
+    def command(name: str, help_text: str, parent: argparse._SubParsersAction = commands) -> argparse.ArgumentParser:
+        return with_config(parent.add_parser(name, help=help_text))
 
     command("serve", "relay and tracker in one process").set_defaults(func=lambda a: _run(a, relay=True, tracker=True))
     command("relay", "the SMTP relay only").set_defaults(func=lambda a: _run(a, relay=True, tracker=False))
@@ -97,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     tracking.add_argument("project", help="project id")
     tracking.add_argument("mode", nargs="?", help="ENABLED | DISABLED | MARKETING_ONLY; omit to print the current settings")
     tracking.set_defaults(func=_settings_tracking)
+    netdata = commands.add_parser("netdata", help="network lists of machine traffic").add_subparsers(dest="action", required=True)
+    command("refresh", "download the configured lists from their official upstreams", netdata).set_defaults(func=_netdata_refresh)
     return parser
 
 

@@ -11,8 +11,9 @@ OPEN_PATH = "/o/"
 
 
 class TrackingLinks:
-    def __init__(self, *, signer: TokenSigner, public_url: str, send: TrackedSend) -> None:
+    def __init__(self, *, signer: TokenSigner, public_url: str, send: TrackedSend, honeypot: bool = False) -> None:
         self._signer = signer
+        self._honeypot = honeypot
         self._base = public_url.rstrip("/")
         self._tracking_host = (urlsplit(public_url).hostname or "").lower()
         self._send = send
@@ -28,7 +29,11 @@ class TrackingLinks:
         return f"{self._base}{OPEN_PATH}{token}.gif"
 
     def honeypot_url(self) -> str | None:
-        return None
+        """A tracked URL for the invisible trap link, when the project enables honeypot_link."""
+        if not self._honeypot:
+            return None
+        token = self._signer.sign(claims_to_dict(TrackingClaims("click", self._send, honeypot=True)))
+        return f"{self._base}{CLICK_PATH}{token}"
 
     def is_tracking_url(self, url: str) -> bool:
         for path in (CLICK_PATH, OPEN_PATH):

@@ -129,7 +129,9 @@ class Pipeline:
                 template_type=hints.send.template_type,
                 campaign_type=hints.send.campaign_type,
             )
-            links = TrackingLinks(signer=self.signer, public_url=self.settings.tracker.public_url, send=send)
+            links = TrackingLinks(
+                signer=self.signer, public_url=self.settings.tracker.public_url, send=send, honeypot=project.honeypot_link
+            )
             result = plan.render(links)
             if result.outcome != "instrumented":
                 # Nothing to track in this message (no HTML, signed, or it failed): send it as is, once.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -20,6 +21,16 @@ from inflight.service import Service
 PROJECT = "demo"
 PROJECT_SECRET = "demo-secret"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture
+def shared_netdata() -> Path:
+    """The dated network lists in `<repo>/../shared/netdata` (INFLIGHT_NETDATA overrides);
+    tests needing them skip when the copy is absent, since it is not part of the repo."""
+    path = Path(os.environ.get("INFLIGHT_NETDATA") or SHARED / "netdata")
+    if not (path / "apple-private-relay.txt").is_file():
+        pytest.skip(f"shared network lists not found at {path} (set INFLIGHT_NETDATA)")
+    return path
 
 
 def free_port() -> int:

@@ -153,3 +153,44 @@ tracking = "DISABLED"
         assert result.returncode == 2, (verb, result.stderr)
         assert "'shop'" in result.stderr and "upstream.no_tracking_configuration_set" in result.stderr, verb
     assert not (tmp_path / "inflight.db").exists()  # refused before anything was opened
+def test_network_lists_and_agent_keys() -> None:
+    settings = settings_from_mapping({
+        **VALID,
+        "tracker": {
+            "sent_window_seconds": 2.5,
+            "network_lists": [
+                {"agent": "apple_mpp", "path": "var/netdata/apple-private-relay.txt"},
+                {"agent": "scanner", "path": "gw.txt", "name": "gateways", "upstream": ["https://lists.example/gw.txt"]},
+            ],
+        },
+        "projects": [{"id": "p", "secret": "secret-123", "honeypot_link": True}],
+    }, {})
+    first, second = settings.tracker.network_lists
+    assert (first.list_name, first.agent, first.upstream) == ("apple-private-relay", "apple_mpp", ())
+    assert (second.list_name, second.upstream) == ("gateways", ("https://lists.example/gw.txt",))
+    assert settings.tracker.sent_window_seconds == 2.5 and settings.projects[0].honeypot_link is True
+    assert settings_from_mapping(VALID, {}).tracker.network_lists == ()
+
+
+def test_network_list_problems_name_the_key() -> None:
+    found = problems({
+        **VALID,
+        "tracker": {
+            "sent_window_seconds": "soon",
+            "network_lists": [{"agent": "scanner", "path": "a.txt"}, {"clas": "scanner", "path": "b.txt"}, "c.txt"],
+        },
+    })
+    assert any(p.startswith("tracker.sent_window_seconds: expected a number") for p in found)
+    assert any(p.startswith("tracker.network_lists[1].clas: unknown key") for p in found)
+    assert any(p.startswith("tracker.network_lists[1].agent: required key is missing") for p in found)
+    assert any(p.startswith("tracker.network_lists[2]: must be a table") for p in found)
+    found = problems({**VALID, "tracker": {"sent_window_seconds": -1, "network_lists": [
+        {"agent": "robot", "path": "a.txt"}, {"agent": "scanner", "path": "x/a.txt", "upstream": ["ftp://x"]},
+    ]}})
+    assert any(p.startswith("tracker.network_lists[0].agent: expected one of apple_mpp | image_proxy | scanner") for p in found)
+    assert any(p.startswith("tracker.sent_window_seconds: expected 0 to 3600") for p in found)
+    assert any(p.startswith("tracker.network_lists[1].name: duplicate list name 'a'") for p in found)
+    assert any(p.startswith("tracker.network_lists[1].upstream: expected http(s) URLs") for p in found)
+    assert problems({**VALID, "projects": [{"id": "p", "secret": "secret-123", "honeypot_link": "yes"}]}) == [
+        "projects[0].honeypot_link: expected true or false, got 'yes'"
+    ]

@@ -36,3 +36,11 @@ def test_rotation_first_key_signs_all_keys_verify() -> None:
 def test_claims_of_another_shape_are_rejected() -> None:
     assert claims_from_dict({"k": "c", "p": "p", "m": "m", "c": "c", "r": "r", "s": 1}) is None  # click without link
     assert claims_from_dict({"k": "x"}) is None
+
+
+def test_honeypot_click_needs_no_link_and_round_trips() -> None:
+    signer = TokenSigner(["key-one-123"])
+    claims = TrackingClaims("click", SEND, honeypot=True)
+    data = signer.verify(signer.sign(claims_to_dict(claims)))
+    assert data is not None and data["h"] == 1 and claims_from_dict(data) == claims
+    assert "h" not in claims_to_dict(TrackingClaims("click", SEND, "https://example.com/"))

@@ -6,9 +6,11 @@ import hmac
 import ipaddress
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -17,8 +19,10 @@ from starlette.routing import Route
 
 from config.settings import ProjectSettings, Settings
 from config.tracking import ModeRefused, TrackingSettings
-from tracker.store import EVENT_NAMES, MAX_LIMIT, EventQuery, EventStore, NewEvent, now_rfc3339, rfc3339
-from tracker.tokens import TokenSigner, TrackingClaims, claims_from_dict
+from tracker.agents import AgentPolicy, Hit, PriorHit, Verdict, classify, relabel
+from tracker.netdata import NetworkLists, network_specs
+from tracker.store import EVENT_NAMES, MAX_LIMIT, EventQuery, EventStore, NewEvent, rfc3339
+from tracker.tokens import TokenSigner, TrackedSend, TrackingClaims, claims_from_dict
 
 log = logging.getLogger("inflight.tracker")
 
@@ -62,39 +66,83 @@ class TrustedProxies:
         return forwarded[0] if forwarded else peer
 
 
+def prior_hit(row: Mapping[str, Any]) -> PriorHit:
+    """A stored open/click as history for the next verdict. A honeypot click is recognised
+    by its `honeypot` reason token, which classify() always writes for one."""
+    return PriorHit(
+        event_id=row["id"],
+        kind="open" if row["name"] == "email.open" else "click",
+        at=datetime.fromisoformat(row["at"]).timestamp(),
+        ip=row["ip"],
+        user_agent=row["user_agent"],
+        link=row["link"],
+        honeypot="honeypot" in (row["agent_reason"] or "").split(),
+        agent=row["agent"] or "human",
+    )
+
+
 class Tracker:
-    def __init__(self, *, settings: Settings, store: EventStore, signer: TokenSigner) -> None:
+    def __init__(
+        self, *, settings: Settings, store: EventStore, signer: TokenSigner, clock: Callable[[], float] = time.time
+    ) -> None:
         self.settings = settings
         self.store = store
         self.signer = signer
         self.proxies = TrustedProxies(settings.tracker.trusted_proxies)
         self.tracking = TrackingSettings(settings, store)
         self._tokens = {p.secret: p for p in settings.projects}
+        self.networks = NetworkLists(network_specs(settings.tracker.network_lists))
+        self.policy = AgentPolicy(sent_window_seconds=settings.tracker.sent_window_seconds)
+        self.clock = clock  # event times; a test replays hours of traffic by setting it
 
     def _claims(self, token: str, kind: str) -> TrackingClaims | None:
         data = self.signer.verify(token)
         claims = claims_from_dict(data) if data is not None else None
         return claims if claims is not None and claims.kind == kind else None
 
+    async def _verdict(self, send: TrackedSend, hit: Hit) -> tuple[Verdict, dict[int, Verdict]]:
+        """The verdict on `hit` and the earlier events of its message that it exposes."""
+        since = rfc3339(datetime.fromtimestamp(hit.at - self.policy.lookback_seconds, UTC))
+        rows = await self.store.recent_hits(send.project, send.message_id, since)
+        recent = [prior_hit(row) for row in rows]
+        verdict = classify(hit, networks=self.networks, recent=recent, policy=self.policy)
+        return verdict, relabel(hit, verdict, recent=recent, policy=self.policy)
+
     async def _record(self, request: Request, claims: TrackingClaims) -> None:
         send = claims.send
+        headers = request.headers
+        hit = Hit(
+            kind="open" if claims.kind == "open" else "click",
+            at=self.clock(),
+            ip=self.proxies.client_ip(request),
+            user_agent=headers.get("user-agent"),
+            method=request.method,
+            purpose=headers.get("sec-purpose") or headers.get("purpose") or headers.get("x-moz"),
+            sent_at=send.sent_at,
+            link=claims.link,
+            honeypot=claims.honeypot,
+        )
+        verdict, exposed = await self._verdict(send, hit)
         event = NewEvent(
             name=f"email.{claims.kind}",
             project=send.project,
             contact=send.contact,
             recipient=send.recipient,
             message_id=send.message_id,
-            at=now_rfc3339(),
+            at=rfc3339(datetime.fromtimestamp(hit.at, UTC)),
             campaign=send.campaign,
             template=send.template,
             template_type=send.template_type,
             campaign_type=send.campaign_type,
             link=claims.link,
-            ip=self.proxies.client_ip(request),
-            user_agent=request.headers.get("user-agent"),
+            ip=hit.ip,
+            user_agent=hit.user_agent,
             tracked=True,
+            agent=verdict.agent,
+            agent_reason=verdict.reason,
         )
         await self.store.record([event])
+        await self.store.relabel({event_id: (v.agent, v.reason) for event_id, v in exposed.items()})
 
     async def pixel(self, request: Request) -> Response:
         claims = self._claims(request.path_params["token"].removesuffix(".gif"), "open")
@@ -105,6 +153,10 @@ class Tracker:
 
     async def click(self, request: Request) -> Response:
         claims = self._claims(request.path_params["token"], "click")
+        if claims is not None and claims.honeypot:
+            # The invisible trap link goes nowhere; only machines follow it.
+            await self._record(request, claims)
+            return Response(b"", media_type="text/html", headers={**NO_CACHE, **HARDENING, "X-Robots-Tag": "noindex"})
         if claims is None or claims.link is None or not claims.link.lower().startswith(("http://", "https://")):
             return NOT_FOUND  # only signed http(s) destinations are ever redirected to: no open redirect
         await self._record(request, claims)

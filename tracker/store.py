@@ -48,6 +48,8 @@ class NewEvent:
     user_agent: str | None = None
     tracked: bool | None = None
     reason: str | None = None
+    agent: str | None = None  # opens and clicks: human | apple_mpp | image_proxy | scanner | prefetch
+    agent_reason: str | None = None  # the signals behind `agent` (tracker/agents.py)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class EventStore(Protocol):
     async def events(self, query: EventQuery) -> list[dict[str, Any]]: ...
     async def tracking_mode(self, project: str) -> str | None: ...
     async def set_tracking_mode(self, project: str, mode: str) -> None: ...
+    async def recent_hits(self, project: str, message_id: str, since: str) -> list[dict[str, Any]]: ...
+    async def relabel(self, changes: dict[int, tuple[str, str]]) -> None: ...
 
 
 SCHEMA = """
@@ -90,7 +94,9 @@ CREATE TABLE IF NOT EXISTS events (
     ip TEXT,
     user_agent TEXT,
     tracked INTEGER,
-    reason TEXT
+    reason TEXT,
+    agent TEXT,
+    agent_reason TEXT
 );
 CREATE INDEX IF NOT EXISTS events_project_at ON events (project, at);
 CREATE INDEX IF NOT EXISTS events_project_contact ON events (project, contact, at);
@@ -201,4 +207,22 @@ class SqliteEventStore:
                "ON CONFLICT (project) DO UPDATE SET mode = excluded.mode, updated_at = excluded.updated_at")
         async with self._write_lock:
             await self.db.execute(sql, (project, mode, now_rfc3339()))
+            await self.db.commit()
+
+    async def recent_hits(self, project: str, message_id: str, since: str) -> list[dict[str, Any]]:
+        """Opens and clicks of one message at or after `since`: the history a verdict looks at."""
+        sql = (
+            "SELECT id, name, at, ip, user_agent, link, agent, agent_reason FROM events "
+            "WHERE project = ? AND message_id = ? AND name IN ('email.open', 'email.click') AND at >= ? ORDER BY at, id"
+        )
+        async with self.db.execute(sql, (project, message_id, since)) as cursor:
+            return [dict(row) for row in await cursor.fetchall()]
+
+    async def relabel(self, changes: dict[int, tuple[str, str]]) -> None:
+        """Set `agent` on events a later hit exposed; the new reason is appended to the old one."""
+        if not changes:
+            return
+        sql = "UPDATE events SET agent = ?, agent_reason = TRIM(COALESCE(agent_reason, '') || ' ' || ?) WHERE id = ?"
+        async with self._write_lock:
+            await self.db.executemany(sql, [(agent, reason, event_id) for event_id, (agent, reason) in changes.items()])
             await self.db.commit()

@@ -101,6 +101,9 @@ class TrackingClaims:
     kind: str  # "open" | "click"
     send: TrackedSend
     link: str | None = None
+    # The invisible trap link (project honeypot_link): no destination, and a click on it
+    # is a machine by construction (tracker/agents.py).
+    honeypot: bool = False
 
 
 def claims_to_dict(claims: TrackingClaims) -> dict[str, Any]:
@@ -111,6 +114,8 @@ def claims_to_dict(claims: TrackingClaims) -> dict[str, Any]:
             out[short] = value
     if claims.link is not None:
         out["u"] = claims.link
+    if claims.honeypot:
+        out["h"] = 1
     return out
 
 
@@ -122,6 +127,7 @@ def claims_from_dict(data: dict[str, Any]) -> TrackingClaims | None:
     if kind is None or not all(isinstance(values[a], str) for a in required) or not isinstance(values["sent_at"], int):
         return None
     link = data.get("u")
-    if kind == "click" and not isinstance(link, str):
+    honeypot = data.get("h") == 1
+    if kind == "click" and not isinstance(link, str) and not honeypot:
         return None
-    return TrackingClaims(kind, TrackedSend(**values), link)  # type: ignore[arg-type]
+    return TrackingClaims(kind, TrackedSend(**values), link, honeypot)  # type: ignore[arg-type]
