@@ -1,62 +1,167 @@
-"""Instrument a message: route HTML links through tracked URLs and add the open pixel.
+"""Instrument a whole message for one recipient: track its HTML links and add the open pixel, byte-exactly.
 
-Interim implementation for the spine (stdlib re-serialisation); the byte-exact walker
-replaces it. The interface — plan once per message, render once per recipient — is fixed.
+`plan_instrumentation` does the expensive part once per message (MIME walk, decoding, HTML scan, position
+maps); `InstrumentationPlan.render` runs per recipient (each has their own tokens) and only splices. Nothing
+outside the edited spans changes: headers, boundaries, preamble and epilogue, other parts, line endings.
+
+Neither function raises: any failure gives `outcome="failed"` with the original bytes, because a message must
+never be lost or refused over its content. Mail we must not touch (signed, encrypted, DKIM-signed, already
+instrumented, without HTML) comes back `outcome="untouched"` with the reason.
 """
 
 from __future__ import annotations
 
-import email
-import email.policy
+import re
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
-from relay.rewrite import rewrite_html
+from relay.charset import Charset, CharsetError
+from relay.mime import Entity, Fields, MalformedMessage, walk
+from relay.rewrite import HtmlPlan, LinkMinter, plan_html, tracking_markup
+from relay.transfer_encoding import Body, Edit, UnsupportedEncoding, body_for
 
+__all__ = ["Instrumented", "InstrumentationPlan", "LinkMinter", "instrument_message", "plan_instrumentation"]
 
-class LinkMinter(Protocol):
-    def click_url(self, destination: str) -> str | None: ...
-    def pixel_url(self) -> str: ...
-    def honeypot_url(self) -> str | None: ...
-    def is_tracking_url(self, url: str) -> bool: ...
+Outcome = Literal["instrumented", "untouched", "failed"]
+
+# Any change to these invalidates a signature or makes no sense on ciphertext (RFC 1847, RFC 8551).
+_PROTECTED = {
+    "multipart/signed": "signed",
+    "multipart/encrypted": "encrypted",
+    "application/pkcs7-mime": "s/mime",
+    "application/x-pkcs7-mime": "s/mime",
+}
+_ANGLE_URL = re.compile(r"<([^>]*)>")
 
 
 @dataclass(frozen=True)
 class Instrumented:
-    data: bytes
-    outcome: Literal["instrumented", "untouched", "failed"]
-    reason: str
-    links: int
+    data: bytes  # bytes to send: the input itself when unchanged
+    outcome: Outcome
+    reason: str  # "instrumented" / why untouched ("signed", "no html part", "already instrumented", ...) / failure reason
+    links: int  # links rewritten
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """One HTML part to instrument: where its body is and how to write into it."""
+
+    entity: Entity
+    body: Body
+    charset: Charset
+    html: HtmlPlan
+    # Per slot: start, end, and where a line break may go before/after it (None: never), as body positions.
+    positions: tuple[int | None, ...]
 
 
 class InstrumentationPlan:
-    def __init__(self, raw: bytes) -> None:
-        self.raw = raw
+    """The per-message analysis; `render` is cheap and may be called once per recipient."""
+
+    def __init__(self, raw: bytes, parts: tuple[_Part, ...], outcome: Outcome, reason: str) -> None:
+        self._raw = raw
+        self._parts = parts
+        self._outcome: Outcome = outcome
+        self._reason = reason
+
+    @property
+    def outcome(self) -> Outcome:
+        """What render will do before any minter is involved ("instrumented" means: has parts to track)."""
+        return self._outcome
+
+    @property
+    def reason(self) -> str:
+        return self._reason
 
     def render(self, minter: LinkMinter) -> Instrumented:
+        if self._outcome != "instrumented":
+            return Instrumented(self._raw, self._outcome, self._reason, 0)
         try:
-            message = email.message_from_bytes(self.raw, policy=email.policy.SMTP)
-            links = 0
-            changed = False
-            for part in message.walk():
-                if part.get_content_type() != "text/html" or part.get_content_disposition() == "attachment":
-                    continue
-                result = rewrite_html(part.get_content(), minter)
-                links += result.links
-                cte = part.get("Content-Transfer-Encoding", "7bit").lower()
-                part.set_content(result.html, subtype="html", charset=part.get_content_charset() or "utf-8",
-                                 cte="quoted-printable" if cte == "7bit" else cte)
-                changed = True
-        except Exception as exc:
-            return Instrumented(self.raw, "failed", f"{type(exc).__name__}: {exc}", 0)
-        if not changed:
-            return Instrumented(self.raw, "untouched", "no html part", 0)
-        return Instrumented(message.as_bytes(), "instrumented", "instrumented", links)
+            return self._render(minter)
+        except Exception as exc:  # never raise: the pipeline relays the original bytes
+            return Instrumented(self._raw, "failed", f"render error: {type(exc).__name__}", 0)
+
+    def _render(self, minter: LinkMinter) -> Instrumented:
+        if any(part.html.already_instrumented(minter) for part in self._parts):
+            return Instrumented(self._raw, "untouched", "already instrumented", 0)
+        raw = self._raw
+        markup = tracking_markup(minter)
+        cache: dict[str, str | None] = {}
+        pieces: list[bytes] = []
+        done = 0
+        links = 0
+        for part in self._parts:
+            replacements, count = part.html.replacements(minter, cache, markup)
+            links += count
+            at = part.positions
+            edits = [
+                Edit(at[4 * i], at[4 * i + 1], part.charset.encode(text), at[4 * i + 2], at[4 * i + 3])  # type: ignore[arg-type]
+                for i, text in enumerate(replacements)
+                if text is not None
+            ]
+            pieces.append(raw[done : part.entity.body_start])
+            pieces.extend(part.body.render(edits))
+            done = part.entity.body_end
+        pieces.append(raw[done:])
+        return Instrumented(b"".join(pieces), "instrumented", "instrumented", links)
 
 
 def plan_instrumentation(raw: bytes) -> InstrumentationPlan:
-    return InstrumentationPlan(raw)
+    """Analyse a message (as received over SMTP, CRLF or LF line endings) once for all its recipients."""
+    try:
+        return _plan(raw)
+    except MalformedMessage as exc:
+        return InstrumentationPlan(raw, (), "failed", f"malformed MIME: {exc}")
+    except (UnsupportedEncoding, CharsetError) as exc:
+        return InstrumentationPlan(raw, (), "failed", str(exc))
+    except Exception as exc:  # never raise: the pipeline relays the original bytes
+        return InstrumentationPlan(raw, (), "failed", f"plan error: {type(exc).__name__}")
 
 
 def instrument_message(raw: bytes, minter: LinkMinter) -> Instrumented:
     return plan_instrumentation(raw).render(minter)
+
+
+def _plan(raw: bytes) -> InstrumentationPlan:
+    entities, fields = walk(raw)
+    if "dkim-signature" in fields:
+        # The signer covered this body; any change fails DKIM for the sender's own domain.
+        return InstrumentationPlan(raw, (), "untouched", "dkim-signed")
+    for entity in entities:
+        if entity.content_type in _PROTECTED:
+            return InstrumentationPlan(raw, (), "untouched", _PROTECTED[entity.content_type])
+    # Body HTML only: an HTML attachment is a document the recipient opens, not the message they read.
+    html_parts = [e for e in entities if e.content_type == "text/html" and e.disposition != "attachment"]
+    if not html_parts:
+        return InstrumentationPlan(raw, (), "untouched", "no html part")
+    skip_urls = _unsubscribe_urls(fields)
+    parts = tuple(part for part in (_plan_part(raw, entity, skip_urls) for entity in html_parts) if part is not None)
+    if not parts:
+        return InstrumentationPlan(raw, (), "untouched", "empty html part")
+    return InstrumentationPlan(raw, parts, "instrumented", "instrumented")
+
+
+def _plan_part(raw: bytes, entity: Entity, skip_urls: frozenset[str]) -> _Part | None:
+    body = body_for(entity.transfer_encoding, raw[entity.body_start : entity.body_end])
+    charset = Charset.resolve(entity.charset, body.decoded)
+    html = charset.decode(body.decoded)
+    if not html.strip():
+        return None  # an empty part renders nothing; a pixel would be its only content
+    plan = plan_html(html, skip_urls=skip_urls)
+    spans = [(slot.start, slot.end, slot.attribute_start, slot.attribute_end) for slot in plan.slots]
+    flat = [offset for span in spans for offset in span]
+    order = sorted(set(flat))
+    located = dict(zip(order, body.positions(charset.byte_offsets(html, body.decoded, order))))
+    positions = [located[offset] for offset in flat]
+    if not charset.ascii_compatible:
+        # Line breaks are not single ASCII bytes here (UTF-16): never insert one.
+        positions = [None if index % 4 >= 2 else position for index, position in enumerate(positions)]
+    return _Part(entity, body, charset, plan, tuple(positions))
+
+
+def _unsubscribe_urls(fields: Fields) -> frozenset[str]:
+    """URLs of List-Unsubscribe (RFC 2369: in angle brackets, whitespace inside them ignored)."""
+    urls = set()
+    for value in fields.get("list-unsubscribe", []):
+        for match in _ANGLE_URL.finditer(value):
+            urls.add(re.sub(r"\s+", "", match.group(1)))
+    return frozenset(urls)

@@ -1,41 +1,352 @@
-"""Pure HTML rewriting: str in, str out. Interim regex version for the spine."""
+"""Rewrite the links of an HTML document through tracked URLs and place the open pixel, by splicing.
+
+We never parse into a tree and serialise back: that changes quoting, entities, tag case and whitespace, and
+it is slow (bs4 takes 60-90 ms on a 100 KB newsletter). Instead a tokenizer that follows the HTML5 tokenization
+states (WHATWG HTML §13.2.5) closely enough to know where every tag, comment and raw-text element starts and
+ends locates two kinds of spans: the value of each link attribute, and the point where the pixel goes. Output is
+the input with only those spans replaced, so everything else stays byte-identical by construction.
+
+The scanner is driven by possessive regular expressions (no backtracking, no recursion): the C regex engine
+skips ordinary text and tags, and Python code runs only for the few tokens that matter (links, comments,
+raw-text elements, `</body>`). Time is linear in the input size.
+"""
 
 from __future__ import annotations
 
-import html
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from html.entities import html5 as _NAMED_REFERENCES
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from relay.instrument import LinkMinter
-
-HREF = re.compile(r'(<a\b[^>]*?\bhref\s*=\s*)(["\'])(.*?)\2', re.IGNORECASE | re.DOTALL)
-PIXEL = '<img src="{url}" width="1" height="1" alt="" border="0" style="display:block;width:1px;height:1px;border:0" />'
+__all__ = ["HtmlPlan", "LinkMinter", "RewriteResult", "Slot", "plan_html", "rewrite_html"]
 
 
-@dataclass(frozen=True)
+class LinkMinter(Protocol):
+    """Mints this recipient's tracking URLs (the tracker side signs them; the rewriter only places them)."""
+
+    def click_url(self, destination: str) -> str | None:
+        """Tracked URL for this destination (the decoded URL a browser would follow), or None to leave the link
+        untouched (excluded host per project `exclude_click_domains`, link to our own tracking host...)."""
+
+    def pixel_url(self) -> str: ...
+
+    def honeypot_url(self) -> str | None:
+        """When not None, the rewriter adds one invisible, aria-hidden link to this URL in each tracked HTML part
+        (a scanner trap; humans never see or click it)."""
+
+    def is_tracking_url(self, url: str) -> bool:
+        """True for a URL that is one of our own valid tracking URLs (used for idempotency: a message already
+        instrumented by us is left untouched)."""
+
+
+# --- tokenizer grammar ------------------------------------------------------------------------------------
+# HTML5 whitespace inside tags is TAB, LF, FF, SPACE (CR is turned into LF by input preprocessing, §13.2.3.5).
+_WS = r"\t\n\f\r "
+# One attribute, exactly as the before-attribute-name / attribute-name / after-attribute-name /
+# before-attribute-value / attribute-value states (§13.2.5.32-38) consume it. A name may start with '='
+# (parse error, but it is a name); '/' between attributes is skipped (self-closing start tag state, §13.2.5.40).
+# If '=' follows the name a value must follow: an unterminated quoted value means EOF inside the tag, so the
+# whole tag match fails instead of falling back to some other reading. Possessive quantifiers make every
+# step final, which is what a state machine does, and keeps the match linear.
+_ATTR = (
+    rf"[{_WS}/]*+(?P<name>[^{_WS}/>][^{_WS}/>=]*+)"
+    rf"(?:(?=[{_WS}]*+=)[{_WS}]*+=[{_WS}]*+(?P<value>\"[^\"]*+\"|'[^']*+'|(?![\"'])[^{_WS}>]*+)|(?![{_WS}]*+=))"
+)
+_ATTRS = "(?:" + re.sub(r"\(\?P<\w+>", "(?:", _ATTR) + ")*+"
+_TAG_REST = rf"[^{_WS}/>]*+{_ATTRS}[{_WS}/]*+>"
+
+# Elements whose content is text, not markup, up to their end tag (§13.2.5.2-5: RCDATA, RAWTEXT, script data,
+# PLAINTEXT). An `<a href>` written inside <style>, <title> or <script> is not a link.
+_RAW_TEXT = frozenset({"script", "style", "xmp", "iframe", "noembed", "noframes", "title", "textarea", "plaintext"})
+# Start tags the scanner must look at: links (VML shapes are `v:*`, Outlook's bulletproof buttons) and raw text.
+_SPECIAL = r"(?:a|area|v:[^" + _WS + r"/>]*+|" + "|".join(sorted(_RAW_TEXT)) + ")"
+
+# Everything the scanner may skip in one C-level match: text, ordinary start tags, end tags other than </body>,
+# plain comments, doctype and bogus comments. It stops in front of the tokens that need a decision.
+_SKIP = re.compile(
+    rf"""(?:
+        [^<]++
+      | <(?![A-Za-z!/?])                                   # '<' that opens no markup is text (§13.2.5.6)
+      | <(?!{_SPECIAL}(?:[{_WS}/>]|\Z))[A-Za-z]{_TAG_REST}  # ordinary start tag
+      | </(?!body(?:[{_WS}/>]|\Z))[A-Za-z]{_TAG_REST}     # end tag (attributes in end tags are tokenized too)
+      | </>                                                # ignored (§13.2.5.7)
+      | </(?![A-Za-z>])[^>]*+>                             # bogus comment
+      | <!--(?!\[if)(?:>|->|(?s:.*?)--!?>)                 # comment, incl. abrupt <!--> and <!---> (§13.2.5.43-52)
+      | <!(?!--)[^>]*+>                                    # doctype, <![endif]> and other bogus comments
+      | <\?[^>]*+>                                         # processing instruction: bogus comment
+    )*+""",
+    re.X | re.I,
+)
+_START_TAG = re.compile(rf"<(?P<tag>[A-Za-z][^{_WS}/>]*+)(?P<attrs>{_ATTRS})[{_WS}/]*+>")
+_END_TAG = re.compile(rf"</(?P<tag>[A-Za-z][^{_WS}/>]*+){_ATTRS}[{_WS}/]*+>")
+_ATTR_RE = re.compile(_ATTR)
+_COMMENT_END = re.compile(r"--!?>")
+# Microsoft's downlevel-hidden conditional comment: `<!--[if mso]> markup for Outlook <![endif]-->`. To HTML5 it
+# is one comment; Outlook renders the markup inside, so its links (VML buttons) are real links.
+_CONDITIONAL = re.compile(r"\[if[^\]]*\]>(?P<inner>.*)<!\[endif\]\Z", re.S | re.I)
+_RAW_TEXT_END = {name: re.compile(rf"</{name}[{_WS}/>]", re.I) for name in _RAW_TEXT}
+
+# --- attribute values -------------------------------------------------------------------------------------
+_CHAR_REFERENCE = re.compile(r"&(?:#[xX](?P<hex>[0-9A-Fa-f]+);?|#(?P<dec>[0-9]+);?|(?P<named>[A-Za-z0-9]+;?))")
+_LONGEST_NAME = max(len(name) for name in _NAMED_REFERENCES)
+# WHATWG URL parser: strip leading/trailing C0 controls and space, remove every tab and newline.
+_URL_EDGES = "".join(map(chr, range(0x21)))
+_URL_REMOVED = str.maketrans("", "", "\t\n\r")
+_HTTP_URL = re.compile(r"https?://[^/?#]", re.I)
+# Template syntax a later system (the sender's ESP) may still substitute: wrapping it would hide it from them.
+_PLACEHOLDER = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\*\|.*?\|\*|%%[^%]*%%", re.S)
+_OPT_OUT = "data-inflight-track"
+
+
+def _numeric_reference(code: int) -> str:
+    """§13.2.5.80 numeric character reference end state."""
+    if code == 0 or code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
+        return "\ufffd"
+    if 0x80 <= code <= 0x9F:  # the windows-1252 reading of C1 controls, as browsers do
+        try:
+            return bytes([code]).decode("cp1252")
+        except UnicodeDecodeError:
+            return chr(code)  # 0x81, 0x8D, 0x8F, 0x90, 0x9D have no replacement in the table
+    return chr(code)
+
+
+def decode_attribute(value: str) -> str:
+    """Decode character references in an attribute value exactly as a browser does (§13.2.5.72-80).
+
+    Named references may omit the ';' only for the legacy names, and inside an attribute such a reference is
+    left alone when followed by '=' or an alphanumeric (the historical rule that keeps `?a=1&copy=2` a query
+    string). Python's html.unescape does not know the attribute rule.
+    """
+    if "&" not in value:
+        return value
+    out: list[str] = []
+    pos = 0
+    for match in _CHAR_REFERENCE.finditer(value):
+        if match.start() < pos:
+            continue
+        if match["hex"] is not None or match["dec"] is not None:
+            digits = match["hex"] or match["dec"]
+            code = int(digits, 16 if match["hex"] is not None else 10) if len(digits) < 9 else 0x110000
+            out.append(value[pos : match.start()])
+            out.append(_numeric_reference(code))
+            pos = match.end()
+            continue
+        candidate = match["named"]
+        for length in range(min(len(candidate), _LONGEST_NAME), 0, -1):
+            name = candidate[:length]
+            if name in _NAMED_REFERENCES:
+                after = match.start() + 1 + length
+                if not name.endswith(";") and after < len(value) and (value[after] == "=" or value[after].isascii() and value[after].isalnum()):
+                    break  # historical rule: not a reference
+                out.append(value[pos : match.start()])
+                out.append(_NAMED_REFERENCES[name])
+                pos = after
+                break
+    out.append(value[pos:])
+    return "".join(out)
+
+
+def link_destination(raw_value: str) -> str:
+    """The URL a browser follows for this raw attribute value: references decoded, URL whitespace removed."""
+    return decode_attribute(raw_value).strip(_URL_EDGES).translate(_URL_REMOVED)
+
+
+def escape_attribute(value: str, quote: str) -> str:
+    """Escape a value for an attribute written with `quote` ('"', "'" or '' for unquoted)."""
+    value = value.replace("&", "&amp;")
+    if quote == '"':
+        return value.replace('"', "&quot;")
+    if quote == "'":
+        return value.replace("'", "&#39;")
+    # Unquoted values may not contain whitespace, quotes, '=', '<', '>' or '`' (HTML syntax §13.1.2.3).
+    return re.sub(r"[\t\n\f\r \"'=<>`]", lambda m: f"&#{ord(m.group())};", value)
+
+
+# --- the open pixel and the scanner trap -----------------------------------------------------------------
+# Each attribute is there for a client: width/height attributes because Outlook's Word engine ignores CSS sizes
+# on images; alt="" so image-blocking clients show no placeholder text and screen readers skip it; border="0"
+# for old clients that draw a border around images; display:block so Gmail and Apple Mail add no inline
+# baseline gap; zero margin/padding so nothing shifts; aria-hidden for assistive technology.
+_PIXEL = (
+    '<img src="{src}" width="1" height="1" alt="" border="0" '
+    'style="display:block;width:1px;height:1px;border:0;margin:0;padding:0" aria-hidden="true" />'
+)
+# A link with no content has no area to click, display:none hides it in browsers, mso-hide:all in Outlook
+# (which ignores display:none); tabindex/aria-hidden keep it out of keyboard and screen-reader navigation.
+_HONEYPOT = (
+    '<a href="{href}" aria-hidden="true" tabindex="-1" '
+    'style="display:none;mso-hide:all;font-size:0;line-height:0;max-height:0;overflow:hidden"></a>'
+)
+# Our own pixel, recognised on a second pass so a message instrumented by us is never instrumented twice.
+_OWN_PIXEL = re.compile(r'<img src="(?P<src>[^"]*)" width="1" height="1" alt="" border="0" style="display:block;')
+
+
+def tracking_markup(minter: LinkMinter) -> str:
+    """The honeypot link (when the project has one) followed by the open pixel."""
+    pixel = _PIXEL.format(src=escape_attribute(minter.pixel_url(), '"'))
+    honeypot = minter.honeypot_url()
+    return pixel if honeypot is None else _HONEYPOT.format(href=escape_attribute(honeypot, '"')) + pixel
+
+
+# --- the plan ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """A span of the HTML to replace: a link attribute value, or the empty span where the pixel goes."""
+
+    start: int
+    end: int
+    destination: str | None  # the decoded URL; None for the pixel slot
+    quote: str  # quote character of the attribute ('' when unquoted)
+    attribute_start: int  # where the attribute name begins: a safe place for a line break (identity CTE)
+    attribute_end: int  # just after the closing quote
+
+
+@dataclass(frozen=True, slots=True)
+class HtmlPlan:
+    """What one scan of an HTML document found; rendering it for a recipient is just splicing."""
+
+    slots: tuple[Slot, ...]  # in document order, non-overlapping; the pixel slot is one of them
+    seen_urls: frozenset[str]  # every absolute http(s) link and our-pixel URL: the idempotency check
+
+    def already_instrumented(self, minter: LinkMinter) -> bool:
+        return any(minter.is_tracking_url(url) for url in self.seen_urls)
+
+    def replacements(self, minter: LinkMinter, cache: dict[str, str | None], markup: str) -> tuple[list[str | None], int]:
+        """The text for each slot (None: keep the original) and how many links it rewrites; `markup` goes in
+        the pixel slot (see `tracking_markup`).
+
+        `cache` maps destination to tracked URL for this recipient, so an Outlook VML button and its HTML twin
+        (same destination) carry the same tracked URL, and the minter signs each destination once.
+        """
+        out: list[str | None] = []
+        links = 0
+        for slot in self.slots:
+            if slot.destination is None:
+                out.append(markup)
+                continue
+            if slot.destination not in cache:
+                cache[slot.destination] = minter.click_url(slot.destination)
+            tracked = cache[slot.destination]
+            if tracked is None:
+                out.append(None)
+            else:
+                out.append(escape_attribute(tracked, slot.quote))
+                links += 1
+        return out, links
+
+
+def _quote(attribute: re.Match[str]) -> str:
+    first = attribute["value"][:1]
+    return first if first in ('"', "'") else ""
+
+
+def _link_slot(html: str, tag: re.Match[str], skip_urls: frozenset[str], seen: set[str]) -> Slot | None:
+    href = opt_out = None
+    for attribute in _ATTR_RE.finditer(html, tag.start("attrs"), tag.end("attrs")):
+        name = attribute["name"].lower()
+        # §13.2.5.33: a duplicate attribute is dropped, the first one counts.
+        if name == "href" and href is None:
+            href = attribute
+        elif name == _OPT_OUT and opt_out is None:
+            opt_out = attribute
+    if href is None or href["value"] is None:
+        return None
+    quote = _quote(href)
+    start, end = href.start("value") + len(quote), href.end("value") - len(quote)
+    destination = link_destination(html[start:end])
+    if not _HTTP_URL.match(destination):
+        return None  # mailto:, tel:, #anchors, relative URLs, merge tags like *|UNSUB|*
+    seen.add(destination)
+    if opt_out is not None and opt_out["value"] is not None:
+        opt_quote = _quote(opt_out)
+        if decode_attribute(opt_out["value"][len(opt_quote) : len(opt_out["value"]) - len(opt_quote)]).strip().lower() == "off":
+            return None
+    if destination in skip_urls or _PLACEHOLDER.search(destination):
+        return None
+    if any(0xDC80 <= ord(c) <= 0xDCFF for c in destination):
+        return None  # bytes the charset could not decode: we cannot know the URL the reader would follow
+    return Slot(start, end, destination, quote, href.start("name"), href.end("value"))
+
+
+def plan_html(html: str, *, skip_urls: frozenset[str] = frozenset()) -> HtmlPlan:
+    """Scan `html` once: the link values to rewrite and the pixel point.
+
+    Links are `<a href>`, `<area href>` and VML `href` (`<v:roundrect>`, `<v:rect>`...) with an absolute http(s)
+    URL, including those inside Outlook conditional comments; never `<link>`, `<base>`, `<img src>` or CSS.
+    `skip_urls` are destinations to leave alone (the List-Unsubscribe URLs of the message).
+    """
+    slots: list[Slot] = []
+    seen: set[str] = set()
+    body_end = _scan(html, 0, len(html), slots, skip_urls, seen, top_level=True)
+    pixel_at = len(html) if body_end is None else body_end
+    slots.append(Slot(pixel_at, pixel_at, None, "", pixel_at, pixel_at))
+    slots.sort(key=lambda slot: slot.start)
+    seen.update(link_destination(match["src"]) for match in _OWN_PIXEL.finditer(html))
+    return HtmlPlan(tuple(slots), frozenset(seen))
+
+
+def _scan(html: str, pos: int, end: int, slots: list[Slot], skip_urls: frozenset[str], seen: set[str], *, top_level: bool) -> int | None:
+    """Tokenize html[pos:end], appending link slots; returns where the last top-level `</body>` starts."""
+    body_end: int | None = None
+    while True:
+        pos = _SKIP.match(html, pos, end).end()  # type: ignore[union-attr]  # `(...)*+` always matches
+        if pos >= end:
+            return body_end
+        if html.startswith("<!--", pos):
+            close = _COMMENT_END.search(html, pos + 4, end)
+            if close is None:
+                return body_end  # EOF in comment: the rest of the document is comment
+            conditional = _CONDITIONAL.match(html, pos + 4, close.start())
+            if conditional is not None:
+                _scan(html, conditional.start("inner"), conditional.end("inner"), slots, skip_urls, seen, top_level=False)
+            pos = close.end()
+        elif html.startswith("</", pos):
+            tag = _END_TAG.match(html, pos, end)
+            if tag is None:
+                return body_end  # EOF in tag
+            if top_level and tag["tag"].lower() == "body":
+                body_end = pos
+            pos = tag.end()
+        else:
+            tag = _START_TAG.match(html, pos, end)
+            if tag is None:
+                return body_end  # EOF in tag (or in a bogus comment): nothing after it is markup
+            name = tag["tag"].lower()
+            pos = tag.end()
+            if name in _RAW_TEXT:
+                close = _RAW_TEXT_END[name].search(html, pos, end) if name != "plaintext" else None
+                if close is None:
+                    return body_end
+                pos = close.start()
+            elif name in ("a", "area") or name.startswith("v:"):
+                slot = _link_slot(html, tag, skip_urls, seen)
+                if slot is not None:
+                    slots.append(slot)
+
+
+@dataclass(frozen=True, slots=True)
 class RewriteResult:
     html: str
-    links: int
+    links: int  # link attributes rewritten
+    already_instrumented: bool  # our own tracking URLs were found; `html` is the input
 
 
-def rewrite_html(document: str, minter: LinkMinter) -> RewriteResult:
-    count = 0
+def splice(text: str, slots: tuple[Slot, ...], replacements: list[str | None]) -> str:
+    pieces: list[str] = []
+    pos = 0
+    for slot, replacement in zip(slots, replacements):
+        if replacement is not None:
+            pieces.append(text[pos : slot.start])
+            pieces.append(replacement)
+            pos = slot.end
+    pieces.append(text[pos:])
+    return "".join(pieces)
 
-    def replace(match: re.Match[str]) -> str:
-        nonlocal count
-        destination = html.unescape(match.group(3)).strip()
-        if not destination.lower().startswith(("http://", "https://")):
-            return match.group(0)
-        tracked = minter.click_url(destination)
-        if tracked is None:
-            return match.group(0)
-        count += 1
-        return f"{match.group(1)}{match.group(2)}{html.escape(tracked)}{match.group(2)}"
 
-    out = HREF.sub(replace, document)
-    pixel = PIXEL.format(url=html.escape(minter.pixel_url()))
-    index = out.lower().rfind("</body>")
-    out = out + pixel if index < 0 else out[:index] + pixel + out[index:]
-    return RewriteResult(out, count)
+def rewrite_html(html: str, minter: LinkMinter, *, skip_urls: frozenset[str] = frozenset()) -> RewriteResult:
+    """Track every eligible link of `html` and add the pixel (and honeypot); pure, deterministic for a minter."""
+    plan = plan_html(html, skip_urls=skip_urls)
+    if plan.already_instrumented(minter):
+        return RewriteResult(html, 0, True)
+    replacements, links = plan.replacements(minter, {}, tracking_markup(minter))
+    return RewriteResult(splice(html, plan.slots, replacements), links, False)

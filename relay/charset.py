@@ -1,0 +1,115 @@
+"""Charsets of HTML parts: decode for scanning, and map text positions back to exact byte offsets.
+
+The part keeps its charset label and its bytes: we never re-encode a whole body (that is how peers relabelled
+ISO-8859-1 mail as UTF-8). Instead the positions of the spans to replace are mapped to byte offsets, and only
+the inserted text (ASCII URLs and markup) is encoded in the part's charset. The mapping is verified, so a
+charset whose round trip is not byte-exact makes instrumentation fail (and the message go out untouched)
+rather than silently change bytes.
+"""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass
+
+__all__ = ["Charset", "CharsetError"]
+
+# WHATWG Encoding Standard: browsers read these labels as a superset, so that is what a link "is" to a reader.
+_BROWSER_READING = {"ascii": "cp1252", "iso8859-1": "cp1252", "gb2312": "gbk"}
+_LABEL_ALIASES = {"iso-8859-8-i": "iso-8859-8"}
+# Everything HTML syntax and our URLs are made of must be plain ASCII bytes for a line break or an edit to be
+# placed by byte arithmetic (UTF-16 and EBCDIC are handled, but only through verified offsets).
+_SYNTAX_PROBE = "<a href=\"https://x.y/?q=1&amp;r='2'#f\">\r\n</a>"
+
+
+class CharsetError(ValueError):
+    """The part declares a charset we cannot decode, or its bytes do not round-trip exactly."""
+
+
+@dataclass(frozen=True, slots=True)
+class Charset:
+    """How to read and write one part's bytes."""
+
+    codec: str  # Python codec used in both directions (byte order fixed, no BOM)
+    bom: int  # bytes of byte-order mark at the start of the data, kept as they are
+    ascii_compatible: bool
+
+    @classmethod
+    def resolve(cls, label: str | None, data: bytes) -> Charset:
+        """The charset for `label` (the part's charset parameter) and its data.
+
+        Without a label (RFC 2045 says US-ASCII, real mail says otherwise) we read UTF-8 when the bytes are
+        valid UTF-8 and windows-1252 (the browser default) otherwise; only the links' text depends on it.
+        """
+        if label is None:
+            try:
+                data.decode("utf-8")
+                name = "utf-8"
+            except UnicodeDecodeError:
+                name = "cp1252"
+        else:
+            name = cls._lookup(label)
+        bom = 0
+        if name in ("utf-16", "utf-32"):
+            # RFC 2781 §4.3: a BOM gives the byte order, without one UTF-16 is big-endian.
+            width = 2 if name == "utf-16" else 4
+            little = codecs.BOM_UTF16_LE if width == 2 else codecs.BOM_UTF32_LE
+            big = codecs.BOM_UTF16_BE if width == 2 else codecs.BOM_UTF32_BE
+            if data.startswith(little):
+                name, bom = f"{name}-le", width
+            elif data.startswith(big):
+                name, bom = f"{name}-be", width
+            else:
+                name = f"{name}-be"
+        try:
+            ascii_compatible = _SYNTAX_PROBE.encode(name) == _SYNTAX_PROBE.encode("ascii")
+        except UnicodeError:
+            ascii_compatible = False
+        return cls(name, bom, ascii_compatible)
+
+    @staticmethod
+    def _lookup(label: str) -> str:
+        label = _LABEL_ALIASES.get(label, label)
+        for candidate in (label, label[2:] if label.startswith("x-") else None):
+            if candidate is None:
+                continue
+            try:
+                name = codecs.lookup(candidate).name
+            except LookupError:
+                continue
+            # Only text codecs: a label like "base64" or "rot13" must not be taken for a charset.
+            try:
+                "a".encode(name)
+            except (LookupError, TypeError, UnicodeError):
+                break
+            return _BROWSER_READING.get(name, name)
+        raise CharsetError(f"unknown charset {label[:40]!r}")
+
+    def decode(self, data: bytes) -> str:
+        # surrogateescape keeps undecodable bytes as lone surrogates, so the round trip stays byte-exact.
+        return data[self.bom :].decode(self.codec, "surrogateescape")
+
+    def encode(self, text: str) -> bytes:
+        return text.encode(self.codec)
+
+    def byte_offsets(self, text: str, data: bytes, positions: list[int]) -> list[int]:
+        """Byte offsets in `data` of the sorted text `positions`, verified to reproduce `data` exactly."""
+        payload = memoryview(data)[self.bom :]
+        if self.ascii_compatible and len(text) == len(payload) and text.encode(self.codec, "surrogateescape") == payload:
+            return [self.bom + position for position in positions]  # one byte per character
+        offsets: list[int] = []
+        pieces: list[bytes] = []
+        offset = self.bom
+        previous = 0
+        for position in positions:
+            piece = text[previous:position].encode(self.codec, "surrogateescape")
+            pieces.append(piece)
+            offset += len(piece)
+            offsets.append(offset)
+            previous = position
+        pieces.append(text[previous:].encode(self.codec, "surrogateescape"))
+        # Encoding piece by piece equals the original only if the encoder is back in its initial state at
+        # every position (ISO-2022-JP in ASCII mode, no BOM), which is also what makes splicing there valid.
+        if b"".join(pieces) != payload:
+            raise CharsetError(f"{self.codec} bytes do not round-trip exactly")
+        return offsets

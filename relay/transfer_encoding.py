@@ -1,0 +1,273 @@
+"""Content-Transfer-Encodings (RFC 2045 §6) with position maps, so a part keeps its encoding when edited.
+
+Peers re-encoded bodies and kept the old Content-Transfer-Encoding header, garbling mail. Here each encoding
+decodes a body for scanning, maps decoded byte offsets to positions it can edit at, and renders edits as the
+pieces of a new body in the *same* encoding:
+
+- 7bit/8bit/binary: edits are spliced into the original bytes; a line that an edit would push past the 998
+  octets of RFC 5322 §2.1.1 is broken at attribute boundaries (some MTAs otherwise break it anywhere, even
+  inside a URL).
+- quoted-printable: only the edited lines change. The original encoded text before and after each edit is kept
+  and the inserted bytes are encoded and wrapped with soft line breaks so no line exceeds 76 characters
+  (RFC 2045 §6.7 rule 5).
+- base64: the decoded bytes are edited and re-encoded whole (base64 has no local edits), in lines of the
+  original length (76 when unusual), with the original line ending and trailing whitespace.
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+from bisect import bisect_right
+from itertools import accumulate
+from typing import NamedTuple, Protocol
+
+__all__ = ["Base64Body", "Body", "Edit", "IdentityBody", "QuotedPrintableBody", "UnsupportedEncoding", "body_for"]
+
+
+class UnsupportedEncoding(ValueError):
+    """The part's transfer encoding is unknown or its content does not decode."""
+
+
+class Edit(NamedTuple):
+    """Replace body positions [start, end) with `data` (positions from `Body.positions`)."""
+
+    start: int
+    end: int
+    data: bytes
+    # Where a line break may be inserted if the line grows too long (identity encodings); None: nowhere.
+    break_before: int | None
+    break_after: int | None
+
+
+class Body(Protocol):
+    decoded: bytes
+
+    def positions(self, offsets: list[int]) -> list[int]:
+        """Edit positions for sorted offsets into `decoded`."""
+
+    def render(self, edits: list[Edit]) -> list[bytes]:
+        """Pieces of the new encoded body; `edits` sorted and non-overlapping."""
+
+
+def body_for(encoding: str, data: bytes) -> Body:
+    """The body codec for a (lowercase) Content-Transfer-Encoding value."""
+    if encoding in ("7bit", "8bit", "binary"):
+        # RFC 3030 BINARYMIME has no line length limit; 7bit and 8bit do.
+        return IdentityBody(data, line_limit=encoding != "binary")
+    if encoding == "quoted-printable":
+        return QuotedPrintableBody(data)
+    if encoding == "base64":
+        return Base64Body(data)
+    # RFC 2045 §6.4: an unrecognised encoding makes the part opaque (application/octet-stream) to a reader.
+    raise UnsupportedEncoding(f"unsupported transfer encoding {encoding[:40]!r}")
+
+
+def _line_ending(data: bytes) -> bytes:
+    newline = data.find(b"\n")
+    return b"\n" if newline > 0 and data[newline - 1] != 0x0D else b"\r\n"
+
+
+class IdentityBody:
+    """7bit, 8bit and binary: the encoded bytes are the decoded bytes."""
+
+    _MAX_LINE = 998  # RFC 5322 §2.1.1, excluding CRLF
+
+    def __init__(self, data: bytes, *, line_limit: bool) -> None:
+        self.decoded = data
+        self._line_limit = line_limit
+        self._eol = _line_ending(data)
+
+    def positions(self, offsets: list[int]) -> list[int]:
+        return offsets
+
+    def render(self, edits: list[Edit]) -> list[bytes]:
+        data = self.decoded
+        if self._line_limit:
+            edits = self._break_long_lines(edits)
+        pieces: list[bytes] = []
+        pos = 0
+        for edit in edits:
+            pieces.append(data[pos : edit.start])
+            pieces.append(edit.data)
+            pos = edit.end
+        pieces.append(data[pos:])
+        return pieces
+
+    def _break_long_lines(self, edits: list[Edit]) -> list[Edit]:
+        data = self.decoded
+        out: list[Edit] = []
+        index = 0
+        while index < len(edits):
+            # Edits on one line: from the line start of the first to the line end after the last.
+            line_start = data.rfind(b"\n", 0, edits[index].start) + 1
+            group = [edits[index]]
+            line_end = self._line_end(edits[index].end)
+            while index + len(group) < len(edits) and edits[index + len(group)].start < line_end:
+                group.append(edits[index + len(group)])
+                line_end = self._line_end(group[-1].end)
+            index += len(group)
+            length = line_end - line_start + sum(len(edit.data) - (edit.end - edit.start) for edit in group)
+            if length <= self._MAX_LINE or any(edit.break_before is None for edit in group):
+                out.extend(group)
+                continue
+            # Break before the attribute name and after its value: there a line break is just whitespace
+            # between attributes (or in the body text, around the pixel).
+            for edit in group:
+                before, after = edit.break_before, edit.break_after
+                assert before is not None and after is not None
+                out.append(Edit(before, before, self._eol, None, None))
+                out.append(edit)
+                out.append(Edit(after, after, self._eol, None, None))
+        return out
+
+    def _line_end(self, pos: int) -> int:
+        end = self.decoded.find(b"\n", pos)
+        if end < 0:
+            return len(self.decoded)
+        return end - 1 if end > 0 and self.decoded[end - 1] == 0x0D else end
+
+
+# One physical line with its line ending (the last may have none).
+_LINES = re.compile(rb"[^\n]*\n|[^\n]+")
+_HEX_PAIR = re.compile(rb"[0-9A-Fa-f]{2}")
+# RFC 2045 §6.7 rule 2: printable ASCII except '=' may stand for itself; space too, except at a line end.
+_QP_UNSAFE = re.compile(rb"[^ !-<>-~]")
+_QP_LINE = 76  # rule 5, including the '=' of a soft line break
+
+
+class QuotedPrintableBody:
+    """quoted-printable, decoded exactly as binascii.a2b_qp (what the stdlib email package uses) does."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._lines = _LINES.findall(data)
+        self._decoded_lines = list(map(binascii.a2b_qp, self._lines))
+        # Decoding line by line equals decoding the whole: a2b_qp never looks past a line feed.
+        self.decoded = b"".join(self._decoded_lines)
+        self._decoded_starts = list(accumulate(map(len, self._decoded_lines), initial=0))
+        self._encoded_starts = list(accumulate(map(len, self._lines), initial=0))
+        self._eol = _line_ending(data)
+
+    def positions(self, offsets: list[int]) -> list[int]:
+        last = len(self._lines) - 1
+        out = []
+        for offset in offsets:
+            index = min(bisect_right(self._decoded_starts, offset) - 1, last)
+            if index < 0:  # empty body
+                out.append(0)
+                continue
+            line = self._lines[index]
+            wanted = offset - self._decoded_starts[index]
+            column = self._advance(line, wanted)
+            # The sentinel keeps a literal '=' at the cut from being read as a soft line break.
+            if binascii.a2b_qp(line[:column] + b"x")[:-1] != self._decoded_lines[index][:wanted]:
+                raise UnsupportedEncoding("quoted-printable position does not map back exactly")
+            out.append(self._encoded_starts[index] + column)
+        return out
+
+    @staticmethod
+    def _advance(line: bytes, count: int) -> int:
+        """Column after `count` decoded bytes of `line`, mirroring a2b_qp's reading of '='."""
+        pos = 0
+        while count > 0:
+            equals = line.find(b"=", pos, pos + count)
+            if equals < 0:
+                return pos + count
+            count -= equals - pos
+            pos = equals
+            if count == 0:
+                return pos
+            if line[pos + 1 : pos + 2] == b"=":  # a2b_qp reads "==" as one '='
+                pos += 2
+            elif _HEX_PAIR.fullmatch(line, pos + 1, pos + 3):
+                pos += 3
+            else:
+                pos += 1
+            count -= 1
+        return pos
+
+    def render(self, edits: list[Edit]) -> list[bytes]:
+        data = self._data
+        out: list[bytes] = []
+        pos = 0
+        column: int | None = None  # output column once our output diverged from the original line
+        for edit in edits:
+            column = self._copy(out, pos, edit.start, column, more=True)
+            if column is None:
+                column = edit.start - (data.rfind(b"\n", 0, edit.start) + 1)
+            column = self._wrap(out, edit.data, column)
+            pos = edit.end
+        self._copy(out, pos, len(data), column, more=False)
+        return out
+
+    def _copy(self, out: list[bytes], start: int, end: int, column: int | None, *, more: bool) -> int | None:
+        """Copy original encoded text, with a soft break first if its first line would overflow ours."""
+        segment = self._data[start:end]
+        newline = segment.find(b"\n")
+        if column is not None:
+            first = segment if newline < 0 else segment[:newline].rstrip(b"\r")
+            # Text followed by another edit on the same line must leave room for that edit's soft break.
+            limit = _QP_LINE - 1 if newline < 0 and more else _QP_LINE
+            if first and column + len(first) > limit:
+                out.append(b"=" + self._eol)
+                column = 0
+            column = column + len(first) if newline < 0 else None
+        out.append(segment)
+        return column
+
+    def _wrap(self, out: list[bytes], data: bytes, column: int) -> int:
+        """Append `data` quoted-printable encoded from `column`, with soft breaks; returns the end column."""
+        encoded = _QP_UNSAFE.sub(lambda m: b"=%02X" % m[0][0], data)
+        if encoded.endswith(b" "):
+            encoded = encoded[:-1] + b"=20"  # rule 3: no literal space at a line end
+        start = 0
+        while len(encoded) - start > _QP_LINE - 1 - column:
+            cut = start + max(_QP_LINE - 1 - column, 0)
+            if cut > start and encoded[cut - 1] == 0x3D:  # never split an "=XX" escape
+                cut -= 1
+            elif cut - 2 >= start and encoded[cut - 2] == 0x3D:
+                cut -= 2
+            out.append(encoded[start:cut])
+            out.append(b"=" + self._eol)
+            start = cut
+            column = 0
+        out.append(encoded[start:])
+        return column + len(encoded) - start
+
+
+_BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=\s]*")
+
+
+class Base64Body:
+    """base64 (RFC 2045 §6.8): re-encoded whole in the original line length and line ending."""
+
+    def __init__(self, data: bytes) -> None:
+        if not _BASE64_TEXT.fullmatch(data):
+            raise UnsupportedEncoding("base64 body with characters outside the base64 alphabet")
+        try:
+            self.decoded = binascii.a2b_base64(data)
+        except binascii.Error as exc:
+            raise UnsupportedEncoding(f"base64 body does not decode: {exc}") from None
+        content = data.strip()
+        self._leading = data[: len(data) - len(data.lstrip())]
+        self._trailing = data[len(data.rstrip()) :]
+        first_line = len(content.split(b"\n", 1)[0].rstrip(b"\r"))
+        self._line_length = first_line if 4 <= first_line <= 76 and first_line % 4 == 0 and b"\n" in content else 76
+        self._eol = _line_ending(data)
+
+    def positions(self, offsets: list[int]) -> list[int]:
+        return offsets
+
+    def render(self, edits: list[Edit]) -> list[bytes]:
+        pieces: list[bytes] = []
+        pos = 0
+        for edit in edits:
+            pieces.append(self.decoded[pos : edit.start])
+            pieces.append(edit.data)
+            pos = edit.end
+        pieces.append(self.decoded[pos:])
+        encoded = binascii.b2a_base64(b"".join(pieces), newline=False)
+        step = self._line_length
+        lines = [encoded[i : i + step] for i in range(0, len(encoded), step)]
+        return [self._leading, self._eol.join(lines), self._trailing]
