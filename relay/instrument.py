@@ -51,7 +51,7 @@ class _Part:
     charset: Charset
     html: HtmlPlan
     # Per slot: start, end, and where a line break may go before/after it (None: never), as body positions.
-    positions: tuple[int | None, ...]
+    positions: tuple[tuple[int, int, int | None, int | None], ...]
 
 
 class InstrumentationPlan:
@@ -92,10 +92,9 @@ class InstrumentationPlan:
         for part in self._parts:
             replacements, count = part.html.replacements(minter, cache, markup)
             links += count
-            at = part.positions
             edits = [
-                Edit(at[4 * i], at[4 * i + 1], part.charset.encode(text), at[4 * i + 2], at[4 * i + 3])  # type: ignore[arg-type]
-                for i, text in enumerate(replacements)
+                Edit(start, end, part.charset.encode(text), before, after)
+                for (start, end, before, after), text in zip(part.positions, replacements)
                 if text is not None
             ]
             pieces.append(raw[done : part.entity.body_start])
@@ -147,14 +146,15 @@ def _plan_part(raw: bytes, entity: Entity, skip_urls: frozenset[str]) -> _Part |
     if not html.strip():
         return None  # an empty part renders nothing; a pixel would be its only content
     plan = plan_html(html, skip_urls=skip_urls)
-    spans = [(slot.start, slot.end, slot.attribute_start, slot.attribute_end) for slot in plan.slots]
-    flat = [offset for span in spans for offset in span]
-    order = sorted(set(flat))
-    located = dict(zip(order, body.positions(charset.byte_offsets(html, body.decoded, order))))
-    positions = [located[offset] for offset in flat]
-    if not charset.ascii_compatible:
-        # Line breaks are not single ASCII bytes here (UTF-16): never insert one.
-        positions = [None if index % 4 >= 2 else position for index, position in enumerate(positions)]
+    # Line breaks may only be added where they are single ASCII bytes, and only identity encodings need them.
+    breaks = body.breaks_lines and charset.ascii_compatible
+    names = ("start", "end", "attribute_start", "attribute_end") if breaks else ("start", "end")
+    offsets = sorted({getattr(slot, name) for slot in plan.slots for name in names})
+    at = dict(zip(offsets, body.positions(charset.byte_offsets(html, body.decoded, offsets))))
+    positions = [
+        (at[slot.start], at[slot.end], at[slot.attribute_start] if breaks else None, at[slot.attribute_end] if breaks else None)
+        for slot in plan.slots
+    ]
     return _Part(entity, body, charset, plan, tuple(positions))
 
 

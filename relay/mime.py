@@ -131,12 +131,15 @@ def _delimiters(raw: bytes, entity: Entity) -> list[tuple[int, int]]:
     if entity.transfer_encoding not in ("7bit", "8bit", "binary"):
         raise MalformedMessage(f"{entity.content_type} with transfer encoding {entity.transfer_encoding!r}")
     # A delimiter line is "--" boundary, "--" more for the close delimiter, optional transport padding, and
-    # nothing else: matching whole lines keeps boundaries that are prefixes of one another apart.
-    delimiter = re.compile(b"^--" + re.escape(entity.boundary.encode("utf-8", "surrogateescape")) + rb"(--)?[ \t]*\r?$", re.M)
+    # nothing else: matching whole lines keeps boundaries that are prefixes of one another apart. The pattern
+    # starts with the literal so the regex engine can search for it fast; line starts are checked below.
+    delimiter = re.compile(b"--" + re.escape(entity.boundary.encode("utf-8", "surrogateescape")) + rb"(--)?[ \t]*\r?(?=\n|\Z)")
     parts: list[tuple[int, int]] = []
     part_start: int | None = None
     for match in delimiter.finditer(raw, entity.body_start, entity.body_end):
         line_start = match.start()
+        if line_start != entity.body_start and raw[line_start - 1] != 0x0A:
+            continue
         if part_start is not None:
             # The line break before the delimiter belongs to the delimiter.
             cut = line_start - 2 if raw[line_start - 2 : line_start] == b"\r\n" else line_start - 1

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from html.entities import html5 as _NAMED_REFERENCES
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 __all__ = ["HtmlPlan", "LinkMinter", "RewriteResult", "Slot", "plan_html", "rewrite_html"]
 
@@ -92,10 +92,12 @@ _LONGEST_NAME = max(len(name) for name in _NAMED_REFERENCES)
 # WHATWG URL parser: strip leading/trailing C0 controls and space, remove every tab and newline.
 _URL_EDGES = "".join(map(chr, range(0x21)))
 _URL_REMOVED = str.maketrans("", "", "\t\n\r")
+_URL_NEWLINE = re.compile("[\t\n\r]")
 _HTTP_URL = re.compile(r"https?://[^/?#]", re.I)
 # Template syntax a later system (the sender's ESP) may still substitute: wrapping it would hide it from them.
 _PLACEHOLDER = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\*\|.*?\|\*|%%[^%]*%%", re.S)
 _OPT_OUT = "data-inflight-track"
+_UNDECODED = re.compile("[\udc80-\udcff]")  # bytes the charset could not decode (surrogateescape)
 
 
 def _numeric_reference(code: int) -> str:
@@ -119,6 +121,8 @@ def decode_attribute(value: str) -> str:
     """
     if "&" not in value:
         return value
+    if value.count("&") == value.count("&amp;"):
+        return value.replace("&amp;", "&")  # the common case: query strings written correctly
     out: list[str] = []
     pos = 0
     for match in _CHAR_REFERENCE.finditer(value):
@@ -148,7 +152,8 @@ def decode_attribute(value: str) -> str:
 
 def link_destination(raw_value: str) -> str:
     """The URL a browser follows for this raw attribute value: references decoded, URL whitespace removed."""
-    return decode_attribute(raw_value).strip(_URL_EDGES).translate(_URL_REMOVED)
+    url = decode_attribute(raw_value).strip(_URL_EDGES)
+    return url.translate(_URL_REMOVED) if _URL_NEWLINE.search(url) else url
 
 
 def escape_attribute(value: str, quote: str) -> str:
@@ -189,8 +194,7 @@ def tracking_markup(minter: LinkMinter) -> str:
 
 
 # --- the plan ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Slot:
+class Slot(NamedTuple):
     """A span of the HTML to replace: a link attribute value, or the empty span where the pixel goes."""
 
     start: int
@@ -263,7 +267,7 @@ def _link_slot(html: str, tag: re.Match[str], skip_urls: frozenset[str], seen: s
             return None
     if destination in skip_urls or _PLACEHOLDER.search(destination):
         return None
-    if any(0xDC80 <= ord(c) <= 0xDCFF for c in destination):
+    if _UNDECODED.search(destination):
         return None  # bytes the charset could not decode: we cannot know the URL the reader would follow
     return Slot(start, end, destination, quote, href.start("name"), href.end("value"))
 

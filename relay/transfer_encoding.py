@@ -42,6 +42,7 @@ class Edit(NamedTuple):
 
 class Body(Protocol):
     decoded: bytes
+    breaks_lines: bool  # whether render may use an edit's break positions (then they must be given)
 
     def positions(self, offsets: list[int]) -> list[int]:
         """Edit positions for sorted offsets into `decoded`."""
@@ -75,7 +76,7 @@ class IdentityBody:
 
     def __init__(self, data: bytes, *, line_limit: bool) -> None:
         self.decoded = data
-        self._line_limit = line_limit
+        self.breaks_lines = line_limit
         self._eol = _line_ending(data)
 
     def positions(self, offsets: list[int]) -> list[int]:
@@ -83,7 +84,7 @@ class IdentityBody:
 
     def render(self, edits: list[Edit]) -> list[bytes]:
         data = self.decoded
-        if self._line_limit:
+        if self.breaks_lines:
             edits = self._break_long_lines(edits)
         pieces: list[bytes] = []
         pos = 0
@@ -138,6 +139,8 @@ _QP_LINE = 76  # rule 5, including the '=' of a soft line break
 
 class QuotedPrintableBody:
     """quoted-printable, decoded exactly as binascii.a2b_qp (what the stdlib email package uses) does."""
+
+    breaks_lines = False
 
     def __init__(self, data: bytes) -> None:
         self._data = data
@@ -236,14 +239,16 @@ class QuotedPrintableBody:
         return column + len(encoded) - start
 
 
-_BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=\s]*")
+_BASE64_TEXT = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n\t "
 
 
 class Base64Body:
     """base64 (RFC 2045 §6.8): re-encoded whole in the original line length and line ending."""
 
+    breaks_lines = False
+
     def __init__(self, data: bytes) -> None:
-        if not _BASE64_TEXT.fullmatch(data):
+        if data.translate(None, _BASE64_TEXT):
             raise UnsupportedEncoding("base64 body with characters outside the base64 alphabet")
         try:
             self.decoded = binascii.a2b_base64(data)

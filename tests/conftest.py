@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -145,3 +147,55 @@ class RunningService:
     def http_base(self) -> str:
         assert self.service.tracker_address is not None
         return f"http://127.0.0.1:{self.service.tracker_address[1]}"
+
+
+class DeterministicMinter:
+    """A LinkMinter whose URLs can be read back: the n-th distinct destination gets `/c/<recipient>/<n>`.
+
+    A pure-function collaborator (no clock, no keys), so rewriter tests can check which destination each tracked
+    URL stands for. The query string carries '&' and '=' on purpose: escaping must handle both.
+    """
+
+    def __init__(
+        self, *, recipient: str = "r1", host: str = "track.test", exclude: tuple[str, ...] = (), honeypot: bool = True
+    ) -> None:
+        self.recipient = recipient
+        self.host = host
+        self.exclude = exclude
+        self.honeypot = honeypot
+        self.destinations: list[str] = []
+        self.calls = 0
+
+    def click_url(self, destination: str) -> str | None:
+        self.calls += 1
+        host = (urlsplit(destination).hostname or "").lower()
+        if host == self.host or any(
+            host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])) for pattern in self.exclude
+        ):
+            return None
+        self.destinations.append(destination)
+        return f"https://{self.host}/c/{self.recipient}/{len(self.destinations) - 1}?v=1&s=ab"
+
+    def pixel_url(self) -> str:
+        return f"https://{self.host}/o/{self.recipient}.gif?v=1&s=cd"
+
+    def honeypot_url(self) -> str | None:
+        return f"https://{self.host}/h/{self.recipient}" if self.honeypot else None
+
+    def is_tracking_url(self, url: str) -> bool:
+        return re.match(rf"https://{re.escape(self.host)}/[coh]/", url) is not None
+
+    def destination_of(self, tracked: str) -> str:
+        match = re.fullmatch(rf"https://{re.escape(self.host)}/c/{re.escape(self.recipient)}/(\d+)\?v=1&s=ab", tracked)
+        assert match, f"not one of our click URLs: {tracked!r}"
+        return self.destinations[int(match.group(1))]
+
+
+@pytest.fixture
+def minter() -> DeterministicMinter:
+    return DeterministicMinter()
+
+
+@pytest.fixture
+def make_minter() -> type[DeterministicMinter]:
+    return DeterministicMinter
