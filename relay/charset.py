@@ -86,16 +86,26 @@ class Charset:
         raise CharsetError(f"unknown charset {label[:40]!r}")
 
     def decode(self, data: bytes) -> str:
-        # surrogateescape keeps undecodable bytes as lone surrogates, so the round trip stays byte-exact.
-        return data[self.bom :].decode(self.codec, "surrogateescape")
+        # surrogateescape keeps undecodable bytes as lone surrogates, so the round trip stays byte-exact; it
+        # cannot stand in for ASCII bytes (a truncated UTF-16 unit, a bad ISO-2022 escape), which fail.
+        try:
+            return data[self.bom :].decode(self.codec, "surrogateescape")
+        except UnicodeDecodeError:
+            raise CharsetError(f"{self.codec} text does not decode") from None
 
     def encode(self, text: str) -> bytes:
-        return text.encode(self.codec)
+        # A character the charset lacks becomes a numeric character reference, which HTML decodes back
+        # (our URLs and markup are ASCII, so this is a safety net for a minter returning an IRI).
+        return text.encode(self.codec, "xmlcharrefreplace")
 
     def byte_offsets(self, text: str, data: bytes, positions: list[int]) -> list[int]:
         """Byte offsets in `data` of the sorted text `positions`, verified to reproduce `data` exactly."""
         payload = memoryview(data)[self.bom :]
-        if self.ascii_compatible and len(text) == len(payload) and text.encode(self.codec, "surrogateescape") == payload:
+        if (
+            self.ascii_compatible
+            and len(text) == len(payload)
+            and text.encode(self.codec, "surrogateescape") == payload
+        ):
             return [self.bom + position for position in positions]  # one byte per character
         offsets: list[int] = []
         pieces: list[bytes] = []

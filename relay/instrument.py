@@ -20,7 +20,7 @@ from relay.mime import Entity, Fields, MalformedMessage, walk
 from relay.rewrite import HtmlPlan, LinkMinter, plan_html, tracking_markup
 from relay.transfer_encoding import Body, Edit, UnsupportedEncoding, body_for
 
-__all__ = ["Instrumented", "InstrumentationPlan", "LinkMinter", "instrument_message", "plan_instrumentation"]
+__all__ = ["InstrumentationPlan", "Instrumented", "LinkMinter", "instrument_message", "plan_instrumentation"]
 
 Outcome = Literal["instrumented", "untouched", "failed"]
 
@@ -38,7 +38,9 @@ _ANGLE_URL = re.compile(r"<([^>]*)>")
 class Instrumented:
     data: bytes  # bytes to send: the input itself when unchanged
     outcome: Outcome
-    reason: str  # "instrumented" / why untouched ("signed", "no html part", "already instrumented", ...) / failure reason
+    reason: (
+        str  # "instrumented" / why untouched ("signed", "no html part", "already instrumented", ...) / failure reason
+    )
     links: int  # links rewritten
 
 
@@ -77,7 +79,7 @@ class InstrumentationPlan:
             return Instrumented(self._raw, self._outcome, self._reason, 0)
         try:
             return self._render(minter)
-        except Exception as exc:  # never raise: the pipeline relays the original bytes
+        except Exception as exc:  # noqa: BLE001  # never raise: the pipeline relays the original bytes
             return Instrumented(self._raw, "failed", f"render error: {type(exc).__name__}", 0)
 
     def _render(self, minter: LinkMinter) -> Instrumented:
@@ -112,7 +114,7 @@ def plan_instrumentation(raw: bytes) -> InstrumentationPlan:
         return InstrumentationPlan(raw, (), "failed", f"malformed MIME: {exc}")
     except (UnsupportedEncoding, CharsetError) as exc:
         return InstrumentationPlan(raw, (), "failed", str(exc))
-    except Exception as exc:  # never raise: the pipeline relays the original bytes
+    except Exception as exc:  # noqa: BLE001  # never raise: the pipeline relays the original bytes
         return InstrumentationPlan(raw, (), "failed", f"plan error: {type(exc).__name__}")
 
 
@@ -152,7 +154,12 @@ def _plan_part(raw: bytes, entity: Entity, skip_urls: frozenset[str]) -> _Part |
     offsets = sorted({getattr(slot, name) for slot in plan.slots for name in names})
     at = dict(zip(offsets, body.positions(charset.byte_offsets(html, body.decoded, offsets))))
     positions = [
-        (at[slot.start], at[slot.end], at[slot.attribute_start] if breaks else None, at[slot.attribute_end] if breaks else None)
+        (
+            at[slot.start],
+            at[slot.end],
+            at[slot.attribute_start] if breaks else None,
+            at[slot.attribute_end] if breaks else None,
+        )
         for slot in plan.slots
     ]
     return _Part(entity, body, charset, plan, tuple(positions))

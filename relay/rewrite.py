@@ -75,7 +75,7 @@ _SKIP = re.compile(
       | <!(?!--)[^>]*+>                                    # doctype, <![endif]> and other bogus comments
       | <\?[^>]*+>                                         # processing instruction: bogus comment
     )*+""",
-    re.X | re.I,
+    re.VERBOSE | re.IGNORECASE,
 )
 _START_TAG = re.compile(rf"<(?P<tag>[A-Za-z][^{_WS}/>]*+)(?P<attrs>{_ATTRS})[{_WS}/]*+>")
 _END_TAG = re.compile(rf"</(?P<tag>[A-Za-z][^{_WS}/>]*+){_ATTRS}[{_WS}/]*+>")
@@ -83,8 +83,8 @@ _ATTR_RE = re.compile(_ATTR)
 _COMMENT_END = re.compile(r"--!?>")
 # Microsoft's downlevel-hidden conditional comment: `<!--[if mso]> markup for Outlook <![endif]-->`. To HTML5 it
 # is one comment; Outlook renders the markup inside, so its links (VML buttons) are real links.
-_CONDITIONAL = re.compile(r"\[if[^\]]*\]>(?P<inner>.*)<!\[endif\]\Z", re.S | re.I)
-_RAW_TEXT_END = {name: re.compile(rf"</{name}[{_WS}/>]", re.I) for name in _RAW_TEXT}
+_CONDITIONAL = re.compile(r"\[if[^\]]*\]>(?P<inner>.*)<!\[endif\]\Z", re.DOTALL | re.IGNORECASE)
+_RAW_TEXT_END = {name: re.compile(rf"</{name}[{_WS}/>]", re.IGNORECASE) for name in _RAW_TEXT}
 
 # --- attribute values -------------------------------------------------------------------------------------
 _CHAR_REFERENCE = re.compile(r"&(?:#[xX](?P<hex>[0-9A-Fa-f]+);?|#(?P<dec>[0-9]+);?|(?P<named>[A-Za-z0-9]+;?))")
@@ -93,9 +93,9 @@ _LONGEST_NAME = max(len(name) for name in _NAMED_REFERENCES)
 _URL_EDGES = "".join(map(chr, range(0x21)))
 _URL_REMOVED = str.maketrans("", "", "\t\n\r")
 _URL_NEWLINE = re.compile("[\t\n\r]")
-_HTTP_URL = re.compile(r"https?://[^/?#]", re.I)
+_HTTP_URL = re.compile(r"https?://[^/?#]", re.IGNORECASE)
 # Template syntax a later system (the sender's ESP) may still substitute: wrapping it would hide it from them.
-_PLACEHOLDER = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\*\|.*?\|\*|%%[^%]*%%", re.S)
+_PLACEHOLDER = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\*\|.*?\|\*|%%[^%]*%%", re.DOTALL)
 _OPT_OUT = "data-inflight-track"
 _UNDECODED = re.compile("[\udc80-\udcff]")  # bytes the charset could not decode (surrogateescape)
 
@@ -140,7 +140,11 @@ def decode_attribute(value: str) -> str:
             name = candidate[:length]
             if name in _NAMED_REFERENCES:
                 after = match.start() + 1 + length
-                if not name.endswith(";") and after < len(value) and (value[after] == "=" or value[after].isascii() and value[after].isalnum()):
+                if (
+                    not name.endswith(";")
+                    and after < len(value)
+                    and (value[after] == "=" or value[after].isascii() and value[after].isalnum())
+                ):
                     break  # historical rule: not a reference
                 out.append(value[pos : match.start()])
                 out.append(_NAMED_REFERENCES[name])
@@ -215,7 +219,9 @@ class HtmlPlan:
     def already_instrumented(self, minter: LinkMinter) -> bool:
         return any(minter.is_tracking_url(url) for url in self.seen_urls)
 
-    def replacements(self, minter: LinkMinter, cache: dict[str, str | None], markup: str) -> tuple[list[str | None], int]:
+    def replacements(
+        self, minter: LinkMinter, cache: dict[str, str | None], markup: str
+    ) -> tuple[list[str | None], int]:
         """The text for each slot (None: keep the original) and how many links it rewrites; `markup` goes in
         the pixel slot (see `tracking_markup`).
 
@@ -263,7 +269,10 @@ def _link_slot(html: str, tag: re.Match[str], skip_urls: frozenset[str], seen: s
     seen.add(destination)
     if opt_out is not None and opt_out["value"] is not None:
         opt_quote = _quote(opt_out)
-        if decode_attribute(opt_out["value"][len(opt_quote) : len(opt_out["value"]) - len(opt_quote)]).strip().lower() == "off":
+        if (
+            decode_attribute(opt_out["value"][len(opt_quote) : len(opt_out["value"]) - len(opt_quote)]).strip().lower()
+            == "off"
+        ):
             return None
     if destination in skip_urls or _PLACEHOLDER.search(destination):
         return None
@@ -289,7 +298,9 @@ def plan_html(html: str, *, skip_urls: frozenset[str] = frozenset()) -> HtmlPlan
     return HtmlPlan(tuple(slots), frozenset(seen))
 
 
-def _scan(html: str, pos: int, end: int, slots: list[Slot], skip_urls: frozenset[str], seen: set[str], *, top_level: bool) -> int | None:
+def _scan(
+    html: str, pos: int, end: int, slots: list[Slot], skip_urls: frozenset[str], seen: set[str], *, top_level: bool
+) -> int | None:
     """Tokenize html[pos:end], appending link slots; returns where the last top-level `</body>` starts."""
     body_end: int | None = None
     while True:
@@ -302,7 +313,9 @@ def _scan(html: str, pos: int, end: int, slots: list[Slot], skip_urls: frozenset
                 return body_end  # EOF in comment: the rest of the document is comment
             conditional = _CONDITIONAL.match(html, pos + 4, close.start())
             if conditional is not None:
-                _scan(html, conditional.start("inner"), conditional.end("inner"), slots, skip_urls, seen, top_level=False)
+                _scan(
+                    html, conditional.start("inner"), conditional.end("inner"), slots, skip_urls, seen, top_level=False
+                )
             pos = close.end()
         elif html.startswith("</", pos):
             tag = _END_TAG.match(html, pos, end)

@@ -22,6 +22,7 @@ import quopri
 import re
 from base64 import encodebytes
 from email import policy
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -53,8 +54,8 @@ CLICK = r"https://track\.test/c/r1/\d+\?v(?:=|&#61;)1&amp;s(?:=|&#61;)ab"
 PIXEL = r'<img src="https://track\.test/o/r1\.gif\?v=1&amp;s=cd" width="1" height="1" alt="" border="0" style="[^"]*" aria-hidden="true" />'
 HONEYPOT = r'<a href="https://track\.test/h/r1" aria-hidden="true" tabindex="-1" style="[^"]*"></a>'
 ARTIFACT = re.compile(f"(?P<click>{CLICK})|(?P<markup>{HONEYPOT}{PIXEL})")
-CONDITIONAL = re.compile(r"\[if[^\]]*\]>(.*)<!\[endif\]\Z", re.S | re.I)
-PLACEHOLDER = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\*\|.*?\|\*|%%[^%]*%%", re.S)
+CONDITIONAL = re.compile(r"\[if[^\]]*\]>(.*)<!\[endif\]\Z", re.DOTALL | re.IGNORECASE)
+PLACEHOLDER = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\*\|.*?\|\*|%%[^%]*%%", re.DOTALL)
 
 
 def expected_for(path: Path) -> tuple[str, str] | None:
@@ -62,7 +63,9 @@ def expected_for(path: Path) -> tuple[str, str] | None:
 
 
 def wrap(html: bytes, encoding: str, unsubscribe: str | None) -> bytes:
-    body = {"8bit": lambda b: b, "quoted-printable": lambda b: quopri.encodestring(b), "base64": encodebytes}[encoding](html)
+    body = {"8bit": lambda b: b, "quoted-printable": lambda b: quopri.encodestring(b), "base64": encodebytes}[encoding](
+        html
+    )
     headers = [b"From: sender@example.com", b"To: reader@example.org", b"Subject: corpus", b"MIME-Version: 1.0"]
     if unsubscribe:
         headers.append(b"List-Unsubscribe: <mailto:u@example.com>, <" + unsubscribe.encode() + b">")
@@ -105,7 +108,10 @@ def is_body_html(part: email.message.Message, inside_message: bool) -> bool:
 
 
 def structure(message: email.message.Message) -> list[tuple[str, str | None, str | None]]:
-    return [(part.get_content_type(), part.get("Content-Transfer-Encoding"), part.get_content_charset()) for part in message.walk()]
+    return [
+        (part.get_content_type(), part.get("Content-Transfer-Encoding"), part.get_content_charset())
+        for part in message.walk()
+    ]
 
 
 def oracle_links(html: str) -> list[tuple[str, str, bool]]:
@@ -116,7 +122,11 @@ def oracle_links(html: str) -> list[tuple[str, str, bool]]:
             inner = CONDITIONAL.match(str(node))
             if inner:
                 found += oracle_links(inner.group(1))
-        elif getattr(node, "name", None) and (node.name in ("a", "area") or node.name.startswith("v:")) and node.has_attr("href"):
+        elif (
+            getattr(node, "name", None)
+            and (node.name in ("a", "area") or node.name.startswith("v:"))
+            and node.has_attr("href")
+        ):
             opted_out = str(node.get("data-inflight-track", "")).strip().lower() == "off"
             found.append((node.name, str(node["href"]), opted_out))
     return found
@@ -133,7 +143,7 @@ def unbroken(text: str) -> str:
 def eligible(url: str, opted_out: bool, unsubscribe: set[str]) -> bool:
     from urllib.parse import urlsplit
 
-    host = (urlsplit(url).hostname or "") if re.match(r"https?://[^/?#]", url, re.I) else ""
+    host = (urlsplit(url).hostname or "") if re.match(r"https?://[^/?#]", url, re.IGNORECASE) else ""
     excluded = any(host == p or (p.startswith("*.") and host.endswith(p[1:])) for p in EXCLUDED_HOSTS)
     return bool(host) and not opted_out and not excluded and url not in unsubscribe and not PLACEHOLDER.search(url)
 
@@ -147,7 +157,11 @@ def check_html(before: str, after: str, minter, unsubscribe: set[str]) -> int:
     added_breaks = after.count("\n") - before.count("\n")
     assert 0 <= added_breaks <= 2 * len(matches)
     flat_before = unbroken(before)
-    texts = [after[: matches[0].start()]] + [after[m.end() : n.start()] for m, n in zip(matches, matches[1:])] + [after[matches[-1].end() :]]
+    texts = (
+        [after[: matches[0].start()]]
+        + [after[m.end() : n.start()] for m, n in pairwise(matches)]
+        + [after[matches[-1].end() :]]
+    )
     texts = [unbroken(text) for text in texts]
     assert flat_before.startswith(texts[0])
     pos = len(texts[0])
@@ -167,7 +181,10 @@ def check_html(before: str, after: str, minter, unsubscribe: set[str]) -> int:
     assert markups == 1, "exactly one pixel per tracked HTML part"
     pixel_end = next(m.end() for m in matches if m["markup"])
     if "</body" in before.lower():
-        assert after[pixel_end:].lstrip("\r\n").lower().startswith("</body") and "</body" not in after[pixel_end + 6 :].lower()
+        assert (
+            after[pixel_end:].lstrip("\r\n").lower().startswith("</body")
+            and "</body" not in after[pixel_end + 6 :].lower()
+        )
     else:
         assert pixel_end == len(after)
     # Links: eligible ones tracked to their destination, the others unchanged.
@@ -253,5 +270,7 @@ def test_corpus_file(path: Path | None, make_minter) -> None:
             assert (outcome.outcome, outcome.data) == ("untouched", raw), outcome.reason
         else:
             assert outcome.outcome == "instrumented", outcome.reason
-            unsubscribe = {re.sub(r"\s+", "", u) for u in re.findall(r"<([^>]*)>", str(message.get("List-Unsubscribe", "")))}
+            unsubscribe = {
+                re.sub(r"\s+", "", u) for u in re.findall(r"<([^>]*)>", str(message.get("List-Unsubscribe", "")))
+            }
             check_message(raw, outcome, minter, unsubscribe)
