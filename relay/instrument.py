@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from relay.charset import Charset, CharsetError
-from relay.mime import Entity, Fields, MalformedMessage, walk
+from relay.mime import Entity, Fields, MalformedMessage, header_block, walk
 from relay.rewrite import HtmlPlan, LinkMinter, plan_html, tracking_markup
 from relay.transfer_encoding import Body, Edit, UnsupportedEncoding, body_for
 
@@ -123,10 +123,11 @@ def instrument_message(raw: bytes, minter: LinkMinter) -> Instrumented:
 
 
 def _plan(raw: bytes) -> InstrumentationPlan:
-    entities, fields = walk(raw)
+    fields = header_block(raw, 0, len(raw))[0]
     if "dkim-signature" in fields:
         # The signer covered this body; any change fails DKIM for the sender's own domain.
         return InstrumentationPlan(raw, (), "untouched", "dkim-signed")
+    entities = walk(raw, opaque=frozenset(_PROTECTED))
     for entity in entities:
         if entity.content_type in _PROTECTED:
             return InstrumentationPlan(raw, (), "untouched", _PROTECTED[entity.content_type])
@@ -142,7 +143,8 @@ def _plan(raw: bytes) -> InstrumentationPlan:
 
 
 def _plan_part(raw: bytes, entity: Entity, skip_urls: frozenset[str]) -> _Part | None:
-    body = body_for(entity.transfer_encoding, raw[entity.body_start : entity.body_end])
+    eol = b"\r\n" if raw[entity.body_start - 2 : entity.body_start] == b"\r\n" else b"\n"
+    body = body_for(entity.transfer_encoding, raw[entity.body_start : entity.body_end], eol)
     charset = Charset.resolve(entity.charset, body.decoded)
     html = charset.decode(body.decoded)
     if not html.strip():

@@ -16,7 +16,7 @@ import email.message
 import re
 from dataclasses import dataclass
 
-__all__ = ["Entity", "Fields", "MalformedMessage", "walk"]
+__all__ = ["Entity", "Fields", "MalformedMessage", "header_block", "walk"]
 
 Fields = dict[str, list[str]]  # unfolded header field values by lowercase name, in order of appearance
 
@@ -34,7 +34,6 @@ class MalformedMessage(ValueError):
 class Entity:
     """One MIME entity (the message itself or a body part), as offsets into the raw message."""
 
-    start: int  # first byte of its header block
     body_start: int
     body_end: int  # RFC 2046 §5.1.1: the line break before a delimiter belongs to the delimiter, not the body
     content_type: str  # lowercase "type/subtype"; RFC 2045 §5.2 default when missing or invalid
@@ -94,7 +93,7 @@ def _first(fields: Fields, name: str) -> str | None:
     return values[0] if values else None
 
 
-def _entity(raw: bytes, start: int, end: int, depth: int, default_type: str) -> tuple[Entity, Fields]:
+def _entity(raw: bytes, start: int, end: int, depth: int, default_type: str) -> Entity:
     fields, body_start = header_block(raw, start, end)
     content_type = _first(fields, "content-type")
     charset = boundary = None
@@ -109,8 +108,7 @@ def _entity(raw: bytes, start: int, end: int, depth: int, default_type: str) -> 
         charset = (probe.get_content_charset() or "").strip() or None
         boundary = probe.get_boundary()
     disposition = _first(fields, "content-disposition")
-    entity = Entity(
-        start=start,
+    return Entity(
         body_start=body_start,
         body_end=end,
         content_type=ctype,
@@ -120,7 +118,6 @@ def _entity(raw: bytes, start: int, end: int, depth: int, default_type: str) -> 
         disposition=disposition.split(";", 1)[0].strip().lower() if disposition else None,
         depth=depth,
     )
-    return entity, fields
 
 
 def _delimiters(raw: bytes, entity: Entity) -> list[tuple[int, int]]:
@@ -155,25 +152,24 @@ def _delimiters(raw: bytes, entity: Entity) -> list[tuple[int, int]]:
     raise MalformedMessage(f"{entity.content_type} without a closing delimiter")
 
 
-def walk(raw: bytes) -> tuple[list[Entity], Fields]:
-    """Every entity of the message in document order (pre-order), without entering message/* bodies, and the
-    message's own header fields.
+def walk(raw: bytes, *, opaque: frozenset[str] = frozenset()) -> list[Entity]:
+    """Every entity of the message in document order (pre-order).
 
-    message/rfc822 and friends are opaque on purpose: a forwarded or bounced message is someone else's mail,
-    and its links are not ours to track.
+    message/* bodies are never entered: a forwarded or bounced message is someone else's mail, and its links are
+    not ours to track. Multiparts whose type is in `opaque` are listed but not entered either (their structure
+    is not ours to judge, e.g. a signed part).
     """
-    root, fields = _entity(raw, 0, len(raw), 0, "text/plain")
     entities: list[Entity] = []
-    stack = [root]
+    stack = [_entity(raw, 0, len(raw), 0, "text/plain")]
     while stack:
         entity = stack.pop()
         entities.append(entity)
-        if not entity.is_multipart:
+        if not entity.is_multipart or entity.content_type in opaque:
             continue
         if entity.depth >= _MAX_DEPTH:
             raise MalformedMessage("MIME nesting deeper than 50 levels")
         # RFC 2046 §5.1.5: in a digest, parts without Content-Type are messages.
         default = "message/rfc822" if entity.content_type == "multipart/digest" else "text/plain"
-        children = [_entity(raw, start, end, entity.depth + 1, default)[0] for start, end in _delimiters(raw, entity)]
+        children = [_entity(raw, start, end, entity.depth + 1, default) for start, end in _delimiters(raw, entity)]
         stack.extend(reversed(children))
-    return entities, fields
+    return entities

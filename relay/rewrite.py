@@ -18,7 +18,18 @@ from dataclasses import dataclass
 from html.entities import html5 as _NAMED_REFERENCES
 from typing import NamedTuple, Protocol
 
-__all__ = ["HtmlPlan", "LinkMinter", "RewriteResult", "Slot", "plan_html", "rewrite_html"]
+__all__ = [
+    "HtmlPlan",
+    "LinkMinter",
+    "RewriteResult",
+    "Slot",
+    "decode_attribute",
+    "escape_attribute",
+    "link_destination",
+    "plan_html",
+    "rewrite_html",
+    "tracking_markup",
+]
 
 
 class LinkMinter(Protocol):
@@ -98,6 +109,8 @@ _HTTP_URL = re.compile(r"https?://[^/?#]", re.IGNORECASE)
 _PLACEHOLDER = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\*\|.*?\|\*|%%[^%]*%%", re.DOTALL)
 _OPT_OUT = "data-inflight-track"
 _UNDECODED = re.compile("[\udc80-\udcff]")  # bytes the charset could not decode (surrogateescape)
+# Unquoted values may not contain whitespace, quotes, '=', '<', '>' or '`' (HTML syntax §13.1.2.3).
+_UNQUOTED_UNSAFE = re.compile(r"[\t\n\f\r \"'=<>`]")
 
 
 def _numeric_reference(code: int) -> str:
@@ -126,10 +139,8 @@ def decode_attribute(value: str) -> str:
     out: list[str] = []
     pos = 0
     for match in _CHAR_REFERENCE.finditer(value):
-        if match.start() < pos:
-            continue
         if match["hex"] is not None or match["dec"] is not None:
-            digits = match["hex"] or match["dec"]
+            digits = (match["hex"] or match["dec"]).lstrip("0") or "0"
             code = int(digits, 16 if match["hex"] is not None else 10) if len(digits) < 9 else 0x110000
             out.append(value[pos : match.start()])
             out.append(_numeric_reference(code))
@@ -167,8 +178,7 @@ def escape_attribute(value: str, quote: str) -> str:
         return value.replace('"', "&quot;")
     if quote == "'":
         return value.replace("'", "&#39;")
-    # Unquoted values may not contain whitespace, quotes, '=', '<', '>' or '`' (HTML syntax §13.1.2.3).
-    return re.sub(r"[\t\n\f\r \"'=<>`]", lambda m: f"&#{ord(m.group())};", value)
+    return _UNQUOTED_UNSAFE.sub(lambda m: f"&#{ord(m.group())};", value)
 
 
 # --- the open pixel and the scanner trap -----------------------------------------------------------------
@@ -245,9 +255,12 @@ class HtmlPlan:
         return out, links
 
 
-def _quote(attribute: re.Match[str]) -> str:
-    first = attribute["value"][:1]
-    return first if first in ('"', "'") else ""
+def _value_span(attribute: re.Match[str]) -> tuple[int, int, str]:
+    """Start and end of an attribute's value without its quotes, and the quote character ('' if unquoted)."""
+    quote = attribute["value"][:1]
+    if quote in ('"', "'"):
+        return attribute.start("value") + 1, attribute.end("value") - 1, quote
+    return attribute.start("value"), attribute.end("value"), ""
 
 
 def _link_slot(html: str, tag: re.Match[str], skip_urls: frozenset[str], seen: set[str]) -> Slot | None:
@@ -261,18 +274,14 @@ def _link_slot(html: str, tag: re.Match[str], skip_urls: frozenset[str], seen: s
             opt_out = attribute
     if href is None or href["value"] is None:
         return None
-    quote = _quote(href)
-    start, end = href.start("value") + len(quote), href.end("value") - len(quote)
+    start, end, quote = _value_span(href)
     destination = link_destination(html[start:end])
     if not _HTTP_URL.match(destination):
         return None  # mailto:, tel:, #anchors, relative URLs, merge tags like *|UNSUB|*
     seen.add(destination)
     if opt_out is not None and opt_out["value"] is not None:
-        opt_quote = _quote(opt_out)
-        if (
-            decode_attribute(opt_out["value"][len(opt_quote) : len(opt_out["value"]) - len(opt_quote)]).strip().lower()
-            == "off"
-        ):
+        opt_start, opt_end, _ = _value_span(opt_out)
+        if decode_attribute(html[opt_start:opt_end]).strip().lower() == "off":
             return None
     if destination in skip_urls or _PLACEHOLDER.search(destination):
         return None
@@ -348,7 +357,7 @@ class RewriteResult:
     already_instrumented: bool  # our own tracking URLs were found; `html` is the input
 
 
-def splice(text: str, slots: tuple[Slot, ...], replacements: list[str | None]) -> str:
+def _splice(text: str, slots: tuple[Slot, ...], replacements: list[str | None]) -> str:
     pieces: list[str] = []
     pos = 0
     for slot, replacement in zip(slots, replacements):
@@ -366,4 +375,4 @@ def rewrite_html(html: str, minter: LinkMinter, *, skip_urls: frozenset[str] = f
     if plan.already_instrumented(minter):
         return RewriteResult(html, 0, True)
     replacements, links = plan.replacements(minter, {}, tracking_markup(minter))
-    return RewriteResult(splice(html, plan.slots, replacements), links, False)
+    return RewriteResult(_splice(html, plan.slots, replacements), links, False)

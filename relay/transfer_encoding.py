@@ -51,22 +51,26 @@ class Body(Protocol):
         """Pieces of the new encoded body; `edits` sorted and non-overlapping."""
 
 
-def body_for(encoding: str, data: bytes) -> Body:
-    """The body codec for a (lowercase) Content-Transfer-Encoding value."""
+def body_for(encoding: str, data: bytes, eol: bytes) -> Body:
+    """The body codec for a (lowercase) Content-Transfer-Encoding value; `eol` is the message's line ending,
+    used for line breaks we add when the body itself has none to copy."""
+    eol = _line_ending(data, eol)
     if encoding in ("7bit", "8bit", "binary"):
         # RFC 3030 BINARYMIME has no line length limit; 7bit and 8bit do.
-        return IdentityBody(data, line_limit=encoding != "binary")
+        return IdentityBody(data, eol, line_limit=encoding != "binary")
     if encoding == "quoted-printable":
-        return QuotedPrintableBody(data)
+        return QuotedPrintableBody(data, eol)
     if encoding == "base64":
-        return Base64Body(data)
+        return Base64Body(data, eol)
     # RFC 2045 §6.4: an unrecognised encoding makes the part opaque (application/octet-stream) to a reader.
     raise UnsupportedEncoding(f"unsupported transfer encoding {encoding[:40]!r}")
 
 
-def _line_ending(data: bytes) -> bytes:
+def _line_ending(data: bytes, default: bytes) -> bytes:
     newline = data.find(b"\n")
-    return b"\n" if newline > 0 and data[newline - 1] != 0x0D else b"\r\n"
+    if newline < 0:
+        return default
+    return b"\r\n" if newline > 0 and data[newline - 1] == 0x0D else b"\n"
 
 
 class IdentityBody:
@@ -74,10 +78,10 @@ class IdentityBody:
 
     _MAX_LINE = 998  # RFC 5322 §2.1.1, excluding CRLF
 
-    def __init__(self, data: bytes, *, line_limit: bool) -> None:
+    def __init__(self, data: bytes, eol: bytes, *, line_limit: bool) -> None:
         self.decoded = data
         self.breaks_lines = line_limit
-        self._eol = _line_ending(data)
+        self._eol = eol
 
     def positions(self, offsets: list[int]) -> list[int]:
         return offsets
@@ -142,7 +146,7 @@ class QuotedPrintableBody:
 
     breaks_lines = False
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, eol: bytes) -> None:
         self._data = data
         self._lines = _LINES.findall(data)
         self._decoded_lines = list(map(binascii.a2b_qp, self._lines))
@@ -150,7 +154,7 @@ class QuotedPrintableBody:
         self.decoded = b"".join(self._decoded_lines)
         self._decoded_starts = list(accumulate(map(len, self._decoded_lines), initial=0))
         self._encoded_starts = list(accumulate(map(len, self._lines), initial=0))
-        self._eol = _line_ending(data)
+        self._eol = eol
 
     def positions(self, offsets: list[int]) -> list[int]:
         last = len(self._lines) - 1
@@ -247,19 +251,22 @@ class Base64Body:
 
     breaks_lines = False
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, eol: bytes) -> None:
         if data.translate(None, _BASE64_TEXT):
             raise UnsupportedEncoding("base64 body with characters outside the base64 alphabet")
         try:
             self.decoded = binascii.a2b_base64(data)
         except binascii.Error as exc:
             raise UnsupportedEncoding(f"base64 body does not decode: {exc}") from None
+        # a2b_base64 silently stops at the first padding: data after it (concatenated encodings) would be lost.
+        if len(data.translate(None, b" \t\r\n")) != 4 * ((len(self.decoded) + 2) // 3):
+            raise UnsupportedEncoding("base64 body with data after its padding")
         content = data.strip()
         self._leading = data[: len(data) - len(data.lstrip())]
         self._trailing = data[len(data.rstrip()) :]
         first_line = len(content.split(b"\n", 1)[0].rstrip(b"\r"))
         self._line_length = first_line if 4 <= first_line <= 76 and first_line % 4 == 0 and b"\n" in content else 76
-        self._eol = _line_ending(data)
+        self._eol = eol
 
     def positions(self, offsets: list[int]) -> list[int]:
         return offsets

@@ -126,12 +126,13 @@ def test_quoted_printable_part_stays_quoted_printable(minter):
     assert out_body.split(b"\r\n")[:2] == first_lines
 
 
-def test_quoted_printable_wraps_edits_sharing_a_line(minter):
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n"])
+def test_quoted_printable_wraps_edits_sharing_a_line(minter, eol):
     html = '<a href="https://a.example/">1</a><a href="https://b.example/">2</a><a href="https://c.example/">3</a>'
-    raw = message(html.encode(), cte="quoted-printable")  # one 100-char line, not wrapped, literal '=' read as-is
+    raw = message(html.encode(), cte="quoted-printable", eol=eol)  # one 100-char line, literal '=' read as-is
     result = instrument_message(raw, minter)
-    out_body = result.data[result.data.index(b"\r\n\r\n") + 4 :]
-    assert max(map(len, out_body.split(b"\r\n"))) <= 76
+    out_body = result.data[result.data.index(eol + eol) + 2 * len(eol) :]
+    assert max(map(len, out_body.split(eol))) <= 76 and (eol == b"\r\n") == (b"\r" in result.data)
     (decoded,) = html_parts(result.data)
     assert decoded.count("https://track.test/c/r1/") == 3 and len(minter.destinations) == 3
 
@@ -366,6 +367,10 @@ def test_headers_preamble_and_epilogue_are_byte_identical(minter):
         ),
         (b"Content-Type: text/html\r\nContent-Transfer-Encoding: base64\r\n\r\nPGE+!!!", "base64"),
         (b"Content-Type: text/html\r\nContent-Transfer-Encoding: base64\r\n\r\nPGE", "base64"),
+        (
+            b"Content-Type: text/html\r\nContent-Transfer-Encoding: base64\r\n\r\nPGE+\r\nPA==\r\nPGE+\r\n",
+            "after its padding",
+        ),
         (b'Content-Type: text/html\r\nbroken header line\r\n\r\n<a href="https://e.com/">x</a>', "malformed MIME"),
         (b"Content-Type: text/html; charset=utf-16\r\n\r\n\xff\xfe<\x00a", "does not decode"),
     ],
@@ -440,3 +445,10 @@ def test_render_is_deterministic_and_never_changes_the_plan(minter, make_minter)
     assert plan.outcome == "instrumented"
     outputs = {plan.render(make_minter()).data for _ in range(3)}
     assert len(outputs) == 1
+
+
+def test_signed_part_is_not_parsed_so_its_defects_do_not_matter(minter):
+    raw = multipart(
+        "mixed", part(b"--in\r\nno closing delimiter", content_type='multipart/signed; boundary="in"', cte=None)
+    )
+    assert instrument_message(raw, minter).reason == "signed"
