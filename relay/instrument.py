@@ -79,7 +79,7 @@ class InstrumentationPlan:
             return Instrumented(self._raw, self._outcome, self._reason, 0)
         try:
             return self._render(minter)
-        except Exception as exc:  # noqa: BLE001  # never raise: the pipeline relays the original bytes
+        except Exception as exc:  # never raise: the pipeline relays the original bytes
             return Instrumented(self._raw, "failed", f"render error: {type(exc).__name__}", 0)
 
     def _render(self, minter: LinkMinter) -> Instrumented:
@@ -96,7 +96,7 @@ class InstrumentationPlan:
             links += count
             edits = [
                 Edit(start, end, part.charset.encode(text), before, after)
-                for (start, end, before, after), text in zip(part.positions, replacements)
+                for (start, end, before, after), text in zip(part.positions, replacements, strict=True)
                 if text is not None
             ]
             pieces.append(raw[done : part.entity.body_start])
@@ -114,7 +114,7 @@ def plan_instrumentation(raw: bytes) -> InstrumentationPlan:
         return InstrumentationPlan(raw, (), "failed", f"malformed MIME: {exc}")
     except (UnsupportedEncoding, CharsetError) as exc:
         return InstrumentationPlan(raw, (), "failed", str(exc))
-    except Exception as exc:  # noqa: BLE001  # never raise: the pipeline relays the original bytes
+    except Exception as exc:  # never raise: the pipeline relays the original bytes
         return InstrumentationPlan(raw, (), "failed", f"plan error: {type(exc).__name__}")
 
 
@@ -154,7 +154,7 @@ def _plan_part(raw: bytes, entity: Entity, skip_urls: frozenset[str]) -> _Part |
     breaks = body.breaks_lines and charset.ascii_compatible
     names = ("start", "end", "attribute_start", "attribute_end") if breaks else ("start", "end")
     offsets = sorted({getattr(slot, name) for slot in plan.slots for name in names})
-    at = dict(zip(offsets, body.positions(charset.byte_offsets(html, body.decoded, offsets))))
+    at = dict(zip(offsets, body.positions(charset.byte_offsets(html, body.decoded, offsets)), strict=True))
     positions = [
         (
             at[slot.start],

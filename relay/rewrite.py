@@ -154,7 +154,7 @@ def decode_attribute(value: str) -> str:
                 if (
                     not name.endswith(";")
                     and after < len(value)
-                    and (value[after] == "=" or value[after].isascii() and value[after].isalnum())
+                    and (value[after] == "=" or (value[after].isascii() and value[after].isalnum()))
                 ):
                     break  # historical rule: not a reference
                 out.append(value[pos : match.start()])
@@ -360,7 +360,7 @@ class RewriteResult:
 def _splice(text: str, slots: tuple[Slot, ...], replacements: list[str | None]) -> str:
     pieces: list[str] = []
     pos = 0
-    for slot, replacement in zip(slots, replacements):
+    for slot, replacement in zip(slots, replacements, strict=True):
         if replacement is not None:
             pieces.append(text[pos : slot.start])
             pieces.append(replacement)

@@ -368,7 +368,7 @@ def agent_service(tmp_path: Path, sink: Sink) -> Iterator[RunningService]:
 def test_service_labels_real_mail_opens_clicks_and_honeypot(agent_service: RunningService, sink: Sink) -> None:
     send(agent_service.smtp_port, html_message())
     [delivered] = sink.messages
-    click_url, pixel_url = tracked_urls(delivered.data)
+    click_url, trap_in_mail, pixel_url = tracked_urls(delivered.data)  # the rewriter puts the trap before the pixel
     relay_person = {"User-Agent": SAFARI_IOS, "X-Forwarded-For": "172.225.46.77"}
 
     assert fetch(agent_service, pixel_url, headers={"User-Agent": MPP, "X-Forwarded-For": "172.225.46.5"}).status_code == 200
@@ -378,16 +378,15 @@ def test_service_labels_real_mail_opens_clicks_and_honeypot(agent_service: Runni
     assert (mpp_open["agent"], mpp_open["agent_reason"]) == ("apple_mpp", "ua=generic net=apple-private-relay")
     assert (click["agent"], click["agent_reason"]) == ("human", "net=apple-private-relay")
 
-    # The trap link as the relay's minter builds it for this send (the project enables it);
-    # inserting it into the HTML is the rewriter's part.
+    # The trap link in the mail is the one the relay's minter builds for this send (the project enables it).
     claims = agent_service.service.signer.verify(urlsplit(pixel_url).path.removeprefix("/o/").removesuffix(".gif"))
     assert claims is not None
     send_claims = TrackedSend(project=claims["p"], message_id=claims["m"], contact=claims["c"], recipient=claims["r"],
                               sent_at=claims["s"])
     trap = TrackingLinks(signer=agent_service.service.signer, public_url="http://127.0.0.1:1", send=send_claims,
                          honeypot=agent_service.service.settings.project(PROJECT).honeypot_link).honeypot_url()
-    assert trap is not None
-    response = fetch(agent_service, trap, headers=relay_person)
+    assert trap is not None and urlsplit(trap).path == urlsplit(trap_in_mail).path
+    response = fetch(agent_service, trap_in_mail, headers=relay_person)
     assert response.status_code == 200 and response.headers["x-robots-tag"] == "noindex" and response.content == b""
     trap_event, click = events(agent_service, message_id=message_id)[:2]
     assert (trap_event["name"], trap_event["link"], trap_event["agent"]) == ("email.click", None, "scanner")

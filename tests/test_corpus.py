@@ -166,7 +166,7 @@ def check_html(before: str, after: str, minter, unsubscribe: set[str]) -> int:
     assert flat_before.startswith(texts[0])
     pos = len(texts[0])
     markups = 0
-    for match, following in zip(matches, texts[1:]):
+    for match, following in zip(matches, texts[1:], strict=True):
         if match["markup"]:
             markups += 1
             gap = ""
@@ -192,7 +192,7 @@ def check_html(before: str, after: str, minter, unsubscribe: set[str]) -> int:
     links_after = [link for link in oracle_links(after) if not link[1].startswith("https://track.test/h/")]
     assert [tag for tag, _, _ in links_before] == [tag for tag, _, _ in links_after]
     tracked = 0
-    for (tag, href, opted_out), (_, new_href, _) in zip(links_before, links_after):
+    for (tag, href, opted_out), (_, new_href, _) in zip(links_before, links_after, strict=True):
         url = browser_url(href)
         if eligible(url, opted_out, unsubscribe):
             assert minter.destination_of(new_href) == url, (tag, href)
@@ -208,13 +208,13 @@ def check_message(raw: bytes, result, minter, unsubscribe: set[str]) -> int:
     assert structure(after) == structure(before)
     header_end = raw.find(b"\n\r\n") if b"\n\r\n" in raw[: raw.find(b"\n\n") + 1 or len(raw)] else raw.find(b"\n\n")
     assert result.data[:header_end] == raw[:header_end], "top-level headers changed"
-    for old, new in zip(before.walk(), after.walk()):
+    for old, new in zip(before.walk(), after.walk(), strict=True):
         assert old.items() == new.items()
         if old.is_multipart():
             assert (old.preamble, old.epilogue) == (new.preamble, new.epilogue)
     tracked = 0
     html_parts = 0
-    for (old, inside), (new, _) in zip(leaves(before), leaves(after)):
+    for (old, inside), (new, _) in zip(leaves(before), leaves(after), strict=True):
         if is_body_html(old, inside) and text_of(old).strip():
             html_parts += 1
             tracked += check_html(text_of(old), text_of(new), minter, unsubscribe)

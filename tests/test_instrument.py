@@ -108,7 +108,10 @@ def test_line_endings_of_the_message_are_kept(minter, eol):
 
 def test_quoted_printable_part_stays_quoted_printable(minter):
     long_url = "https://shop.example.com/" + "p" * 90 + "?q=1&amp;r=2"
-    html = f'<html><body>\n<p style="color:red">Café {"é" * 40}</p><a href="{long_url}">x</a> tail text that is quite long here</body></html>\n'
+    html = (
+        f'<html><body>\n<p style="color:red">Café {"é" * 40}</p>'
+        f'<a href="{long_url}">x</a> tail text that is quite long here</body></html>\n'
+    )
     encoded = quopri.encodestring(html.encode()).replace(b"\n", b"\r\n")
     assert b"=\r\n" in encoded  # the URL is split by soft line breaks in the input
     raw = message(encoded, cte="quoted-printable")
@@ -242,7 +245,8 @@ def test_signed_and_encrypted_multiparts_are_untouched(minter, content_type, rea
         "mixed", part(HTML.encode()), part(b"signed", content_type=content_type + '; boundary="in"', cte=None)
     ).replace(
         b"\r\n\r\nsigned",
-        b'\r\n\r\n--in\r\nContent-Type: text/html\r\n\r\n<a href="https://e.com/">x</a>\r\n--in\r\nContent-Type: application/octet-stream\r\n\r\nsig\r\n--in--',
+        b'\r\n\r\n--in\r\nContent-Type: text/html\r\n\r\n<a href="https://e.com/">x</a>\r\n'
+        b"--in\r\nContent-Type: application/octet-stream\r\n\r\nsig\r\n--in--",
     )
     result = instrument_message(raw, minter)
     assert (result.outcome, result.reason, result.data) == ("untouched", reason, raw)
@@ -319,7 +323,8 @@ def test_list_unsubscribe_urls_are_not_tracked(minter):
     html = '<a href="https://e.com/unsub?u=1&amp;t=2">Unsubscribe</a><a href="https://e.com/news">News</a>'
     raw = message(
         html.encode(),
-        headers=b"List-Unsubscribe: <mailto:u@e.com?subject=unsub>,\r\n <https://e.com/unsub?u=1&t=2>\r\nList-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
+        headers=b"List-Unsubscribe: <mailto:u@e.com?subject=unsub>,\r\n <https://e.com/unsub?u=1&t=2>\r\n"
+        b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
     )
     result = instrument_message(raw, minter)
     assert minter.destinations == ["https://e.com/news"] and b'href="https://e.com/unsub?u=1&amp;t=2"' in result.data

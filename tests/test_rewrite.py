@@ -11,7 +11,10 @@ T1 = "https://track.test/c/r1/1?v=1&amp;s=ab"
 PIXEL = re.compile(
     r'<img src="https://track\.test/o/r1\.gif\?v=1&amp;s=cd" width="1" height="1" alt="" border="0" style="[^"]*" aria-hidden="true" />'
 )
-HONEYPOT = '<a href="https://track.test/h/r1" aria-hidden="true" tabindex="-1" style="display:none;mso-hide:all;font-size:0;line-height:0;max-height:0;overflow:hidden"></a>'
+HONEYPOT = (
+    '<a href="https://track.test/h/r1" aria-hidden="true" tabindex="-1" '
+    'style="display:none;mso-hide:all;font-size:0;line-height:0;max-height:0;overflow:hidden"></a>'
+)
 
 
 def without_markup(html: str) -> str:
@@ -125,7 +128,10 @@ def test_opt_out_attribute_keeps_the_link(minter, opt_out):
 
 def test_skip_urls_and_minter_refusals_stay_untouched(make_minter):
     minter = make_minter(exclude=("*.excluded.com", "excluded.org"))
-    html = '<a href="https://e.com/unsub?u=1">u</a><a href="https://a.Excluded.com:8443/x">e</a><a href="https://excluded.org">o</a><a href="https://track.test/about">own</a><a href="https://e.com/">k</a>'
+    html = (
+        '<a href="https://e.com/unsub?u=1">u</a><a href="https://a.Excluded.com:8443/x">e</a><a href="https://excluded.org">o</a>'
+        '<a href="https://track.test/about">own</a><a href="https://e.com/">k</a>'
+    )
     result = rewrite_html(html, minter, skip_urls=frozenset({"https://e.com/unsub?u=1"}))
     assert without_markup(result.html) == html.replace('"https://e.com/"', f'"{T0}"')
     assert result.links == 1
@@ -163,7 +169,10 @@ def test_raw_text_elements_contain_no_links(minter, element):
 
 
 def test_css_urls_images_link_and_base_are_not_links(minter):
-    html = '<link href="https://e.com/css"><base href="https://e.com/"><img src="https://e.com/i.png"><td style="background:url(https://e.com/bg.png)" background="https://e.com/bg2.png">'
+    html = (
+        '<link href="https://e.com/css"><base href="https://e.com/"><img src="https://e.com/i.png">'
+        '<td style="background:url(https://e.com/bg.png)" background="https://e.com/bg2.png">'
+    )
     assert without_markup(rewrite_html(html, minter).html) == html
     assert minter.calls == 0
 

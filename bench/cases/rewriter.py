@@ -82,7 +82,8 @@ def marketing_html(size: int, links: int, *, seed: int = 7) -> str:
     remaining = size - len(head) - len(tail) - sum(map(len, link_rows))
     text_rows: list[str] = []
     while remaining > 0:
-        row = f'<tr><td style="padding:8px 24px;font-family:Arial,sans-serif;color:#555555">{" ".join(rnd.choices(_WORDS, k=30))} — é</td></tr>\n'
+        words = " ".join(rnd.choices(_WORDS, k=30))
+        row = f'<tr><td style="padding:8px 24px;font-family:Arial,sans-serif;color:#555555">{words} — é</td></tr>\n'
         text_rows.append(row)
         remaining -= len(row.encode())
     per_link = len(text_rows) // max(links, 1) + 1
