@@ -101,11 +101,7 @@ class Charset:
     def byte_offsets(self, text: str, data: bytes, positions: list[int]) -> list[int]:
         """Byte offsets in `data` of the sorted text `positions`, verified to reproduce `data` exactly."""
         payload = memoryview(data)[self.bom :]
-        if (
-            self.ascii_compatible
-            and len(text) == len(payload)
-            and text.encode(self.codec, "surrogateescape") == payload
-        ):
+        if self.ascii_compatible and len(text) == len(payload) and text.encode(self.codec, "surrogateescape") == payload:
             return [self.bom + position for position in positions]  # one byte per character
         offsets: list[int] = []
         pieces: list[bytes] = []

@@ -38,9 +38,7 @@ _ANGLE_URL = re.compile(r"<([^>]*)>")
 class Instrumented:
     data: bytes  # bytes to send: the input itself when unchanged
     outcome: Outcome
-    reason: (
-        str  # "instrumented" / why untouched ("signed", "no html part", "already instrumented", ...) / failure reason
-    )
+    reason: str  # "instrumented" / why untouched ("signed", "no html part", "already instrumented", ...) / failure reason
     links: int  # links rewritten
 
 

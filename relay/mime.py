@@ -129,9 +129,7 @@ def _delimiters(raw: bytes, entity: Entity) -> list[tuple[int, int]]:
     # A delimiter line is "--" boundary, "--" more for the close delimiter, optional transport padding, and
     # nothing else: matching whole lines keeps boundaries that are prefixes of one another apart. The pattern
     # starts with the literal so the regex engine can search for it fast; line starts are checked below.
-    delimiter = re.compile(
-        b"--" + re.escape(entity.boundary.encode("utf-8", "surrogateescape")) + rb"(--)?[ \t]*\r?(?=\n|\Z)"
-    )
+    delimiter = re.compile(b"--" + re.escape(entity.boundary.encode("utf-8", "surrogateescape")) + rb"(--)?[ \t]*\r?(?=\n|\Z)")
     parts: list[tuple[int, int]] = []
     part_start: int | None = None
     for match in delimiter.finditer(raw, entity.body_start, entity.body_end):

@@ -229,9 +229,7 @@ class HtmlPlan:
     def already_instrumented(self, minter: LinkMinter) -> bool:
         return any(minter.is_tracking_url(url) for url in self.seen_urls)
 
-    def replacements(
-        self, minter: LinkMinter, cache: dict[str, str | None], markup: str
-    ) -> tuple[list[str | None], int]:
+    def replacements(self, minter: LinkMinter, cache: dict[str, str | None], markup: str) -> tuple[list[str | None], int]:
         """The text for each slot (None: keep the original) and how many links it rewrites; `markup` goes in
         the pixel slot (see `tracking_markup`).
 
@@ -299,7 +297,7 @@ def plan_html(html: str, *, skip_urls: frozenset[str] = frozenset()) -> HtmlPlan
     """
     slots: list[Slot] = []
     seen: set[str] = set()
-    body_end = _scan(html, 0, len(html), slots, skip_urls, seen, top_level=True)
+    body_end = _scan(html, 0, len(html), slots, skip_urls, seen)
     pixel_at = len(html) if body_end is None else body_end
     slots.append(Slot(pixel_at, pixel_at, None, "", pixel_at, pixel_at))
     slots.sort(key=lambda slot: slot.start)
@@ -307,10 +305,8 @@ def plan_html(html: str, *, skip_urls: frozenset[str] = frozenset()) -> HtmlPlan
     return HtmlPlan(tuple(slots), frozenset(seen))
 
 
-def _scan(
-    html: str, pos: int, end: int, slots: list[Slot], skip_urls: frozenset[str], seen: set[str], *, top_level: bool
-) -> int | None:
-    """Tokenize html[pos:end], appending link slots; returns where the last top-level `</body>` starts."""
+def _scan(html: str, pos: int, end: int, slots: list[Slot], skip_urls: frozenset[str], seen: set[str]) -> int | None:
+    """Tokenize html[pos:end], appending link slots; returns where the last `</body>` starts."""
     body_end: int | None = None
     while True:
         pos = _SKIP.match(html, pos, end).end()  # type: ignore[union-attr]  # `(...)*+` always matches
@@ -322,15 +318,14 @@ def _scan(
                 return body_end  # EOF in comment: the rest of the document is comment
             conditional = _CONDITIONAL.match(html, pos + 4, close.start())
             if conditional is not None:
-                _scan(
-                    html, conditional.start("inner"), conditional.end("inner"), slots, skip_urls, seen, top_level=False
-                )
+                # Outlook's markup inside: its links count, its `</body>` does not place the pixel.
+                _scan(html, conditional.start("inner"), conditional.end("inner"), slots, skip_urls, seen)
             pos = close.end()
         elif html.startswith("</", pos):
             tag = _END_TAG.match(html, pos, end)
             if tag is None:
                 return body_end  # EOF in tag
-            if top_level and tag["tag"].lower() == "body":
+            if tag["tag"].lower() == "body":
                 body_end = pos
             pos = tag.end()
         else:

@@ -63,9 +63,7 @@ def expected_for(path: Path) -> tuple[str, str] | None:
 
 
 def wrap(html: bytes, encoding: str, unsubscribe: str | None) -> bytes:
-    body = {"8bit": lambda b: b, "quoted-printable": lambda b: quopri.encodestring(b), "base64": encodebytes}[encoding](
-        html
-    )
+    body = {"8bit": lambda b: b, "quoted-printable": lambda b: quopri.encodestring(b), "base64": encodebytes}[encoding](html)
     headers = [b"From: sender@example.com", b"To: reader@example.org", b"Subject: corpus", b"MIME-Version: 1.0"]
     if unsubscribe:
         headers.append(b"List-Unsubscribe: <mailto:u@example.com>, <" + unsubscribe.encode() + b">")
@@ -108,10 +106,7 @@ def is_body_html(part: email.message.Message, inside_message: bool) -> bool:
 
 
 def structure(message: email.message.Message) -> list[tuple[str, str | None, str | None]]:
-    return [
-        (part.get_content_type(), part.get("Content-Transfer-Encoding"), part.get_content_charset())
-        for part in message.walk()
-    ]
+    return [(part.get_content_type(), part.get("Content-Transfer-Encoding"), part.get_content_charset()) for part in message.walk()]
 
 
 def oracle_links(html: str) -> list[tuple[str, str, bool]]:
@@ -122,11 +117,7 @@ def oracle_links(html: str) -> list[tuple[str, str, bool]]:
             inner = CONDITIONAL.match(str(node))
             if inner:
                 found += oracle_links(inner.group(1))
-        elif (
-            getattr(node, "name", None)
-            and (node.name in ("a", "area") or node.name.startswith("v:"))
-            and node.has_attr("href")
-        ):
+        elif getattr(node, "name", None) and (node.name in ("a", "area") or node.name.startswith("v:")) and node.has_attr("href"):
             opted_out = str(node.get("data-inflight-track", "")).strip().lower() == "off"
             found.append((node.name, str(node["href"]), opted_out))
     return found
@@ -157,11 +148,7 @@ def check_html(before: str, after: str, minter, unsubscribe: set[str]) -> int:
     added_breaks = after.count("\n") - before.count("\n")
     assert 0 <= added_breaks <= 2 * len(matches)
     flat_before = unbroken(before)
-    texts = (
-        [after[: matches[0].start()]]
-        + [after[m.end() : n.start()] for m, n in pairwise(matches)]
-        + [after[matches[-1].end() :]]
-    )
+    texts = [after[: matches[0].start()]] + [after[m.end() : n.start()] for m, n in pairwise(matches)] + [after[matches[-1].end() :]]
     texts = [unbroken(text) for text in texts]
     assert flat_before.startswith(texts[0])
     pos = len(texts[0])
@@ -181,10 +168,7 @@ def check_html(before: str, after: str, minter, unsubscribe: set[str]) -> int:
     assert markups == 1, "exactly one pixel per tracked HTML part"
     pixel_end = next(m.end() for m in matches if m["markup"])
     if "</body" in before.lower():
-        assert (
-            after[pixel_end:].lstrip("\r\n").lower().startswith("</body")
-            and "</body" not in after[pixel_end + 6 :].lower()
-        )
+        assert after[pixel_end:].lstrip("\r\n").lower().startswith("</body") and "</body" not in after[pixel_end + 6 :].lower()
     else:
         assert pixel_end == len(after)
     # Links: eligible ones tracked to their destination, the others unchanged.
@@ -270,7 +254,5 @@ def test_corpus_file(path: Path | None, make_minter) -> None:
             assert (outcome.outcome, outcome.data) == ("untouched", raw), outcome.reason
         else:
             assert outcome.outcome == "instrumented", outcome.reason
-            unsubscribe = {
-                re.sub(r"\s+", "", u) for u in re.findall(r"<([^>]*)>", str(message.get("List-Unsubscribe", "")))
-            }
+            unsubscribe = {re.sub(r"\s+", "", u) for u in re.findall(r"<([^>]*)>", str(message.get("List-Unsubscribe", "")))}
             check_message(raw, outcome, minter, unsubscribe)

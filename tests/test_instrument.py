@@ -60,14 +60,9 @@ def multipart(
     )
 
 
-def part(
-    body: bytes, content_type: str = "text/html; charset=utf-8", cte: str | None = "8bit", extra: bytes = b""
-) -> bytes:
+def part(body: bytes, content_type: str = "text/html; charset=utf-8", cte: str | None = "8bit", extra: bytes = b"") -> bytes:
     headers = (
-        b"Content-Type: "
-        + content_type.encode()
-        + b"\r\n"
-        + (b"Content-Transfer-Encoding: " + cte.encode() + b"\r\n" if cte else b"")
+        b"Content-Type: " + content_type.encode() + b"\r\n" + (b"Content-Transfer-Encoding: " + cte.encode() + b"\r\n" if cte else b"")
     )
     return headers + extra + b"\r\n" + body
 
@@ -120,9 +115,7 @@ def test_quoted_printable_part_stays_quoted_printable(minter):
     assert all(len(line) <= 76 for line in out_body.split(b"\r\n"))
     assert result.data.count(b"Content-Transfer-Encoding: quoted-printable") == 1
     (decoded,) = html_parts(result.data)
-    assert PIXEL.sub(b"", HONEYPOT.sub(b"", decoded.encode())).decode() == html.replace(long_url, T0).replace(
-        "\n", "\r\n"
-    )
+    assert PIXEL.sub(b"", HONEYPOT.sub(b"", decoded.encode())).decode() == html.replace(long_url, T0).replace("\n", "\r\n")
     assert minter.destinations == ["https://shop.example.com/" + "p" * 90 + "?q=1&r=2"]
     # Encoded lines the edits do not touch are unchanged.
     first_lines = encoded.split(b"\r\n")[:2]
@@ -241,9 +234,7 @@ def test_unknown_charset_fails_with_original_bytes(minter):
     ],
 )
 def test_signed_and_encrypted_multiparts_are_untouched(minter, content_type, reason):
-    raw = multipart(
-        "mixed", part(HTML.encode()), part(b"signed", content_type=content_type + '; boundary="in"', cte=None)
-    ).replace(
+    raw = multipart("mixed", part(HTML.encode()), part(b"signed", content_type=content_type + '; boundary="in"', cte=None)).replace(
         b"\r\n\r\nsigned",
         b'\r\n\r\n--in\r\nContent-Type: text/html\r\n\r\n<a href="https://e.com/">x</a>\r\n'
         b"--in\r\nContent-Type: application/octet-stream\r\n\r\nsig\r\n--in--",
@@ -263,9 +254,7 @@ def test_smime_opaque_message_is_untouched(minter):
 
 
 def test_dkim_signed_message_is_untouched(minter):
-    raw = message(
-        HTML.encode(), headers=b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=s1;\r\n\tbh=abc; b=def\r\n"
-    )
+    raw = message(HTML.encode(), headers=b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=s1;\r\n\tbh=abc; b=def\r\n")
     assert (instrument_message(raw, minter).reason, instrument_message(raw, minter).data) == ("dkim-signed", raw)
 
 
@@ -388,18 +377,12 @@ def test_malformed_messages_fail_with_the_original_bytes(minter, raw, reason):
 def test_mime_nesting_is_bounded(minter):
     raw = b""
     for level in range(60):
-        raw = (
-            f'Content-Type: multipart/mixed; boundary="b{level}"\r\n\r\n--b{level}\r\n'.encode()
-            + raw
-            + f"\r\n--b{level}--".encode()
-        )
+        raw = f'Content-Type: multipart/mixed; boundary="b{level}"\r\n\r\n--b{level}\r\n'.encode() + raw + f"\r\n--b{level}--".encode()
     result = instrument_message(raw, minter)
     assert result.outcome == "failed" and "nesting" in result.reason
 
 
-@pytest.mark.parametrize(
-    "raw", [b"", b"\r\n", b"garbage without headers", bytes(range(256)) * 4, b"Content-Type: text/html\r\n\r\n"]
-)
+@pytest.mark.parametrize("raw", [b"", b"\r\n", b"garbage without headers", bytes(range(256)) * 4, b"Content-Type: text/html\r\n\r\n"])
 def test_odd_input_never_raises(minter, raw):
     result = instrument_message(raw, minter)
     assert result.outcome in ("untouched", "failed") and result.data is raw
@@ -453,7 +436,5 @@ def test_render_is_deterministic_and_never_changes_the_plan(minter, make_minter)
 
 
 def test_signed_part_is_not_parsed_so_its_defects_do_not_matter(minter):
-    raw = multipart(
-        "mixed", part(b"--in\r\nno closing delimiter", content_type='multipart/signed; boundary="in"', cte=None)
-    )
+    raw = multipart("mixed", part(b"--in\r\nno closing delimiter", content_type='multipart/signed; boundary="in"', cte=None))
     assert instrument_message(raw, minter).reason == "signed"

@@ -116,9 +116,7 @@ def test_link_without_value_is_not_a_link(minter):
     assert without_markup(rewrite_html(html, minter).html) == html
 
 
-@pytest.mark.parametrize(
-    "opt_out", ['data-inflight-track="off"', "DATA-INFLIGHT-TRACK='OFF'", "data-inflight-track= off "]
-)
+@pytest.mark.parametrize("opt_out", ['data-inflight-track="off"', "DATA-INFLIGHT-TRACK='OFF'", "data-inflight-track= off "])
 def test_opt_out_attribute_keeps_the_link(minter, opt_out):
     html = f'<a {opt_out} href="https://e.com/">x</a><a href="https://e.com/2" data-inflight-track="on">y</a>'
     result = rewrite_html(html, minter)
@@ -150,7 +148,9 @@ def test_vml_button_in_conditional_comment_shares_its_twins_tracked_url(minter):
 
 
 def test_links_in_plain_comments_are_not_links(minter):
-    html = '<!-- <a href="https://e.com/a">old</a> --><!--> <a href="https://e.com/b">b</a> <!--->x<!-- a --!><a href="https://e.com/c">c</a>'
+    html = (
+        '<!-- <a href="https://e.com/a">old</a> --><!--> <a href="https://e.com/b">b</a> <!--->x<!-- a --!><a href="https://e.com/c">c</a>'
+    )
     result = rewrite_html(html, minter)
     assert minter.destinations == ["https://e.com/b", "https://e.com/c"]
     assert '<a href="https://e.com/a">' in result.html
@@ -220,9 +220,7 @@ def test_pixel_goes_before_the_last_body_end_tag(minter):
 
 def test_pixel_goes_at_the_end_without_body_end_tag(minter):
     result = rewrite_html("<p>fragment</p>\n", minter).html
-    assert result.startswith("<p>fragment</p>\n" + HONEYPOT) and PIXEL.fullmatch(
-        result[len("<p>fragment</p>\n" + HONEYPOT) :]
-    )
+    assert result.startswith("<p>fragment</p>\n" + HONEYPOT) and PIXEL.fullmatch(result[len("<p>fragment</p>\n" + HONEYPOT) :])
 
 
 def test_honeypot_only_when_the_minter_has_one(make_minter):
@@ -242,21 +240,13 @@ def test_second_pass_on_pixel_only_html_is_a_no_op(minter, make_minter):
 
 
 def test_each_destination_is_minted_once(minter):
-    result = rewrite_html(
-        '<a href="https://e.com/">1</a><a href="https://e.com/">2</a><a href=" https://e.com/&#10;">3</a>', minter
-    )
+    result = rewrite_html('<a href="https://e.com/">1</a><a href="https://e.com/">2</a><a href=" https://e.com/&#10;">3</a>', minter)
     assert minter.calls == 1 and result.html.count(T0) == 3 and result.links == 3
 
 
 def test_nested_tag_bomb_is_scanned_without_recursion(minter):
     depth = 200_000
-    html = (
-        "<div><span>" * depth
-        + '<a href="https://e.com/deep">x</a>'
-        + "</span></div>" * depth
-        + "<" * 50_000
-        + "<?><!x>" * 1000
-    )
+    html = "<div><span>" * depth + '<a href="https://e.com/deep">x</a>' + "</span></div>" * depth + "<" * 50_000 + "<?><!x>" * 1000
     result = rewrite_html(html, minter)
     assert minter.destinations == ["https://e.com/deep"] and result.links == 1
 
@@ -268,3 +258,9 @@ def test_plan_slots_cover_link_values_only(minter):
     assert html[link.start : link.end] == "https://e.com/x"
     assert html[link.attribute_start : link.attribute_end] == 'href="https://e.com/x"'
     assert (pixel.start, pixel.end, pixel.destination) == (html.index("</body>"), html.index("</body>"), None)
+
+
+def test_body_end_tags_inside_conditional_comments_do_not_place_the_pixel(minter):
+    html = '<body><p>a</p></body><!--[if mso]><a href="https://e.com/x">x</a></body><![endif]-->'
+    result = rewrite_html(html, minter).html
+    assert PIXEL.search(result).end() == result.index("</body>") and minter.destinations == ["https://e.com/x"]

@@ -179,9 +179,7 @@ def run(quick: bool) -> list[dict[str, object]]:
             raw_8bit = marketing_message(marketing_html(size, links), "8bit")
             rows.append(_row(f"{label} inflight 8bit", _measure(partial(instrument, raw_8bit), repeat)))
     bomb = nested_tag_bomb(20_000)
-    rows.append(
-        _row(f"{len(bomb) // 1000}KB nested-tag bomb inflight", _measure(partial(instrument, bomb), 3 if quick else 10))
-    )
+    rows.append(_row(f"{len(bomb) // 1000}KB nested-tag bomb inflight", _measure(partial(instrument, bomb), 3 if quick else 10)))
     return rows
 
 
