@@ -29,8 +29,9 @@ import pytest
 from bs4 import BeautifulSoup, Comment
 
 from relay.instrument import instrument_message
+from tests.conftest import SHARED
 
-CORPUS = Path(os.environ.get("INFLIGHT_CORPUS") or Path(__file__).resolve().parents[1].parent / "shared" / "corpus")
+CORPUS = Path(os.environ.get("INFLIGHT_CORPUS") or SHARED / "corpus")
 FILES = sorted(p for p in CORPUS.glob("*") if p.is_file() and p.name != "SOURCES.md") if CORPUS.is_dir() else []
 
 # From SOURCES.md: files that must pass through untouched (signed) or fail (malformed: original bytes).
