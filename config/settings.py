@@ -14,6 +14,7 @@ import dataclasses
 import enum
 import ipaddress
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -139,6 +140,7 @@ class ProjectSettings:
     tracking: TrackingMode = TrackingMode.ENABLED  # the initial mode; a runtime change in the store wins
     allow_tracking_override: bool = True  # false: `X-Inflight-Tracking: on` is ignored (off is always honoured)
     honeypot_link: bool = False
+    exclude_click_domains: tuple[str, ...] = ()  # hosts whose links are never tracked: "example.com", "*.example.com"
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ SECTIONS: dict[str, type] = {
     "store": StoreSettings,
     "upstream": UpstreamSettings,
 }
+HOST_PATTERN = re.compile(r"(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.?")
 UPSTREAM_SCHEMES = ("outbox", "smtp", "smtps", "smtp+insecure")
 
 
@@ -378,6 +381,10 @@ def _check(s: Settings) -> list[str]:
         unavailable = s.upstream.unavailable(project.tracking)
         if unavailable is not None:
             problems.append(f"projects[{index}].tracking: project {project.id!r}: {unavailable}")
+        for pattern in project.exclude_click_domains:
+            if not HOST_PATTERN.fullmatch(pattern):
+                problems.append(f"projects[{index}].exclude_click_domains: {pattern!r} is not a host name or *.suffix "
+                                "(no scheme, path or port: e.g. \"example.com\" or \"*.example.com\")")
     return problems
 
 

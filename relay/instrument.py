@@ -122,9 +122,8 @@ def instrument_message(raw: bytes, minter: LinkMinter) -> Instrumented:
 
 def _plan(raw: bytes) -> InstrumentationPlan:
     fields = header_block(raw, 0, len(raw))[0]
-    if "dkim-signature" in fields:
-        # The signer covered this body; any change fails DKIM for the sender's own domain.
-        return InstrumentationPlan(raw, (), "untouched", "dkim-signed")
+    # A DKIM-Signature does not stop us: the relay re-signs for its own domains and warns for
+    # others (issue 5's trade-off, documented in README), so signed senders still get tracking.
     entities = walk(raw, opaque=frozenset(_PROTECTED))
     for entity in entities:
         if entity.content_type in _PROTECTED:

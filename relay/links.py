@@ -10,17 +10,47 @@ CLICK_PATH = "/c/"
 OPEN_PATH = "/o/"
 
 
+def host_excluded(host: str, patterns: tuple[str, ...]) -> bool:
+    """`exclude_click_domains` matching: an exact host, or `*.suffix` for any subdomain of suffix.
+
+    Hosts compare case-insensitively (RFC 4343) and ports never matter (urlsplit drops them).
+    `*.example.com` does not match `example.com` itself: list both when both are meant.
+    """
+    for pattern in patterns:
+        if pattern.startswith("*."):
+            if host.endswith(pattern[1:]):
+                return True
+        elif host == pattern:
+            return True
+    return False
+
+
 class TrackingLinks:
-    def __init__(self, *, signer: TokenSigner, public_url: str, send: TrackedSend, honeypot: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        signer: TokenSigner,
+        public_url: str,
+        send: TrackedSend,
+        honeypot: bool = False,
+        exclude_click_domains: tuple[str, ...] = (),
+    ) -> None:
         self._signer = signer
         self._honeypot = honeypot
         self._base = public_url.rstrip("/")
         self._tracking_host = (urlsplit(public_url).hostname or "").lower()
+        self._excluded = tuple(pattern.lower() for pattern in exclude_click_domains)
         self._send = send
 
     def click_url(self, destination: str) -> str | None:
-        if (urlsplit(destination).hostname or "").lower() == self._tracking_host:
+        try:
+            host = (urlsplit(destination).hostname or "").lower()
+        except ValueError:
+            return None  # not a URL a browser could follow either (e.g. a broken IPv6 literal): leave it alone
+        if host == self._tracking_host:
             return None  # a link to our own tracking host is left as is, never wrapped twice
+        if host_excluded(host, self._excluded):
+            return None
         token = self._signer.sign(claims_to_dict(TrackingClaims("click", self._send, destination)))
         return f"{self._base}{CLICK_PATH}{token}"
 

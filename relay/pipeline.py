@@ -130,7 +130,11 @@ class Pipeline:
                 campaign_type=hints.send.campaign_type,
             )
             links = TrackingLinks(
-                signer=self.signer, public_url=self.settings.tracker.public_url, send=send, honeypot=project.honeypot_link
+                signer=self.signer,
+                public_url=self.settings.tracker.public_url,
+                send=send,
+                honeypot=project.honeypot_link,
+                exclude_click_domains=project.exclude_click_domains,
             )
             result = plan.render(links)
             if result.outcome != "instrumented":
