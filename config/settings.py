@@ -6,6 +6,10 @@ astray. Each problem names its key and the fix; all problems are reported at onc
 
 `INFLIGHT_<SECTION>_<KEY>` overrides a scalar of a section (e.g. `INFLIGHT_UPSTREAM_URL`);
 list keys take a comma-separated value.
+
+A secret key (a field with `SECRET` metadata) can instead be read from a file: `<key>_file`
+(and `INFLIGHT_<SECTION>_<KEY>_FILE`), so secrets can live in mounted files (Docker/Kubernetes
+secrets) rather than in the config. Secret values never appear in a repr or a config error.
 """
 
 from __future__ import annotations
@@ -22,11 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from relay.dkim import load_key
 from relay.policy import TrackingMode
 from tracker.netdata import NETWORK_CLASSES
 
 DEFAULT_CONFIG = "config/dev.toml"
 _T = typing.TypeVar("_T")
+
+
+# Field metadata of a secret: readable from `<key>_file`, left out of repr and error messages.
+SECRET = {"secret": True}
 
 
 class ConfigError(Exception):
@@ -46,6 +55,12 @@ class RelaySettings:
     allow_plaintext_auth: bool = False
     max_message_bytes: int = 26_214_400
     max_recipients: int = 50
+    smtps_listen: str = ""  # implicit-TLS listener (port 465 style); empty = off
+    require_tls: bool = False  # no MAIL before STARTTLS on the plain listener
+    auth_failures_per_ip: int = 10  # failed AUTHs from one address (IPv6: its /64) before back-off
+    auth_failures_per_user: int = 20  # failed AUTHs for one username, from addresses not known good
+    auth_backoff_seconds: int = 60  # first refusal period; doubles per further failure, at most 1 h
+    auth_failure_window_seconds: int = 900  # failures are forgotten this long after the last one or its refusal
 
 
 @dataclass(frozen=True)
@@ -70,7 +85,7 @@ class NetworkListSettings:
 class TrackerSettings:
     listen: str = "127.0.0.1:8080"
     public_url: str = "http://127.0.0.1:8080"
-    secrets: tuple[str, ...] = ("change-me",)
+    secrets: tuple[str, ...] = field(default=("change-me",), repr=False, metadata=SECRET)
     trusted_proxies: tuple[str, ...] = ("127.0.0.1",)
     network_lists: tuple[NetworkListSettings, ...] = ()
     sent_window_seconds: float = 5.0
@@ -90,7 +105,7 @@ class TrackingEngine(enum.StrEnum):
 
 @dataclass(frozen=True)
 class UpstreamSettings:
-    url: str = "outbox:///var/outbox"
+    url: str = field(default="outbox:///var/outbox", repr=False, metadata=SECRET)  # may carry the password
     tracking_engine: TrackingEngine = TrackingEngine.RELAY
     configuration_set_header: str = "X-SES-CONFIGURATION-SET"
     configuration_set: str = ""
@@ -136,11 +151,23 @@ class UpstreamSettings:
 @dataclass(frozen=True)
 class ProjectSettings:
     id: str
-    secret: str
+    secret: str = field(repr=False, metadata=SECRET)
     tracking: TrackingMode = TrackingMode.ENABLED  # the initial mode; a runtime change in the store wins
     allow_tracking_override: bool = True  # false: `X-Inflight-Tracking: on` is ignored (off is always honoured)
     honeypot_link: bool = False
     exclude_click_domains: tuple[str, ...] = ()  # hosts whose links are never tracked: "example.com", "*.example.com"
+    sender_domains: tuple[str, ...] = ()  # MAIL FROM and From must be in these domains; empty = any
+    max_recipients: int = 0  # per-transaction limit for this project; 0 = relay.max_recipients
+    rate_limit_per_minute: int = 0  # messages per minute; 0 = unlimited
+
+
+@dataclass(frozen=True)
+class DkimSettings:
+    """One `[[dkim]]` entry: the key that signs mail whose From is in `domain` (or a subdomain)."""
+
+    domain: str
+    selector: str
+    private_key_path: str
 
 
 @dataclass(frozen=True)
@@ -150,6 +177,7 @@ class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     projects: tuple[ProjectSettings, ...] = ()
+    dkim: tuple[DkimSettings, ...] = ()
 
     def project(self, project_id: str) -> ProjectSettings | None:
         return next((p for p in self.projects if p.id == project_id), None)
@@ -162,6 +190,8 @@ SECTIONS: dict[str, type] = {
     "upstream": UpstreamSettings,
 }
 HOST_PATTERN = re.compile(r"(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.?")
+# A plain DNS name (sender domains, DKIM domains and selectors): labels of 1-63, no edge hyphens.
+DOMAIN_NAME = re.compile(r"(?=.{1,253}$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
 UPSTREAM_SCHEMES = ("outbox", "smtp", "smtps", "smtp+insecure")
 
 
@@ -185,8 +215,8 @@ def settings_from_mapping(raw: Mapping[str, object], environ: Mapping[str, str] 
     problems: list[str] = []
     sections: dict[str, object] = {}
     for key in raw:
-        if key not in SECTIONS and key != "projects":
-            problems.append(f"{key}: unknown section (known: {', '.join([*SECTIONS, 'projects'])})")
+        if key not in SECTIONS and key not in ("projects", "dkim"):
+            problems.append(f"{key}: unknown section (known: {', '.join([*SECTIONS, 'projects', 'dkim'])})")
     for name, cls in SECTIONS.items():
         table = raw.get(name, {})
         if not isinstance(table, dict):
@@ -195,9 +225,10 @@ def settings_from_mapping(raw: Mapping[str, object], environ: Mapping[str, str] 
         table = {**table, **_env_overrides(name, cls, environ, problems)}
         sections[name] = _build(cls, table, name, problems)
     projects = _build_projects(raw.get("projects", []), problems)
+    dkim = _build_tables(DkimSettings, raw.get("dkim", []), "dkim", problems) or ()
     if problems:
         raise ConfigError(problems)
-    settings = Settings(projects=projects, **sections)  # type: ignore[arg-type]
+    settings = Settings(projects=projects, dkim=dkim, **sections)  # type: ignore[arg-type]
     problems.extend(_check(settings))
     if problems:
         raise ConfigError(problems)
@@ -205,6 +236,7 @@ def settings_from_mapping(raw: Mapping[str, object], environ: Mapping[str, str] 
 
 
 def _env_overrides(section: str, cls: type, environ: Mapping[str, str], problems: list[str]) -> dict[str, object]:
+    """Values from the environment; a secret's `_FILE` variable replaces the key (and vice versa)."""
     overrides: dict[str, object] = {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -212,9 +244,14 @@ def _env_overrides(section: str, cls: type, environ: Mapping[str, str], problems
         if var in environ:
             value = _from_env(environ[var], hints[f.name])
             if value is None:
-                problems.append(f"{section}.{f.name}: {var}={environ[var]!r} is not a valid {_type_name(hints[f.name])}")
+                shown = "(secret)" if f.metadata.get("secret") else repr(environ[var])
+                problems.append(f"{section}.{f.name}: {var}={shown} is not a valid {_type_name(hints[f.name])}")
             else:
                 overrides[f.name] = value
+                overrides[f"{f.name}_file"] = None
+        if f.metadata.get("secret") and f"{var}_FILE" in environ:
+            overrides[f"{f.name}_file"] = environ[f"{var}_FILE"]
+            overrides[f.name] = None
     return overrides
 
 
@@ -255,15 +292,41 @@ def _build_tables(cls: type[_T], value: object, where: str, problems: list[str])
     return tuple(built)
 
 
+def _read_secret_files(cls: type, table: Mapping[str, object], where: str, problems: list[str]) -> dict[str, object]:
+    """Replace each `<secret>_file` key by the file's content: one value, or one list item per line."""
+    hints = typing.get_type_hints(cls)
+    resolved = {k: v for k, v in table.items() if v is not None}  # None: removed by an environment override
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("secret") or f"{f.name}_file" not in resolved:
+            continue
+        path = resolved.pop(f"{f.name}_file")
+        if f.name in resolved:
+            problems.append(f"{where}.{f.name} / {where}.{f.name}_file: give one or the other")
+            continue
+        if not isinstance(path, str):
+            problems.append(f"{where}.{f.name}_file: expected a file path")
+            continue
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"{where}.{f.name}_file: cannot read {path!r}: {getattr(exc, 'strerror', None) or exc}")
+            continue
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        resolved[f.name] = lines if typing.get_origin(hints[f.name]) is tuple else text.strip()
+    return resolved
+
+
 def _build(cls: type, table: Mapping[str, object], where: str, problems: list[str]):  # type: ignore[no-untyped-def]
     """Construct `cls` from a TOML table, type-checking each key against the dataclass field."""
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, object] = {}
     ok = True
+    table = _read_secret_files(cls, table, where, problems)
     for key, value in table.items():
         if key not in known:
-            problems.append(f"{where}.{key}: unknown key (known: {', '.join(known)})")
+            secrets = [f"{name}_file" for name, f in known.items() if f.metadata.get("secret")]
+            problems.append(f"{where}.{key}: unknown key (known: {', '.join([*known, *secrets])})")
             ok = False
             continue
         item_cls = _table_item(hints[key])
@@ -274,14 +337,16 @@ def _build(cls: type, table: Mapping[str, object], where: str, problems: list[st
             continue
         converted = _convert(value, hints[key])
         if converted is _INVALID:
-            problems.append(f"{where}.{key}: expected {_type_name(hints[key])}, got {value!r}")
+            shown = f"a {type(value).__name__}" if known[key].metadata.get("secret") else repr(value)
+            problems.append(f"{where}.{key}: expected {_type_name(hints[key])}, got {shown}")
             ok = False
         else:
             values[key] = converted
     for name, f in known.items():
         if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             if name not in table:
-                problems.append(f"{where}.{name}: required key is missing")
+                alternative = f" (or {name}_file)" if f.metadata.get("secret") else ""
+                problems.append(f"{where}.{name}: required key is missing{alternative}")
             ok = False
     return cls(**values) if ok else None
 
@@ -340,9 +405,21 @@ def parse_listen(value: str) -> tuple[str, int] | None:
 def _check(s: Settings) -> list[str]:
     """Cross-field checks that types alone cannot express."""
     problems = []
-    for key, value in (("relay.listen", s.relay.listen), ("tracker.listen", s.tracker.listen)):
+    listens = [("relay.listen", s.relay.listen), ("tracker.listen", s.tracker.listen)]
+    if s.relay.smtps_listen:
+        listens.append(("relay.smtps_listen", s.relay.smtps_listen))
+        if not s.relay.tls_cert:
+            problems.append("relay.smtps_listen: needs relay.tls_cert and relay.tls_key (implicit TLS)")
+    for key, value in listens:
         if parse_listen(value) is None:
             problems.append(f"{key}: expected host:port (e.g. 127.0.0.1:2525), got {value!r}")
+    if s.relay.require_tls and not s.relay.tls_cert:
+        problems.append("relay.require_tls: needs relay.tls_cert and relay.tls_key, or nobody could send")
+    if s.relay.require_tls and s.relay.allow_plaintext_auth:
+        problems.append("relay.require_tls / relay.allow_plaintext_auth: contradictory; drop allow_plaintext_auth")
+    for key in ("auth_failures_per_ip", "auth_failures_per_user", "auth_backoff_seconds", "auth_failure_window_seconds"):
+        if getattr(s.relay, key) <= 0:
+            problems.append(f"relay.{key}: must be at least 1")
     if bool(s.relay.tls_cert) != bool(s.relay.tls_key):
         problems.append("relay.tls_cert / relay.tls_key: set both (PEM paths) or neither")
     for key in ("tls_cert", "tls_key"):
@@ -368,7 +445,7 @@ def _check(s: Settings) -> list[str]:
         problems.append(f"store.url: expected sqlite:///relative/path.db or sqlite:////absolute/path.db, got {s.store.url!r}")
     scheme = urlsplit(s.upstream.url).scheme
     if scheme not in UPSTREAM_SCHEMES:
-        problems.append(f"upstream.url: scheme must be one of {', '.join(UPSTREAM_SCHEMES)}, got {s.upstream.url!r}")
+        problems.append(f"upstream.url: scheme must be one of {', '.join(UPSTREAM_SCHEMES)}, got {scheme or 'none'!r}")
     seen: set[str] = set()
     for index, project in enumerate(s.projects):
         if project.id in seen:
@@ -385,6 +462,35 @@ def _check(s: Settings) -> list[str]:
             if not HOST_PATTERN.fullmatch(pattern):
                 problems.append(f"projects[{index}].exclude_click_domains: {pattern!r} is not a host name or *.suffix "
                                 "(no scheme, path or port: e.g. \"example.com\" or \"*.example.com\")")
+        for domain in project.sender_domains:
+            if not DOMAIN_NAME.fullmatch(domain):
+                problems.append(f"projects[{index}].sender_domains: {domain!r} is not a domain name (e.g. example.com)")
+        for key in ("max_recipients", "rate_limit_per_minute"):
+            if getattr(project, key) < 0:
+                problems.append(f"projects[{index}].{key}: must be 0 (no project limit) or more")
+    problems.extend(_check_dkim(s.dkim))
+    return problems
+
+
+def _check_dkim(entries: tuple[DkimSettings, ...]) -> list[str]:
+    """Each key is loaded now, so a bad key stops the relay at start instead of failing on mail."""
+    problems = []
+    signed: set[str] = set()
+    for index, entry in enumerate(entries):
+        where = f"dkim[{index}]"
+        if not DOMAIN_NAME.fullmatch(entry.domain):
+            problems.append(f"{where}.domain: {entry.domain!r} is not a domain name (e.g. example.com)")
+            continue
+        if entry.domain.lower() in signed:
+            problems.append(f"{where}.domain: {entry.domain!r} already has a key (one [[dkim]] per domain)")
+        signed.add(entry.domain.lower())
+        if not DOMAIN_NAME.fullmatch(entry.selector):
+            problems.append(f"{where}.selector: {entry.selector!r} is not a DNS name (e.g. s2026)")
+            continue
+        try:
+            load_key(entry.domain, entry.selector, entry.private_key_path)
+        except ValueError as exc:
+            problems.append(f"{where}.private_key_path: {exc}")
     return problems
 
 

@@ -14,13 +14,14 @@ import uvicorn
 from config.settings import ConfigError, Settings, parse_listen
 from config.tracking import TrackingSettings
 from relay.pipeline import Pipeline
-from relay.server import start_relay
+from relay.server import Relay
 from relay.upstream import upstream_from_url
 from tracker.app import Tracker, create_app
 from tracker.store import SqliteEventStore
 from tracker.tokens import TokenSigner
 
 log = logging.getLogger("inflight")
+MAX_REQUEST_HEAD_BYTES = 16 * 1024  # request line + headers; tracking URLs are far shorter
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -54,8 +55,10 @@ class Service:
         self.store = SqliteEventStore.from_url(settings.store.url)
         self.signer = TokenSigner(settings.tracker.secrets)
         self.relay_address: tuple[str, int] | None = None
+        self.smtps_address: tuple[str, int] | None = None
         self.tracker_address: tuple[str, int] | None = None
         self._smtp: asyncio.Server | None = None
+        self._smtps: asyncio.Server | None = None
         self._http: _EmbeddedUvicorn | None = None
         self._http_task: asyncio.Task[None] | None = None
 
@@ -73,15 +76,23 @@ class Service:
                 store=self.store,
                 signer=self.signer,
             )
+            relay = Relay(self.settings, pipeline)
             sock = bind(self.settings.relay.listen)
             self.relay_address = sock.getsockname()[:2]
-            self._smtp = await start_relay(self.settings, pipeline, sock)
+            self._smtp = await relay.listen(sock)
             log.info("relay listening on %s:%d", *self.relay_address)
+            if self.settings.relay.smtps_listen:
+                sock = bind(self.settings.relay.smtps_listen)
+                self.smtps_address = sock.getsockname()[:2]
+                self._smtps = await relay.listen(sock, implicit_tls=True)
+                log.info("relay listening with implicit TLS on %s:%d", *self.smtps_address)
         if self.run_tracker:
             app = create_app(Tracker(settings=self.settings, store=self.store, signer=self.signer))
             sock = bind(self.settings.tracker.listen)
             self.tracker_address = sock.getsockname()[:2]
-            config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", server_header=False)
+            # h11 explicitly: its bound on the request line + headers is what answers a huge request 400 at once.
+            config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", server_header=False,
+                                    http="h11", h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
             self._http = _EmbeddedUvicorn(config)
             self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
             while not self._http.started:
@@ -91,9 +102,10 @@ class Service:
             log.info("tracker listening on %s:%d (public_url=%s)", *self.tracker_address, self.settings.tracker.public_url)
 
     async def stop(self) -> None:
-        if self._smtp is not None:
-            self._smtp.close()
-            await self._smtp.wait_closed()
+        for server in (self._smtp, self._smtps):
+            if server is not None:
+                server.close()
+                await server.wait_closed()
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True
             await self._http_task

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from tracker.tokens import TokenSigner, TrackedSend, TrackingClaims, claims_to_dict
+from tracker.tokens import TokenSigner, TrackedSend, TrackingClaims, claims_to_dict, is_redirectable
 
 CLICK_PATH = "/c/"
 OPEN_PATH = "/o/"
@@ -43,6 +43,8 @@ class TrackingLinks:
         self._send = send
 
     def click_url(self, destination: str) -> str | None:
+        if not is_redirectable(destination):
+            return None  # the tracker would refuse to redirect there: leave the link as the app wrote it
         try:
             host = (urlsplit(destination).hostname or "").lower()
         except ValueError:

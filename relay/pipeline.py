@@ -14,11 +14,13 @@ from dataclasses import dataclass, replace
 from config.settings import ProjectSettings, Settings, TrackingEngine
 from config.tracking import TrackingSettings
 from relay import replies
+from relay.dkim import DkimError, DkimSigner, load_key
 from relay.headers import SplitMessage, decoded_header, split_message
 from relay.hints import AppHints, Refusal, read_hints, strip_hints
 from relay.instrument import plan_instrumentation
 from relay.links import TrackingLinks
 from relay.policy import Decision, decide
+from relay.senders import from_allowed
 from relay.upstream import Upstream, UpstreamError
 from tracker.store import EventStore, NewEvent, now_rfc3339
 from tracker.tokens import TokenSigner, TrackedSend
@@ -41,6 +43,7 @@ class Pipeline:
         self.store = store
         self.signer = signer
         self.tracking = TrackingSettings(settings, store)
+        self.dkim = DkimSigner([load_key(k.domain, k.selector, k.private_key_path) for k in settings.dkim])
 
     async def relay(self, project: ProjectSettings, mail_from: str, recipients: list[str], raw: bytes) -> str:
         """Return the SMTP reply for this transaction; 250 only once the upstream accepted every copy."""
@@ -52,6 +55,8 @@ class Pipeline:
                 raise Refusal(replies.PROJECT_MISMATCH)
             if hints.contact is not None and len(recipients) > 1:
                 raise Refusal(replies.invalid_header("X-Inflight-Contact", "one contact: send one message per recipient"))
+            if not from_allowed(message, project.sender_domains):
+                raise Refusal(replies.FROM_DOMAIN_REFUSED)
         except Refusal as refusal:
             self._log("refused", project.id, None, recipients, None, len(raw), started, refusal.reply)
             return refusal.reply
@@ -68,6 +73,12 @@ class Pipeline:
             decision = replace(decision, reason=f"{decision.reason} engine=provider")
         message, message_id = self._prepare_headers(strip_hints(message), decision)
         copies, outcome = self._copies(message.to_bytes(), recipients, hints, project, message_id, decision)
+        try:
+            copies = self._signed(copies, message, message_id, rewritten=outcome == "instrumented")
+        except DkimError as exc:
+            reply = replies.unsignable(str(exc))
+            self._log("refused", project.id, message_id, recipients, decision, len(raw), started, reply)
+            return reply
         delivered: list[str] = []
         try:
             for copy in copies:
@@ -144,6 +155,14 @@ class Pipeline:
                 return [Copy(recipients, data)], f"instrument={result.outcome} ({result.reason})"
             copies.append(Copy([recipient], result.data))
         return copies, "instrumented"
+
+    def _signed(self, copies: list[Copy], message: SplitMessage, message_id: str, *, rewritten: bool) -> list[Copy]:
+        """The last step of copy preparation: DKIM over each copy's final bytes."""
+        if rewritten:
+            for domain in self.dkim.foreign_signatures(message):
+                log.warning("dkim-broken message_id=%s domain=%s detail='tracking rewrote a message the app signed; "
+                            "configure [[dkim]] for this domain or turn tracking off for these sends'", message_id, domain)
+        return [Copy(copy.recipients, self.dkim.sign(copy.data)) for copy in copies]
 
     async def _record_sent(
         self,

@@ -9,12 +9,26 @@ PROJECT_MISMATCH = "550 5.7.1 X-Inflight-Project does not match the authenticate
 UPSTREAM_UNAVAILABLE = "451 4.4.1 Upstream unavailable, try again later"
 SETTINGS_UNAVAILABLE = "451 4.3.0 Tracking settings unavailable, try again later"
 AUTH_UNKNOWN_PROJECT = "535 5.7.8 Authentication credentials invalid"
+AUTH_REQUIRED = "530 5.7.0 Authentication required"
+# RFC 4954 §6: 454 4.7.0 is the temporary authentication failure; the client may retry later.
+AUTH_THROTTLED = "454 4.7.0 Too many failed authentication attempts, try again later"
+TLS_REQUIRED = "530 5.7.0 Must issue a STARTTLS command first"
+SENDER_DOMAIN_REFUSED = "550 5.7.1 Sender domain not allowed for this project (sender_domains)"
+FROM_DOMAIN_REFUSED = "550 5.7.1 From header must be one address in a domain allowed for this project (sender_domains)"
 
 _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 
 def accepted(message_id: str, recipients: int) -> str:
     return f"250 2.0.0 OK: {recipients} recipient(s) sent <{message_id}>"
+
+
+def rate_limited(retry_after: float) -> str:
+    return f"451 4.7.1 Sending rate limit of this project exceeded, try again in {max(1, round(retry_after))} s"
+
+
+def unsignable(reason: str) -> str:
+    return f"550 5.6.0 Message cannot be DKIM-signed: {' '.join(reason.split())[:200]}"
 
 
 def invalid_header(name: str, allowed: str) -> str:

@@ -1,63 +1,151 @@
-"""The SMTP listener: aiosmtpd with per-project AUTH, limits, and a thin handler over the pipeline."""
+"""The SMTP listener: aiosmtpd with per-project AUTH, TLS, limits, and a thin handler over the pipeline."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import socket
 import ssl
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
-from config.settings import Settings
+from config.settings import ProjectSettings, Settings
 from relay import replies
 from relay.pipeline import Pipeline
+from relay.senders import domain_allowed
+from relay.throttle import AuthThrottle, RateLimiter, client_key
+from relay.trace import received_header, tls_description
 
 log = logging.getLogger("inflight.relay")
+TLS_HANDSHAKE_TIMEOUT_SECONDS = 10.0
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's SMTP state machine with the two TLS behaviours the relay needs.
+
+    aiosmtpd only recognises TLS it negotiated itself (STARTTLS): on an implicit-TLS listener
+    `session.ssl` stays None, AUTH is not advertised and is refused with 538 (aiosmtpd issues
+    #281 and #274, open in 1.4.6). Here a connection whose transport is already TLS is marked
+    as such, so AUTH works on port 465 exactly as after STARTTLS.
+    """
+
+    def __init__(self, handler: Any, *, require_tls: bool, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.require_tls = require_tls
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self.session is not None
+        if self.session.ssl is None and transport.get_extra_info("ssl_object") is not None:
+            self.session.ssl = {k: transport.get_extra_info(k) for k in ("ssl_object", "cipher", "peercert", "compression")}
+            self._auth_require_tls = False  # the requirement is met: this whole connection is encrypted
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if self.require_tls and self.session is not None and self.session.ssl is None:
+            await self.push(replies.TLS_REQUIRED)  # RFC 3207 §4: refuse mail on an unprotected session
+            return
+        await super().smtp_MAIL(arg)
 
 
 class ProjectAuthenticator:
-    """SMTP AUTH: username = project id, password = project secret (compared in constant time)."""
+    """SMTP AUTH: username = project id, password = project secret (compared in constant time).
 
-    def __init__(self, settings: Settings) -> None:
+    Failures are counted per client address and per username (`AuthThrottle`); past the limit
+    the attempt gets `454 4.7.0` without its password being looked at. Logs name a username only
+    when it is a real project id, so a password typed into the username field never reaches a log.
+    """
+
+    def __init__(self, settings: Settings, throttle: AuthThrottle) -> None:
         self._secrets = {p.id: p.secret.encode("utf-8") for p in settings.projects}
+        self.throttle = throttle
+
+    def _shown(self, login: str) -> str:
+        if login in self._secrets:
+            return login
+        return "unknown:" + hashlib.sha256(login.encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
     def __call__(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any) -> AuthResult:
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)
-        project_id = auth_data.login.decode("utf-8", "replace")
-        expected = self._secrets.get(project_id)
-        ok = expected is not None and hmac.compare_digest(expected, auth_data.password)
-        if not ok:
-            log.info("auth-failed peer=%s user=%r", session.peer, project_id)  # never the password
+        login = auth_data.login.decode("utf-8", "replace")
+        client = client_key(session.peer)
+        wait = self.throttle.retry_after(client, login)
+        if wait > 0:
+            log.warning("auth-throttled peer=%s user=%s retry_after=%.0f", client, self._shown(login), wait)
+            return AuthResult(success=False, handled=False, message=replies.AUTH_THROTTLED)
+        expected = self._secrets.get(login)
+        # Compare even for an unknown project, so timing does not tell which project ids exist.
+        matches = hmac.compare_digest(expected or b"\0" * 32, auth_data.password)
+        if expected is None or not matches:
+            by_ip, by_user = self.throttle.failed(client, login)
+            log.warning("auth-failed peer=%s user=%s mechanism=%s failures_ip=%d failures_user=%d",
+                        client, self._shown(login), mechanism, by_ip, by_user)  # never the password
             return AuthResult(success=False, handled=False)
-        return AuthResult(success=True, auth_data=project_id)
+        self.throttle.succeeded(client, login)
+        return AuthResult(success=True, auth_data=login)
 
 
 class RelayHandler:
     """aiosmtpd hooks: translate protocol events into pipeline calls and pipeline outcomes into replies."""
 
-    def __init__(self, settings: Settings, pipeline: Pipeline) -> None:
+    def __init__(self, settings: Settings, pipeline: Pipeline, rates: RateLimiter) -> None:
         self.settings = settings
         self.pipeline = pipeline
+        self.rates = rates
+
+    def _project(self, session: Session) -> ProjectSettings | None:
+        return self.settings.project(str(session.auth_data)) if session.authenticated else None
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        project = self._project(session)
+        if project is None:
+            return replies.AUTH_REQUIRED
+        if not domain_allowed(address, project.sender_domains):
+            log.info("sender-refused project=%s mail_from_domain=%s", project.id, address.rpartition("@")[2][:255])
+            return replies.SENDER_DOMAIN_REFUSED
+        wait = self.rates.retry_after(project.id, project.rate_limit_per_minute)
+        if wait > 0:
+            return replies.rate_limited(wait)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
-        if len(envelope.rcpt_tos) >= self.settings.relay.max_recipients:
+        project = self._project(session)
+        limit = (project.max_recipients if project else 0) or self.settings.relay.max_recipients
+        if len(envelope.rcpt_tos) >= limit:
             return replies.TOO_MANY_RECIPIENTS
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        project = self.settings.project(str(session.auth_data))
-        if not session.authenticated or project is None:
-            return "530 5.7.0 Authentication required"
-        content = envelope.original_content or b""
-        return await self.pipeline.relay(project, envelope.mail_from or "", list(envelope.rcpt_tos), content)
+        project = self._project(session)
+        if project is None:
+            return replies.AUTH_REQUIRED
+        wait = self.rates.acquire(project.id, project.rate_limit_per_minute)
+        if wait > 0:
+            log.info("outcome=deferred project=%s recipients=%d detail='rate limit'", project.id, len(envelope.rcpt_tos))
+            return replies.rate_limited(wait)
+        recipients = list(envelope.rcpt_tos)
+        trace = received_header(
+            helo=session.host_name,
+            peer_ip=str(session.peer[0]) if isinstance(session.peer, tuple) else None,
+            hostname=self.settings.relay.hostname,
+            tls=tls_description(session.ssl),
+            authenticated=bool(session.authenticated),
+            recipients=recipients,
+        )
+        content = trace + (envelope.original_content or b"")
+        return await self.pipeline.relay(project, envelope.mail_from or "", recipients, content)
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -68,24 +156,51 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-async def start_relay(settings: Settings, pipeline: Pipeline, sock: socket.socket) -> asyncio.Server:
-    """Serve SMTP on an already bound socket (so callers and tests can bind port 0)."""
-    handler = RelayHandler(settings, pipeline)
-    authenticator = ProjectAuthenticator(settings)
-    context = tls_context(settings)
-    loop = asyncio.get_running_loop()
+class Relay:
+    """The SMTP side: one handler, AUTH throttle and rate limiter shared by every listener.
 
-    def protocol() -> SMTP:
-        return SMTP(
-            handler,
-            data_size_limit=settings.relay.max_message_bytes,
-            hostname=settings.relay.hostname,
-            ident="inflight",
-            tls_context=context,
-            auth_required=True,
-            auth_require_tls=not settings.relay.allow_plaintext_auth,
-            authenticator=authenticator,
-            loop=loop,
-        )
+    Sharing matters: an attacker must not get a fresh AUTH budget by switching from the
+    submission port to the implicit-TLS port.
+    """
 
-    return await loop.create_server(protocol, sock=sock)
+    def __init__(self, settings: Settings, pipeline: Pipeline) -> None:
+        relay = settings.relay
+        self.settings = settings
+        self.handler = RelayHandler(settings, pipeline, RateLimiter())
+        self.authenticator = ProjectAuthenticator(settings, AuthThrottle(
+            per_ip=relay.auth_failures_per_ip,
+            per_user=relay.auth_failures_per_user,
+            backoff=relay.auth_backoff_seconds,
+            window=relay.auth_failure_window_seconds,
+        ))
+        self.tls = tls_context(settings)
+
+    async def listen(self, sock: socket.socket, *, implicit_tls: bool = False) -> asyncio.Server:
+        """Serve SMTP on an already bound socket (so callers and tests can bind port 0).
+
+        With `implicit_tls` every connection starts with the TLS handshake (port 465 style) and
+        STARTTLS is not offered; otherwise STARTTLS is offered when a certificate is configured.
+        """
+        relay = self.settings.relay
+        loop = asyncio.get_running_loop()
+        if implicit_tls and self.tls is None:
+            raise ValueError("relay.smtps_listen needs relay.tls_cert and relay.tls_key")
+
+        def protocol() -> SMTP:
+            return RelaySMTP(
+                self.handler,
+                require_tls=relay.require_tls and not implicit_tls,
+                data_size_limit=relay.max_message_bytes,
+                hostname=relay.hostname,
+                ident="inflight",
+                tls_context=None if implicit_tls else self.tls,
+                auth_required=True,
+                auth_require_tls=relay.require_tls or not relay.allow_plaintext_auth,
+                authenticator=self.authenticator,
+                loop=loop,
+            )
+
+        if implicit_tls:
+            return await loop.create_server(protocol, sock=sock, ssl=self.tls,
+                                            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_SECONDS)
+        return await loop.create_server(protocol, sock=sock)

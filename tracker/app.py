@@ -13,16 +13,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from config.settings import ProjectSettings, Settings
 from config.tracking import ModeRefused, TrackingSettings
 from tracker.agents import AgentPolicy, Hit, PriorHit, Verdict, classify, relabel
 from tracker.netdata import NetworkLists, network_specs
 from tracker.store import EVENT_NAMES, MAX_LIMIT, EventQuery, EventStore, NewEvent, rfc3339
-from tracker.tokens import TokenSigner, TrackedSend, TrackingClaims, claims_from_dict
+from tracker.tokens import MAX_TOKEN_CHARS, TokenSigner, TrackedSend, TrackingClaims, claims_from_dict, is_redirectable
 
 log = logging.getLogger("inflight.tracker")
 
@@ -36,9 +38,36 @@ NO_CACHE = {
     "Pragma": "no-cache",
     "Expires": "0",
 }
-HARDENING = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
-NOT_FOUND = Response("Not Found", status_code=404, media_type="text/plain", headers=HARDENING)
+# On every answer: no MIME sniffing, and a redirect never tells the destination which token
+# (so which contact) sent the reader there.
+HARDENING = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+NOT_FOUND = Response("Not Found", status_code=404, media_type="text/plain")
 UNAUTHORIZED = JSONResponse({"error": "missing or invalid bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+MAX_TARGET_CHARS = MAX_TOKEN_CHARS + 64  # path + query of the longest URL we mint, with room
+
+
+class HardenedResponses:
+    """ASGI middleware: security headers on every response; an overlong URL gets 414 before routing."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_hardened(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                names = {name.lower() for name, _ in message.get("headers", [])}
+                message["headers"] = [*message.get("headers", []), *(h for h in HARDENING if h[0] not in names)]
+            await send(message)
+
+        target = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+        if target > MAX_TARGET_CHARS:
+            await Response("URI Too Long", status_code=414, media_type="text/plain")(scope, receive, send_hardened)
+            return
+        await self.app(scope, receive, send_hardened)
 
 
 class TrustedProxies:
@@ -149,18 +178,19 @@ class Tracker:
         if claims is None:
             return NOT_FOUND
         await self._record(request, claims)
-        return Response(PIXEL_GIF, media_type="image/gif", headers={**NO_CACHE, **HARDENING})
+        return Response(PIXEL_GIF, media_type="image/gif", headers=NO_CACHE)
 
     async def click(self, request: Request) -> Response:
         claims = self._claims(request.path_params["token"], "click")
         if claims is not None and claims.honeypot:
             # The invisible trap link goes nowhere; only machines follow it.
             await self._record(request, claims)
-            return Response(b"", media_type="text/html", headers={**NO_CACHE, **HARDENING, "X-Robots-Tag": "noindex"})
-        if claims is None or claims.link is None or not claims.link.lower().startswith(("http://", "https://")):
+            return Response(b"", media_type="text/html", headers={**NO_CACHE, "X-Robots-Tag": "noindex"})
+        if claims is None or claims.link is None or not is_redirectable(claims.link):
             return NOT_FOUND  # only signed http(s) destinations are ever redirected to: no open redirect
         await self._record(request, claims)
-        return RedirectResponse(claims.link, status_code=302, headers={**NO_CACHE, **HARDENING})
+        # Location is the signed link byte for byte (RedirectResponse would re-quote it).
+        return Response(status_code=302, headers={**NO_CACHE, "Location": claims.link})
 
     def _project(self, request: Request) -> ProjectSettings | None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -254,4 +284,4 @@ def create_app(tracker: Tracker, *, manage_store: bool = False) -> Starlette:
         Route("/v1/settings/tracking", tracker.tracking_settings, methods=["GET", "PUT"]),
         Route("/healthz", tracker.health, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(HardenedResponses)])

@@ -18,9 +18,28 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 TAG_BYTES = 16
 MAX_TOKEN_CHARS = 8192  # longer than any URL we mint; bounds work on hostile input
+
+
+def is_redirectable(link: str) -> bool:
+    """A link the tracker may answer with `Location: <link>` byte for byte.
+
+    An absolute http(s) URL with a host, in visible ASCII with no backslash: browsers read a
+    backslash as `/` in http URLs while Python's parser does not, so such a link could name one host to
+    us and another to the browser. The minter leaves any other link untracked, and the tracker
+    refuses it even if it was signed, so no input ever redirects elsewhere.
+    """
+    if not link or len(link) > MAX_TOKEN_CHARS or any(not "\x21" <= ch <= "\x7e" or ch == "\\" for ch in link):
+        return False
+    try:
+        parts = urlsplit(link)
+        host = parts.hostname
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(host) and link[len(parts.scheme):].startswith("://")
 
 
 def _b64encode(data: bytes) -> str:

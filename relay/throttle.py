@@ -1,0 +1,138 @@
+"""How often a client may try: AUTH failure back-off and per-project sending rates.
+
+Both tables live in memory, are bounded (an attacker spraying addresses or usernames cannot
+grow them without limit) and take the clock as a parameter so tests need no sleeping.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+MAX_TRACKED_KEYS = 65_536
+MAX_BACKOFF_SECONDS = 3600.0
+
+
+def client_key(peer: object) -> str:
+    """The address one client controls: the IP, or its /64 for IPv6 (one host usually owns a whole /64)."""
+    host = peer[0] if isinstance(peer, tuple) and peer else str(peer)
+    try:
+        address = ipaddress.ip_address(str(host).split("%", 1)[0])
+    except ValueError:
+        return str(host)
+    if address.version == 6 and address.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address.ipv4_mapped or address) if address.version == 6 else str(address)
+
+
+@dataclass
+class _Failures:
+    count: int = 0
+    last: float = 0.0
+    blocked_until: float = 0.0
+
+
+class _BoundedTable(OrderedDict[str, _Failures]):
+    def touch(self, key: str) -> _Failures:
+        entry = self.get(key)
+        if entry is None:
+            entry = self[key] = _Failures()
+            while len(self) > MAX_TRACKED_KEYS:
+                self.popitem(last=False)
+        self.move_to_end(key)
+        return entry
+
+
+class AuthThrottle:
+    """Counts failed AUTHs per client address and per username; past a limit, refuses for a while.
+
+    The refusal period starts at `backoff` seconds and doubles with every further failure (at most
+    an hour); failures are forgotten `window` seconds after the last one or the end of its refusal. A username lock would let anyone lock a
+    project out, so addresses that authenticated as that username within the window are exempt
+    from it: the app's own servers keep sending while an attacker elsewhere is refused.
+    """
+
+    def __init__(self, *, per_ip: int, per_user: int, backoff: float, window: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_ip = per_ip
+        self.per_user = per_user
+        self.backoff = backoff
+        self.window = window
+        self.clock = clock
+        self._ips = _BoundedTable()
+        self._users = _BoundedTable()
+        self._known_good: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def _current(self, table: _BoundedTable, key: str, now: float) -> _Failures | None:
+        entry = table.get(key)
+        if entry is not None and now - max(entry.last, entry.blocked_until) > self.window:
+            del table[key]
+            return None
+        return entry
+
+    def _known(self, client: str, user: str, now: float) -> bool:
+        seen = self._known_good.get((client, user))
+        return seen is not None and now - seen <= self.window
+
+    def retry_after(self, client: str, user: str) -> float:
+        """Seconds this attempt must wait, 0 when it may go ahead."""
+        now = self.clock()
+        waits = [0.0]
+        ip = self._current(self._ips, client, now)
+        if ip is not None:
+            waits.append(ip.blocked_until - now)
+        named = self._current(self._users, user, now)
+        if named is not None and not self._known(client, user, now):
+            waits.append(named.blocked_until - now)
+        return max(waits)
+
+    def failed(self, client: str, user: str) -> tuple[int, int]:
+        """Record a failure; return the failure counts (address, username) now in force."""
+        now = self.clock()
+        counts = []
+        for table, key, limit in ((self._ips, client, self.per_ip), (self._users, user, self.per_user)):
+            entry = self._current(table, key, now) or table.touch(key)
+            table.move_to_end(key)
+            entry.count += 1
+            entry.last = now
+            if entry.count >= limit:
+                entry.blocked_until = now + min(self.backoff * 2 ** (entry.count - limit), MAX_BACKOFF_SECONDS)
+            counts.append(entry.count)
+        return counts[0], counts[1]
+
+    def succeeded(self, client: str, user: str) -> None:
+        """A correct password clears the address's failures and marks it good for this username."""
+        self._ips.pop(client, None)
+        self._known_good[(client, user)] = self.clock()
+        self._known_good.move_to_end((client, user))
+        while len(self._known_good) > MAX_TRACKED_KEYS:
+            self._known_good.popitem(last=False)
+
+
+class RateLimiter:
+    """A token bucket per key: `per_minute` messages, refilled evenly, bursts up to `per_minute`."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key → (tokens, at)
+
+    def _tokens(self, key: str, per_minute: int, now: float) -> float:
+        tokens, at = self._buckets.get(key, (float(per_minute), now))
+        return min(float(per_minute), tokens + (now - at) * per_minute / 60.0)
+
+    def retry_after(self, key: str, per_minute: int) -> float:
+        """Seconds until one message may go, 0 when it may go now (per_minute 0 = unlimited)."""
+        if per_minute <= 0:
+            return 0.0
+        return max(0.0, (1.0 - self._tokens(key, per_minute, self.clock())) * 60.0 / per_minute)
+
+    def acquire(self, key: str, per_minute: int) -> float:
+        """Take one message's token; return 0 when taken, else the seconds to wait (nothing taken)."""
+        wait = self.retry_after(key, per_minute)
+        if wait == 0.0 and per_minute > 0:
+            now = self.clock()
+            self._buckets[key] = (self._tokens(key, per_minute, now) - 1.0, now)
+        return wait
