@@ -16,12 +16,11 @@ from config.tracking import TrackingSettings
 from relay.pipeline import Pipeline
 from relay.server import Relay
 from relay.upstream import upstream_from_url
-from tracker.app import Tracker, create_app
+from tracker.app import MAX_REQUEST_HEAD_BYTES, Tracker, create_app
 from tracker.store import SqliteEventStore
 from tracker.tokens import TokenSigner
 
 log = logging.getLogger("inflight")
-MAX_REQUEST_HEAD_BYTES = 16 * 1024  # request line + headers; tracking URLs are far shorter
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -39,7 +38,9 @@ def bind(listen: str) -> socket.socket:
         raise ValueError(f"invalid listen address {listen!r}")
     host, port = parsed
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and without it
+    # Nagle holds a response body behind its headers for a delayed ACK (~40 ms per keep-alive request).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(1024)

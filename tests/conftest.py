@@ -129,8 +129,8 @@ def sink() -> Iterator[Sink]:
         controller.stop()
 
 
-def make_settings(tmp_path: Path, upstream_url: str, **sections: dict[str, Any]) -> Settings:
-    """Test settings on port 0; `sections` merge into the TOML-shaped mapping (projects replace)."""
+def make_settings(tmp_path: Path, upstream_url: str, **sections: Any) -> Settings:
+    """Test settings on port 0; `sections` merge into the TOML-shaped mapping (arrays of tables replace)."""
     raw: dict[str, Any] = {
         "relay": {"listen": "127.0.0.1:0", "hostname": "relay.test", "allow_plaintext_auth": True},
         "tracker": {"listen": "127.0.0.1:0", "public_url": "http://127.0.0.1:1", "secrets": ["test-secret-1"]},
@@ -139,7 +139,7 @@ def make_settings(tmp_path: Path, upstream_url: str, **sections: dict[str, Any])
         "projects": [{"id": PROJECT, "secret": PROJECT_SECRET, "tracking": "ENABLED"}],
     }
     for name, value in sections.items():
-        raw[name] = value if name == "projects" else {**raw.get(name, {}), **value}
+        raw[name] = value if isinstance(value, list) else {**raw.get(name, {}), **value}
     return settings_from_mapping(raw, environ={})
 
 

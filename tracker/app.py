@@ -44,10 +44,12 @@ HARDENING = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-
 NOT_FOUND = Response("Not Found", status_code=404, media_type="text/plain")
 UNAUTHORIZED = JSONResponse({"error": "missing or invalid bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
 MAX_TARGET_CHARS = MAX_TOKEN_CHARS + 64  # path + query of the longest URL we mint, with room
+MAX_REQUEST_HEAD_BYTES = 16 * 1024  # request line + headers; uvicorn's h11 bound on partial requests too
 
 
 class HardenedResponses:
-    """ASGI middleware: security headers on every response; an overlong URL gets 414 before routing."""
+    """ASGI middleware: security headers on every response; an overlong URL (414) or header block (431)
+    is refused before routing, so hostile input costs no token verification or store work."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -64,8 +66,11 @@ class HardenedResponses:
             await send(message)
 
         target = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
-        if target > MAX_TARGET_CHARS:
-            await Response("URI Too Long", status_code=414, media_type="text/plain")(scope, receive, send_hardened)
+        head = sum(len(name) + len(value) + 4 for name, value in scope.get("headers", []))
+        refusal = (414, "URI Too Long") if target > MAX_TARGET_CHARS else (
+            (431, "Request Header Fields Too Large") if head > MAX_REQUEST_HEAD_BYTES else None)
+        if refusal is not None:
+            await Response(refusal[1], status_code=refusal[0], media_type="text/plain")(scope, receive, send_hardened)
             return
         await self.app(scope, receive, send_hardened)
 
@@ -284,4 +289,8 @@ def create_app(tracker: Tracker, *, manage_store: bool = False) -> Starlette:
         Route("/v1/settings/tracking", tracker.tracking_settings, methods=["GET", "PUT"]),
         Route("/healthz", tracker.health, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(HardenedResponses)])
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(HardenedResponses)])
+    # Starlette answers `/c/<token>/` with a 307 to an absolute URL built from the Host header:
+    # a redirect we did not sign. Every path is exact; anything else is 404.
+    app.router.redirect_slashes = False
+    return app

@@ -1,0 +1,152 @@
+"""DKIM signing with real generated keys, verified by dkimpy's verifier against a DNS stub."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import smtplib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from config.settings import ConfigError
+from relay.dkim import ED25519, RSA, DkimSigner, load_key
+from relay.headers import split_message
+from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, make_settings
+
+SELECTOR = "s2026"
+
+
+@dataclass(frozen=True)
+class KeyFiles:
+    """Private keys in every form an operator may hold, and the DNS TXT records that publish them."""
+
+    rsa_pkcs1: Path
+    rsa_pkcs8: Path
+    ed25519_pem: Path
+    ed25519_seed: Path
+    rsa_txt: bytes
+    ed25519_txt: bytes
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> KeyFiles:
+    directory = tmp_path_factory.mktemp("dkim")
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ed_key = ed25519.Ed25519PrivateKey.generate()
+    files = KeyFiles(
+        directory / "rsa1.pem", directory / "rsa8.pem", directory / "ed.pem", directory / "ed.key",
+        b"v=DKIM1; k=rsa; p=" + base64.b64encode(rsa_key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)),
+        b"v=DKIM1; k=ed25519; p=" + base64.b64encode(ed_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw)),
+    )
+    none = serialization.NoEncryption()
+    files.rsa_pkcs1.write_bytes(rsa_key.private_bytes(serialization.Encoding.PEM,
+                                                      serialization.PrivateFormat.TraditionalOpenSSL, none))
+    files.rsa_pkcs8.write_bytes(rsa_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, none))
+    files.ed25519_pem.write_bytes(ed_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, none))
+    files.ed25519_seed.write_bytes(base64.b64encode(ed_key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, none)) + b"\n")  # dknewkey's format
+    return files
+
+
+def dns(records: dict[str, bytes]) -> Callable[..., bytes | None]:
+    def lookup(name: bytes, timeout: int = 5) -> bytes | None:
+        return records.get(name.decode().rstrip("."))
+    return lookup
+
+
+def verified(data: bytes, records: dict[str, bytes]) -> bool:
+    """dkimpy's verdict on the topmost signature (False on any validation error)."""
+    return bool(dkim.verify(data, dnsfunc=dns(records)))
+
+
+MESSAGE = (b"From: App <app@example.com>\r\nTo: a@example.com\r\nSubject: Hello\r\n"
+           b"Message-ID: <m1@example.com>\r\nMIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\nHi there.\r\n")
+
+
+@pytest.mark.parametrize(("form", "algorithm"), [("rsa_pkcs1", RSA), ("rsa_pkcs8", RSA),
+                                                 ("ed25519_pem", ED25519), ("ed25519_seed", ED25519)])
+def test_every_key_form_signs_verifiably(keys: KeyFiles, form: str, algorithm: bytes) -> None:
+    key = load_key("Example.com", SELECTOR, str(getattr(keys, form)))
+    assert key.algorithm == algorithm and key.domain == "example.com"
+    signed = DkimSigner([key]).sign(MESSAGE)
+    assert signed.startswith(b"DKIM-Signature: v=1; a=" + algorithm) and signed.endswith(MESSAGE)
+    txt = keys.rsa_txt if algorithm == RSA else keys.ed25519_txt
+    assert verified(signed, {f"{SELECTOR}._domainkey.example.com": txt})
+    tampered = signed.replace(b"Hi there.", b"Hi there!")
+    assert not verified(tampered, {f"{SELECTOR}._domainkey.example.com": txt})
+
+
+def test_existing_signature_for_our_domain_is_replaced_others_kept(keys: KeyFiles) -> None:
+    signer = DkimSigner([load_key("example.com", SELECTOR, str(keys.ed25519_pem))])
+    app_signed = (b"DKIM-Signature: v=1; a=rsa-sha256; d=Example.COM; s=app; b=AAAA\r\n"
+                  b"DKIM-Signature: v=1; a=rsa-sha256; d=esp.example; s=x; b=BBBB\r\n" + MESSAGE)
+    assert signer.foreign_signatures(split_message(app_signed)) == ["esp.example"]
+    signed = signer.sign(app_signed)
+    fields = [f for f in split_message(signed).fields if f.name.lower() == "dkim-signature"]
+    assert len(fields) == 2 and b"d=esp.example" in fields[1].raw and b"d=Example.COM" not in signed
+    assert verified(signed, {f"{SELECTOR}._domainkey.example.com": keys.ed25519_txt})
+
+
+def test_key_choice_follows_the_from_domain(keys: KeyFiles) -> None:
+    signer = DkimSigner([load_key("example.com", SELECTOR, str(keys.ed25519_seed))])
+    sub = MESSAGE.replace(b"app@example.com", b"app@news.example.com")
+    assert b" d=example.com;" in signer.sign(sub)  # parent domain: still aligned for DMARC (relaxed)
+    other = MESSAGE.replace(b"app@example.com", b"app@example.org")
+    assert signer.sign(other) == other  # no key for that domain: untouched
+    lookalike = MESSAGE.replace(b"app@example.com", b"app@notexample.com")
+    assert signer.sign(lookalike) == lookalike
+
+
+def test_bad_key_files_are_refused_at_load(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    short_seed = tmp_path / "short.key"
+    short_seed.write_text(base64.b64encode(b"x" * 16).decode())
+    for path, fragment in ((tmp_path / "missing.pem", "cannot read"), (garbage, "not an RSA or Ed25519"),
+                           (short_seed, "32 bytes")):
+        with pytest.raises(ValueError, match=fragment):
+            load_key("example.com", SELECTOR, str(path))
+
+
+def test_config_names_a_bad_dkim_entry(tmp_path: Path, sink: Sink, keys: KeyFiles) -> None:
+    with pytest.raises(ConfigError) as error:
+        make_settings(tmp_path, sink.url, dkim=[{"domain": "example.com", "selector": SELECTOR,
+                                                 "private_key_path": str(tmp_path / "nope.pem")},
+                                                {"domain": "bad domain", "selector": SELECTOR,
+                                                 "private_key_path": str(keys.rsa_pkcs8)}])
+    assert any(p.startswith("dkim[0].private_key_path: cannot read") for p in error.value.problems)
+    assert any(p.startswith("dkim[1].domain:") for p in error.value.problems)
+
+
+def test_each_tracked_copy_is_signed_over_the_bytes_sent(tmp_path: Path, sink: Sink, keys: KeyFiles,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    settings = make_settings(tmp_path, sink.url, dkim=[{"domain": "example.com", "selector": SELECTOR,
+                                                        "private_key_path": str(keys.rsa_pkcs8)}])
+    html = (b"From: app@example.com\r\nTo: list@example.com\r\nSubject: News\r\n"
+            b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=app; b=AAAA\r\n"
+            b"DKIM-Signature: v=1; a=rsa-sha256; d=esp.example; s=x; b=BBBB\r\n"
+            b"X-Inflight-Template-Type: MARKETING\r\nMIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+            b'<html><body><a href="https://example.com/offer">offer</a></body></html>\r\n')
+    caplog.set_level(logging.WARNING)
+    with RunningService(settings) as service, smtplib.SMTP("127.0.0.1", service.smtp_port, timeout=10) as client:
+        client.login(PROJECT, PROJECT_SECRET)
+        client.sendmail("app@example.com", ["a@example.com", "b@example.com"], html)
+    records = {f"{SELECTOR}._domainkey.example.com": keys.rsa_txt}
+    assert len(sink.messages) == 2
+    bodies = set()
+    for copy in sink.messages:
+        assert copy.data.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.com;")
+        assert verified(copy.data, records)
+        assert b"d=example.com; s=app" not in copy.data and b"d=esp.example" in copy.data
+        bodies.add(copy.data.split(b"\r\n\r\n", 1)[1])
+    assert len(bodies) == 2  # each copy has its own tokens, so its own signature
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dkim-broken")]
+    assert len(warnings) == 1 and "domain=esp.example" in warnings[0]
