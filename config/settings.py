@@ -337,7 +337,7 @@ def _build(cls: type, table: Mapping[str, object], where: str, problems: list[st
             continue
         converted = _convert(value, hints[key])
         if converted is _INVALID:
-            shown = f"a {type(value).__name__}" if known[key].metadata.get("secret") else repr(value)
+            shown = f"a value of type {type(value).__name__}" if known[key].metadata.get("secret") else repr(value)
             problems.append(f"{where}.{key}: expected {_type_name(hints[key])}, got {shown}")
             ok = False
         else:

@@ -14,6 +14,10 @@ AUTH_REQUIRED = "530 5.7.0 Authentication required"
 AUTH_THROTTLED = "454 4.7.0 Too many failed authentication attempts, try again later"
 TLS_REQUIRED = "530 5.7.0 Must issue a STARTTLS command first"
 SENDER_DOMAIN_REFUSED = "550 5.7.1 Sender domain not allowed for this project (sender_domains)"
+BAD_ADDRESS = "553 5.1.3 Address contains control characters"
+# NUL is not mail (RFC 5322 §3.5; only BINARYMIME carries it); C-string MTAs downstream would cut there.
+NUL_IN_MESSAGE = "550 5.6.0 Message contains NUL bytes"
+INTERNAL_ERROR = "451 4.3.0 Internal error, nothing was sent; try again later"
 FROM_DOMAIN_REFUSED = "550 5.7.1 From header must be one address in a domain allowed for this project (sender_domains)"
 
 _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")

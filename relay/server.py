@@ -21,6 +21,15 @@ from relay.trace import received_header, tls_description
 
 log = logging.getLogger("inflight.relay")
 TLS_HANDSHAKE_TIMEOUT_SECONDS = 10.0
+# Per-session command budgets (aiosmtpd answers 421 and closes past them). Commands that carry no
+# mail are bounded like Postfix's smtpd_junk_command_limit, and AUTH as a second brute-force bound;
+# MAIL/RCPT/DATA/RSET stay unbounded so a long-lived client connection can send any number of messages.
+COMMAND_LIMITS = {"NOOP": 100, "VRFY": 10, "HELP": 10, "EXPN": 10, "EHLO": 20, "HELO": 20, "AUTH": 10,
+                  "STARTTLS": 5, "*": 10**9}
+
+
+def has_control_characters(address: str) -> bool:
+    return any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in address)
 
 
 class RelaySMTP(SMTP):
@@ -106,6 +115,8 @@ class RelayHandler:
         project = self._project(session)
         if project is None:
             return replies.AUTH_REQUIRED
+        if has_control_characters(address):
+            return replies.BAD_ADDRESS
         if not domain_allowed(address, project.sender_domains):
             log.info("sender-refused project=%s mail_from_domain=%s", project.id, address.rpartition("@")[2][:255])
             return replies.SENDER_DOMAIN_REFUSED
@@ -121,6 +132,8 @@ class RelayHandler:
     ) -> str:
         project = self._project(session)
         limit = (project.max_recipients if project else 0) or self.settings.relay.max_recipients
+        if has_control_characters(address):
+            return replies.BAD_ADDRESS
         if len(envelope.rcpt_tos) >= limit:
             return replies.TOO_MANY_RECIPIENTS
         envelope.rcpt_tos.append(address)
@@ -131,6 +144,8 @@ class RelayHandler:
         project = self._project(session)
         if project is None:
             return replies.AUTH_REQUIRED
+        if b"\0" in (envelope.original_content or b""):
+            return replies.NUL_IN_MESSAGE
         wait = self.rates.acquire(project.id, project.rate_limit_per_minute)
         if wait > 0:
             log.info("outcome=deferred project=%s recipients=%d detail='rate limit'", project.id, len(envelope.rcpt_tos))
@@ -146,6 +161,12 @@ class RelayHandler:
         )
         content = trace + (envelope.original_content or b"")
         return await self.pipeline.relay(project, envelope.mail_from or "", recipients, content)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A bug must not become aiosmtpd's `500 Error: (ValueError) ...`: a permanent refusal that
+        leaks internals. Nothing was sent, so the honest answer is "try again later"."""
+        log.error("smtp-internal-error %s: %s", type(error).__name__, error, exc_info=error)
+        return replies.INTERNAL_ERROR
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -196,6 +217,7 @@ class Relay:
                 tls_context=None if implicit_tls else self.tls,
                 auth_required=True,
                 auth_require_tls=relay.require_tls or not relay.allow_plaintext_auth,
+                command_call_limit=COMMAND_LIMITS,
                 authenticator=self.authenticator,
                 loop=loop,
             )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
@@ -60,7 +60,7 @@ class SmtpUpstream:
     use_tls: bool  # implicit TLS (smtps://)
     start_tls: bool  # STARTTLS required (smtp://)
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a log line or traceback
     timeout: float = UPSTREAM_TIMEOUT_SECONDS
 
     async def send(self, mail_from: str, recipients: list[str], data: bytes) -> None:

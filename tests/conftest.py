@@ -10,6 +10,7 @@ import re
 import socket
 import ssl
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ from inflight.service import Service
 
 PROJECT = "demo"
 PROJECT_SECRET = "demo-secret"
+# Bad-input tally (tests/test_smtp_input.py), printed at the end of the run for the record.
+INPUT_TALLY: Counter[str] = Counter()
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
@@ -246,3 +249,8 @@ def minter() -> DeterministicMinter:
 @pytest.fixture
 def make_minter() -> type[DeterministicMinter]:
     return DeterministicMinter
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if INPUT_TALLY:
+        counts = " ".join(f"{key}={INPUT_TALLY[key]}" for key in
+                          ("cases", "transactions", "accepted", "lost", "duplicates", "delivered_after_refusal"))
+        terminalreporter.write_line(f"bad SMTP input: {counts}")

@@ -100,6 +100,10 @@ def test_request_size_limits_answer_fast_and_the_server_stays_up(tracker: tuple[
     assert client.get("/c/" + "A" * 20_000).status_code in (400, 414)
     assert client.get("/c/x", headers={f"X-Pad-{n}": "v" * 1000 for n in range(40)}).status_code in (400, 431)
     assert client.get("/c/" + "A" * 8000).status_code == 404  # long but within limits: verified, refused
+    bearer = {"Authorization": f"Bearer {PROJECT_SECRET}"}
+    assert client.put("/v1/settings/tracking", content=b"x" * 100_000, headers=bearer).status_code == 413
+    chunked = client.put("/v1/settings/tracking", content=iter([b'{"mode": ', b'"ENABLED"}']), headers=bearer)
+    assert chunked.status_code == 411
     assert time.monotonic() - started < 5
     assert client.get("/healthz").status_code == 200
 

@@ -194,3 +194,59 @@ def test_network_list_problems_name_the_key() -> None:
     assert problems({**VALID, "projects": [{"id": "p", "secret": "secret-123", "honeypot_link": "yes"}]}) == [
         "projects[0].honeypot_link: expected true or false, got 'yes'"
     ]
+
+
+def test_secrets_can_come_from_files(tmp_path: Path) -> None:
+    (tmp_path / "project").write_text("file-secret-123\n")
+    (tmp_path / "hmac").write_text("new-hmac-key-1\n\nold-hmac-key-1\n")
+    (tmp_path / "upstream").write_text("smtp://user:p%40ss@mx.example.com:587\n")
+    settings = settings_from_mapping({
+        "projects": [{"id": "p", "secret_file": str(tmp_path / "project")}],
+        "tracker": {"secrets_file": str(tmp_path / "hmac")},
+        "upstream": {"url_file": str(tmp_path / "upstream")},
+    }, {})
+    assert settings.projects[0].secret == "file-secret-123"
+    assert settings.tracker.secrets == ("new-hmac-key-1", "old-hmac-key-1")
+    assert settings.upstream.url == "smtp://user:p%40ss@mx.example.com:587"
+    for secret in ("file-secret-123", "new-hmac-key-1", "p%40ss"):
+        assert secret not in repr(settings)
+
+
+def test_secret_files_from_the_environment_replace_the_config_value(tmp_path: Path) -> None:
+    (tmp_path / "hmac").write_text("env-file-key-1\n")
+    settings = settings_from_mapping({**VALID, "tracker": {"secrets": ["config-key-1"]}},
+                                     {"INFLIGHT_TRACKER_SECRETS_FILE": str(tmp_path / "hmac")})
+    assert settings.tracker.secrets == ("env-file-key-1",)
+    settings = settings_from_mapping({**VALID, "upstream": {"url_file": str(tmp_path / "missing")}},
+                                     {"INFLIGHT_UPSTREAM_URL": "smtp://u:envpass@mx.example.com"})
+    assert settings.upstream.url == "smtp://u:envpass@mx.example.com"
+
+
+def test_secret_file_problems_are_named_and_never_echo_a_secret(tmp_path: Path) -> None:
+    (tmp_path / "s").write_text("some-secret-1\n")
+    found = problems({"projects": [{"id": "p", "secret": "inline-secret-1", "secret_file": str(tmp_path / "s")},
+                                   {"id": "q", "secret_file": str(tmp_path / "missing")},
+                                   {"id": "r", "secret": 12345678}],
+                      "relay": {"bogus_file": "x"}})
+    found += problems({**VALID, "upstream": {"url": "http://user:hunter2-secret@mx.example.com"}})
+    assert "projects[0].secret / projects[0].secret_file: give one or the other" in found
+    assert any(p.startswith("projects[1].secret_file: cannot read") for p in found)
+    assert "projects[2].secret: expected a string, got a value of type int" in found
+    assert any(p.startswith("upstream.url: scheme must be one of") and p.endswith("got 'http'") for p in found)
+    assert any(p.startswith("relay.bogus_file: unknown key") for p in found)
+    text = "\n".join(found)
+    assert "inline-secret-1" not in text and "12345678" not in text and "hunter2" not in text
+
+
+def test_new_relay_and_project_keys_are_validated(tmp_path: Path) -> None:
+    found = problems({"relay": {"smtps_listen": "465", "require_tls": True, "allow_plaintext_auth": True,
+                                "auth_failures_per_ip": 0},
+                      "projects": [{"id": "p", "secret": "secret-123", "sender_domains": ["exa mple.com"],
+                                    "rate_limit_per_minute": -1}]})
+    assert "relay.smtps_listen: needs relay.tls_cert and relay.tls_key (implicit TLS)" in found
+    assert any(p.startswith("relay.smtps_listen: expected host:port") for p in found)
+    assert "relay.require_tls: needs relay.tls_cert and relay.tls_key, or nobody could send" in found
+    assert any(p.startswith("relay.require_tls / relay.allow_plaintext_auth") for p in found)
+    assert "relay.auth_failures_per_ip: must be at least 1" in found
+    assert any(p.startswith("projects[0].sender_domains: 'exa mple.com'") for p in found)
+    assert "projects[0].rate_limit_per_minute: must be 0 (no project limit) or more" in found

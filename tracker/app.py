@@ -45,11 +45,13 @@ NOT_FOUND = Response("Not Found", status_code=404, media_type="text/plain")
 UNAUTHORIZED = JSONResponse({"error": "missing or invalid bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
 MAX_TARGET_CHARS = MAX_TOKEN_CHARS + 64  # path + query of the longest URL we mint, with room
 MAX_REQUEST_HEAD_BYTES = 16 * 1024  # request line + headers; uvicorn's h11 bound on partial requests too
+MAX_BODY_BYTES = 64 * 1024  # the only bodies are small JSON API requests
 
 
 class HardenedResponses:
-    """ASGI middleware: security headers on every response; an overlong URL (414) or header block (431)
-    is refused before routing, so hostile input costs no token verification or store work."""
+    """ASGI middleware: security headers on every response; an overlong URL (414), header block (431)
+    or body (413; a body must declare its length) is refused before routing, so hostile input costs
+    no token verification, store work or memory."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -65,14 +67,27 @@ class HardenedResponses:
                 message["headers"] = [*message.get("headers", []), *(h for h in HARDENING if h[0] not in names)]
             await send(message)
 
-        target = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
-        head = sum(len(name) + len(value) + 4 for name, value in scope.get("headers", []))
-        refusal = (414, "URI Too Long") if target > MAX_TARGET_CHARS else (
-            (431, "Request Header Fields Too Large") if head > MAX_REQUEST_HEAD_BYTES else None)
+        refusal = request_refusal(scope)
         if refusal is not None:
             await Response(refusal[1], status_code=refusal[0], media_type="text/plain")(scope, receive, send_hardened)
             return
         await self.app(scope, receive, send_hardened)
+
+
+def request_refusal(scope: Scope) -> tuple[int, str] | None:
+    """(status, reason) when the request is larger than the tracker ever needs, else None."""
+    if len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") > MAX_TARGET_CHARS:
+        return 414, "URI Too Long"
+    headers = scope.get("headers", [])
+    if sum(len(name) + len(value) + 4 for name, value in headers) > MAX_REQUEST_HEAD_BYTES:
+        return 431, "Request Header Fields Too Large"
+    if scope.get("method") in ("POST", "PUT", "PATCH"):
+        length = next((value for name, value in headers if name.lower() == b"content-length"), None)
+        if length is None or not length.isdigit():
+            return 411, "Length Required"
+        if int(length) > MAX_BODY_BYTES:
+            return 413, "Content Too Large"
+    return None
 
 
 class TrustedProxies:
