@@ -322,6 +322,7 @@ def _build(cls: type, table: Mapping[str, object], where: str, problems: list[st
     known = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, object] = {}
     ok = True
+    given = set(table)
     table = _read_secret_files(cls, table, where, problems)
     for key, value in table.items():
         if key not in known:
@@ -344,7 +345,7 @@ def _build(cls: type, table: Mapping[str, object], where: str, problems: list[st
             values[key] = converted
     for name, f in known.items():
         if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            if name not in table:
+            if name not in table and f"{name}_file" not in given:  # an unreadable _file was reported already
                 alternative = f" (or {name}_file)" if f.metadata.get("secret") else ""
                 problems.append(f"{where}.{name}: required key is missing{alternative}")
             ok = False

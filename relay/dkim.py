@@ -23,8 +23,11 @@ from relay.senders import domain_of, from_addresses
 
 RSA = b"rsa-sha256"
 ED25519 = b"ed25519-sha256"
-# relaxed/relaxed survives what MTAs on the way do to whitespace and folding; simple/simple does not.
-CANONICALIZE = (b"relaxed", b"relaxed")
+# Relaxed headers survive the refolding MTAs do; the body goes unmodified through SES, Postfix and
+# the like, and dkimpy's relaxed body canonicalization costs 6x more (2.3 s vs 0.36 s at 25 MB).
+CANONICALIZE = (b"relaxed", b"simple")
+# The upstream client (aiosmtplib) turns every bare CR or LF into CRLF on the wire; sign those bytes.
+_BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 MIN_RSA_BITS = 1024  # receivers treat shorter keys as no signature (RFC 8301)
 # PKCS#8 DER of an Ed25519 private key (`openssl genpkey -algorithm ed25519`): fixed prefix + 32-byte seed.
 _ED25519_PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
@@ -121,11 +124,16 @@ class DkimSigner:
         return [d for d in domains if d != ours]
 
     def sign(self, data: bytes) -> bytes:
-        """`data` with a DKIM-Signature on top; an existing signature for the same domain is replaced."""
+        """`data` with a DKIM-Signature on top; an existing signature for the same domain is replaced.
+
+        Line endings are made CRLF first, as they will be on the wire, so the signature covers
+        exactly the bytes the upstream receives.
+        """
         message = split_message(data)
         key = self.key_for(message)
         if key is None:
             return data
+        message = split_message(_BARE_LINE_END.sub(b"\r\n", data))
         kept = tuple(f for f in message.fields
                      if f.name.lower() != "dkim-signature" or signature_domain(f) != key.domain)
         unsigned = SplitMessage(kept, message.body, message.newline).to_bytes()

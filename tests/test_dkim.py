@@ -143,10 +143,29 @@ def test_each_tracked_copy_is_signed_over_the_bytes_sent(tmp_path: Path, sink: S
     assert len(sink.messages) == 2
     bodies = set()
     for copy in sink.messages:
-        assert copy.data.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.com;")
+        assert copy.data.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/simple; d=example.com;")
         assert verified(copy.data, records)
         assert b"d=example.com; s=app" not in copy.data and b"d=esp.example" in copy.data
         bodies.add(copy.data.split(b"\r\n\r\n", 1)[1])
     assert len(bodies) == 2  # each copy has its own tokens, so its own signature
     warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dkim-broken")]
     assert len(warnings) == 1 and "domain=esp.example" in warnings[0]
+
+
+def test_untracked_mail_with_bare_line_ends_verifies_as_received(tmp_path: Path, sink: Sink, keys: KeyFiles) -> None:
+    settings = make_settings(tmp_path, sink.url, dkim=[{"domain": "example.com", "selector": SELECTOR,
+                                                        "private_key_path": str(keys.ed25519_seed)}],
+                             projects=[{"id": PROJECT, "secret": PROJECT_SECRET, "tracking": "DISABLED"}])
+    raw = b"From: app@example.com\r\nTo: a@example.com\r\nSubject: LF\r\n\r\nbare\nline feed and lone\rcarriage\r\n"
+    with RunningService(settings) as service, smtplib.SMTP("127.0.0.1", service.smtp_port, timeout=10) as client:
+        client.login(PROJECT, PROJECT_SECRET)
+        client.mail("app@example.com")
+        client.rcpt("a@example.com")
+        client.rcpt("b@example.com")
+        assert client.docmd("DATA")[0] == 354
+        client.send(raw + b".\r\n")  # as is: smtplib's data() would fix the line ends itself
+        assert client.getreply()[0] == 250
+    [copy] = sink.messages
+    assert copy.recipients == ["a@example.com", "b@example.com"]
+    assert b"bare\r\nline feed and lone\r\ncarriage" in copy.data
+    assert verified(copy.data, {f"{SELECTOR}._domainkey.example.com": keys.ed25519_txt})
