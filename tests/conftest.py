@@ -249,6 +249,8 @@ def minter() -> DeterministicMinter:
 @pytest.fixture
 def make_minter() -> type[DeterministicMinter]:
     return DeterministicMinter
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if INPUT_TALLY:
         counts = " ".join(f"{key}={INPUT_TALLY[key]}" for key in
