@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 MAX_TRACKED_KEYS = 65_536
 MAX_BACKOFF_SECONDS = 3600.0
+KNOWN_GOOD_SECONDS = 86_400.0  # an app that sends daily stays exempt from its username's lock
 
 
 def client_key(peer: object) -> str:
@@ -50,9 +51,10 @@ class AuthThrottle:
     """Counts failed AUTHs per client address and per username; past a limit, refuses for a while.
 
     The refusal period starts at `backoff` seconds and doubles with every further failure (at most
-    an hour); failures are forgotten `window` seconds after the last one or the end of its refusal. A username lock would let anyone lock a
-    project out, so addresses that authenticated as that username within the window are exempt
-    from it: the app's own servers keep sending while an attacker elsewhere is refused.
+    an hour); failures are forgotten `window` seconds after the last one or the end of its
+    refusal. A username lock would let anyone lock a project out, so addresses that authenticated
+    as that username within the last day are exempt from it: the app's own servers keep sending
+    while an attacker elsewhere is refused.
     """
 
     def __init__(self, *, per_ip: int, per_user: int, backoff: float, window: float,
@@ -75,7 +77,7 @@ class AuthThrottle:
 
     def _known(self, client: str, user: str, now: float) -> bool:
         seen = self._known_good.get((client, user))
-        return seen is not None and now - seen <= self.window
+        return seen is not None and now - seen <= KNOWN_GOOD_SECONDS
 
     def retry_after(self, client: str, user: str) -> float:
         """Seconds this attempt must wait, 0 when it may go ahead."""

@@ -96,3 +96,15 @@ def test_rate_limiter_allows_a_burst_then_refills_evenly() -> None:
     clock.now += 10
     assert rates.acquire("p", 3) == 0
     assert rates.acquire("p", 0) == 0  # 0 = unlimited
+
+
+def test_known_good_addresses_expire_after_a_day() -> None:
+    clock = Clock()
+    guard = throttle(clock, per_ip=1000, per_user=1)
+    guard.succeeded("10.0.0.9", "p")
+    clock.now += 3600
+    guard.failed("192.0.2.1", "p")
+    assert guard.retry_after("10.0.0.9", "p") == 0  # an hour later: still the app's own server
+    clock.now += 86_400
+    guard.failed("192.0.2.1", "p")
+    assert guard.retry_after("10.0.0.9", "p") > 0
