@@ -14,6 +14,8 @@ secrets) rather than in the config. Secret values never appear in a repr or a co
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import enum
 import ipaddress
@@ -29,6 +31,7 @@ from urllib.parse import urlsplit
 from relay.dkim import load_key
 from relay.policy import TrackingMode
 from tracker.netdata import NETWORK_CLASSES
+from tracker.privacy import IpMode
 
 DEFAULT_CONFIG = "config/dev.toml"
 _T = typing.TypeVar("_T")
@@ -94,6 +97,17 @@ class TrackerSettings:
 @dataclass(frozen=True)
 class StoreSettings:
     url: str = "sqlite:///var/inflight.db"
+    purge_interval_seconds: float = 3600.0  # how often events past a project's retention_days are deleted
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    timeout_seconds: float = 10.0  # per POST, connect to last byte
+    retry_initial_seconds: float = 10.0  # first retry delay; doubles per failed attempt
+    retry_max_seconds: float = 3600.0  # cap on one delay
+    retry_hours: int = 72  # an event is given up this long after it was recorded (at least 24)
+    poll_seconds: float = 1.0  # how often the outbox is read for rows other processes wrote
+    concurrency: int = 16  # POSTs in flight per process
 
 
 class TrackingEngine(enum.StrEnum):
@@ -159,6 +173,10 @@ class ProjectSettings:
     sender_domains: tuple[str, ...] = ()  # MAIL FROM and From must be in these domains; empty = any
     max_recipients: int = 0  # per-transaction limit for this project; 0 = relay.max_recipients
     rate_limit_per_minute: int = 0  # messages per minute; 0 = unlimited
+    webhook_url: str = ""  # every event is POSTed here, signed with webhook_secret
+    webhook_secret: str = field(default="", repr=False, metadata=SECRET)
+    ip_mode: IpMode = IpMode.FULL
+    retention_days: int = 0  # events older than this are purged; 0 keeps them
 
 
 @dataclass(frozen=True)
@@ -176,6 +194,7 @@ class Settings:
     tracker: TrackerSettings = field(default_factory=TrackerSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     projects: tuple[ProjectSettings, ...] = ()
     dkim: tuple[DkimSettings, ...] = ()
 
@@ -188,6 +207,7 @@ SECTIONS: dict[str, type] = {
     "tracker": TrackerSettings,
     "store": StoreSettings,
     "upstream": UpstreamSettings,
+    "webhooks": WebhookSettings,
 }
 HOST_PATTERN = re.compile(r"(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.?")
 # A plain DNS name (sender domains, DKIM domains and selectors): labels of 1-63, no edge hyphens.
@@ -469,7 +489,39 @@ def _check(s: Settings) -> list[str]:
         for key in ("max_recipients", "rate_limit_per_minute"):
             if getattr(project, key) < 0:
                 problems.append(f"projects[{index}].{key}: must be 0 (no project limit) or more")
+        problems.extend(_check_webhook(f"projects[{index}]", project))
+        if project.retention_days < 0:
+            problems.append(f"projects[{index}].retention_days: must be 0 (keep forever) or a number of days")
     problems.extend(_check_dkim(s.dkim))
+    hooks = s.webhooks
+    for key in ("timeout_seconds", "retry_initial_seconds", "retry_max_seconds", "poll_seconds"):
+        if getattr(hooks, key) <= 0:
+            problems.append(f"webhooks.{key}: must be a positive number of seconds")
+    if hooks.retry_max_seconds < hooks.retry_initial_seconds:
+        problems.append("webhooks.retry_max_seconds: must be at least webhooks.retry_initial_seconds")
+    if hooks.retry_hours < 24:
+        problems.append("webhooks.retry_hours: must be at least 24 (a receiver down for a day must not lose events)")
+    if hooks.concurrency < 1:
+        problems.append("webhooks.concurrency: must be at least 1")
+    if s.store.purge_interval_seconds <= 0:
+        problems.append("store.purge_interval_seconds: must be a positive number of seconds")
+    return problems
+
+
+def _check_webhook(where: str, project: ProjectSettings) -> list[str]:
+    if not project.webhook_url:
+        return [f"{where}.webhook_secret: set webhook_url too, or remove it"] if project.webhook_secret else []
+    problems = []
+    url = urlsplit(project.webhook_url)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        problems.append(f"{where}.webhook_url: expected an http(s) URL such as https://app.example.com/hooks, got {project.webhook_url!r}")
+    if len(project.webhook_secret) < 16:
+        problems.append(f"{where}.webhook_secret: required with webhook_url, at least 16 characters (receivers verify with it)")
+    elif project.webhook_secret.startswith("whsec_"):
+        try:
+            base64.b64decode(project.webhook_secret.removeprefix("whsec_"), validate=True)
+        except binascii.Error:
+            problems.append(f"{where}.webhook_secret: a whsec_ secret must be followed by base64 (Standard Webhooks)")
     return problems
 
 

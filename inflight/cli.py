@@ -1,4 +1,5 @@
-"""`inflight`: the operator's command line (serve, relay, tracker, check-config, settings, netdata refresh)."""
+"""`inflight`: the operator's command line (serve, relay, tracker, check-config, settings, netdata refresh,
+contacts forget)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from config.settings import ConfigError, Settings, load_settings, resolve_config
 from config.tracking import ModeRefused, TrackingSettings
 from inflight.service import Service
 from tracker.netdata import network_specs, refresh
+from tracker.store import SqliteEventStore
 
 
 def _fail(exc: ConfigError) -> SystemExit:
@@ -75,6 +77,8 @@ def _settings_tracking(args: argparse.Namespace) -> int:
         return 1 if refused.status == 409 else 2
     print(json.dumps(view))
     return 0
+
+
 def _netdata_refresh(args: argparse.Namespace) -> int:
     """Download the configured network lists from their upstreams; a running tracker
     picks the new files up by itself within seconds."""
@@ -92,6 +96,26 @@ def _netdata_refresh(args: argparse.Namespace) -> int:
         else:
             print(f"updated {result.name}: {result.entries} CIDRs -> {result.path}")
     return 1 if failed else 0
+
+
+def _forget(args: argparse.Namespace) -> int:
+    """GDPR erasure (Art. 17): works while the service runs, since SQLite WAL allows a second writer process."""
+    settings = _settings(args)
+    if args.project is not None and settings.project(args.project) is None:
+        print(f"error: no project {args.project!r} in the configuration", file=sys.stderr)
+        return 2
+
+    async def forget() -> tuple[int, int]:
+        store = SqliteEventStore.from_url(settings.store.url)
+        await store.open()
+        try:
+            return await store.forget(args.address, project=args.project)
+        finally:
+            await store.close()
+
+    events, webhooks = asyncio.run(forget())
+    print(f"forgot {args.address}: {events} event(s), {webhooks} pending webhook(s) deleted")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     tracking.set_defaults(func=_settings_tracking)
     netdata = commands.add_parser("netdata", help="network lists of machine traffic").add_subparsers(dest="action", required=True)
     command("refresh", "download the configured lists from their official upstreams", netdata).set_defaults(func=_netdata_refresh)
+    contacts = commands.add_parser("contacts", help="act on one contact's data").add_subparsers(dest="action", required=True)
+    forget = command("forget", "delete every event of a contact and its pending webhooks (GDPR erasure)", contacts)
+    forget.add_argument("address", help="the contact id or recipient address")
+    forget.add_argument("--project", help="only this project (default: every project)")
+    forget.set_defaults(func=_forget)
     return parser
 
 

@@ -1,4 +1,10 @@
-"""Run the relay and/or the tracker on one event loop, sharing one store and one token signer."""
+"""Run the relay and/or the tracker on one event loop, sharing one store and one token signer.
+
+Every Service, whichever of relay and tracker it runs, also runs the webhook worker and the
+retention purge: a relay-only process delivers the webhooks of its `email.sent` events and a
+tracker-only process those of its opens and clicks, and outbox leases keep two processes on
+one store from POSTing the same row at once.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +23,10 @@ from relay.pipeline import Pipeline
 from relay.server import Relay
 from relay.upstream import upstream_from_url
 from tracker.app import MAX_REQUEST_HEAD_BYTES, Tracker, create_app
+from tracker.privacy import RetentionPurge
 from tracker.store import SqliteEventStore
 from tracker.tokens import TokenSigner
+from tracker.webhooks import WebhookWorker
 
 log = logging.getLogger("inflight")
 
@@ -53,7 +61,13 @@ class Service:
         self.settings = settings
         self.run_relay = relay
         self.run_tracker = tracker
-        self.store = SqliteEventStore.from_url(settings.store.url)
+        projects = {p.id: p for p in settings.projects}
+        self.store = SqliteEventStore.from_url(settings.store.url,
+                                               webhook_projects=[p.id for p in settings.projects if p.webhook_url])
+        self.webhooks = WebhookWorker(self.store, projects, settings.webhooks)
+        self.purge = RetentionPurge(self.store, {p.id: p.retention_days for p in settings.projects},
+                                    interval=settings.store.purge_interval_seconds)
+        self._background: list[asyncio.Task[None]] = []
         self.signer = TokenSigner(settings.tracker.secrets)
         self.relay_address: tuple[str, int] | None = None
         self.smtps_address: tuple[str, int] | None = None
@@ -70,6 +84,7 @@ class Service:
         if problems:
             await self.store.close()
             raise ConfigError(problems)
+        self._background = [asyncio.create_task(self.webhooks.run()), asyncio.create_task(self.purge.run())]
         if self.run_relay:
             pipeline = Pipeline(
                 settings=self.settings,
@@ -110,6 +125,9 @@ class Service:
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True
             await self._http_task
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self.store.close()
 
     async def run_until_signalled(self) -> None:

@@ -1,12 +1,14 @@
-"""The tracker's hardening, against the real app on a real port: exact redirects only to signed
-http(s) links (fuzzed), security headers on every answer, request size limits, key rotation."""
+"""The tracker against the real app on a real port: hardening (exact redirects only to signed http(s)
+links, fuzzed; security headers; request size limits; key rotation), then engagement (Plunk's
+counters under concurrency, implied opens, stats, ip_mode)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import pytest
@@ -14,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.links import TrackingLinks
-from tests.conftest import PROJECT_SECRET, RunningService, make_settings
+from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, make_settings
+from tests.test_flow import events, fetch, html_message, send, tracked_urls
 from tracker.tokens import TokenSigner, TrackedSend, TrackingClaims, claims_to_dict, is_redirectable
 
 SECRET = "test-secret-1"
@@ -158,3 +161,123 @@ def test_fuzz_altered_tokens_never_redirect(tracker: tuple[RunningService, httpx
         assert response.status_code == 302
     else:
         assert response.status_code == 404 and "location" not in response.headers
+
+
+# --- engagement ---------------------------------------------------------------------------
+
+TWO_LINKS = ('<html><body><a href="https://example.com/one">1</a> <a href="https://example.com/two">2</a>'
+             "</body></html>")
+AUTH = {"Authorization": f"Bearer {PROJECT_SECRET}"}
+
+
+def fetch_all(service: RunningService, urls: list[str], **kwargs: object) -> list[int]:
+    """Fetch every URL at once, each on its own connection: the requests really race."""
+
+    async def fetch_one(url: str) -> int:
+        async with httpx.AsyncClient() as client:
+            response = await client.get(service.http_base + urlsplit(url).path, follow_redirects=False, **kwargs)  # type: ignore[arg-type]
+            return response.status_code
+
+    async def main() -> list[int]:
+        return list(await asyncio.gather(*(fetch_one(url) for url in urls)))
+
+    return asyncio.run(main())
+
+
+@pytest.fixture
+def service(tmp_path: Path, sink: Sink):  # type: ignore[no-untyped-def]
+    with RunningService(make_settings(tmp_path, sink.url)) as running:
+        yield running
+
+
+def test_fifty_parallel_pixel_fetches_count_one_to_fifty_with_one_first(service: RunningService, sink: Sink) -> None:
+    send(service.smtp_port, html_message({"X-Inflight-Campaign": "spring"}))
+    _, pixel_url = tracked_urls(sink.messages[0].data)
+
+    assert fetch_all(service, [pixel_url] * 50) == [200] * 50
+
+    opens = events(service, name="email.open")
+    assert sorted(e["opens"] for e in opens) == list(range(1, 51))
+    assert [e["opens"] for e in opens if e["first"]] == [1]
+    assert not any(e["implied"] for e in opens)
+    # Subject and From come from the relay's email.sent event, not from the token.
+    assert {(e["subject"], e["from"], e["campaign"], e["tracked"]) for e in opens} == {
+        ("Hello", "app@example.com", "spring", True)}
+
+
+def test_parallel_clicks_without_an_open_imply_exactly_one_open(service: RunningService, sink: Sink) -> None:
+    send(service.smtp_port, html_message(html=TWO_LINKS))
+    one, two, _ = tracked_urls(sink.messages[0].data)
+
+    assert fetch_all(service, [one, two] * 10) == [302] * 20
+
+    clicks = events(service, name="email.click")
+    assert sorted(e["clicks"] for e in clicks) == list(range(1, 21))
+    assert sum(e["first"] for e in clicks) == 1  # first click of the message, whichever link
+    assert {e["link"] for e in clicks} == {"https://example.com/one", "https://example.com/two"}
+    [implied] = events(service, name="email.open")
+    assert (implied["implied"], implied["opens"], implied["first"], implied["link"]) == (True, 1, True, None)
+    assert implied["subject"] == "Hello"
+    first_click = next(e for e in clicks if e["first"])
+    assert implied["id"] < first_click["id"] and implied["at"] == first_click["at"]
+
+
+def test_open_after_an_implied_open_counts_on(service: RunningService, sink: Sink) -> None:
+    send(service.smtp_port, html_message())
+    click_url, pixel_url = tracked_urls(sink.messages[0].data)
+    fetch(service, click_url)
+    fetch(service, pixel_url)
+    later, implied = events(service, name="email.open")
+    assert (implied["implied"], later["implied"], later["opens"], later["first"]) == (True, False, 2, False)
+
+
+def test_stats_endpoint(service: RunningService, sink: Sink) -> None:
+    for to in ("a@example.com", "b@example.com"):
+        send(service.smtp_port, html_message({"X-Inflight-Campaign": "spring", "X-Inflight-Template": "welcome"},
+                                             html=TWO_LINKS, to=to))
+    send(service.smtp_port, html_message({"X-Inflight-Campaign": "autumn"}))
+    (a_one, _, a_pixel), (b_one, b_two, _) = (tracked_urls(m.data) for m in sink.messages[:2])
+    for url in (a_pixel, a_pixel, a_one, b_one, b_two, b_two):
+        fetch(service, url)
+
+    stats = httpx.get(f"{service.http_base}/v1/stats", params={"campaign": "spring"}, headers=AUTH).json()
+    assert (stats["sent"], stats["delivered"], stats["tracked"]) == (2, 2, 2)
+    # a: two opens; b: one implied open. Clicks: a one, b one and two twice.
+    assert stats["opens"] == {"unique": 2, "total": 3, "unique_human": 2, "total_human": 3, "rate": 1.0, "rate_human": 1.0}
+    assert stats["clicks"] == {"unique": 2, "total": 4, "unique_human": 2, "total_human": 4, "rate": 1.0, "rate_human": 1.0}
+    assert stats["links"] == [
+        {"link": "https://example.com/one", "unique": 2, "total": 2, "unique_human": 2, "total_human": 2},
+        {"link": "https://example.com/two", "unique": 1, "total": 2, "unique_human": 1, "total_human": 2},
+    ]
+    by_template = httpx.get(f"{service.http_base}/v1/stats", params={"template": "welcome"}, headers=AUTH).json()
+    assert by_template["opens"] == stats["opens"] and by_template["template"] == "welcome"
+    autumn = httpx.get(f"{service.http_base}/v1/stats", params={"campaign": "autumn"}, headers=AUTH).json()
+    assert (autumn["delivered"], autumn["opens"]["total"], autumn["opens"]["rate"], autumn["links"]) == (1, 0, 0.0, [])
+    future = httpx.get(f"{service.http_base}/v1/stats", params={"since": "2999-01-01T00:00:00Z"}, headers=AUTH).json()
+    assert (future["delivered"], future["opens"]["rate"]) == (0, None)
+
+
+def test_stats_requires_the_bearer_and_a_valid_since(service: RunningService) -> None:
+    assert httpx.get(f"{service.http_base}/v1/stats").status_code == 401
+    bad = httpx.get(f"{service.http_base}/v1/stats", params={"since": "yesterday"}, headers=AUTH)
+    assert bad.status_code == 422 and "since" in bad.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("ip_mode", "forwarded", "stored"),
+    [
+        ("full", "203.0.113.77", "203.0.113.77"),
+        ("truncated", "203.0.113.77", "203.0.113.0"),
+        ("truncated", "2001:db8:abcd:12:1:2:3:4", "2001:db8:abcd::"),
+        ("none", "203.0.113.77", None),
+    ],
+)
+def test_ip_mode_decides_what_is_stored(tmp_path: Path, sink: Sink, ip_mode: str, forwarded: str, stored: str | None) -> None:
+    project = {"id": PROJECT, "secret": PROJECT_SECRET, "ip_mode": ip_mode}
+    with RunningService(make_settings(tmp_path, sink.url, projects=[project])) as service:
+        send(service.smtp_port, html_message())
+        click_url, pixel_url = tracked_urls(sink.messages[0].data)
+        # 127.0.0.1 is a trusted proxy in the test settings, so X-Forwarded-For names the client.
+        fetch(service, pixel_url, headers={"X-Forwarded-For": forwarded})
+        fetch(service, click_url, headers={"X-Forwarded-For": forwarded})
+        assert [e["ip"] for e in events(service) if e["name"] != "email.sent"] == [stored, stored]

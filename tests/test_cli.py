@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import re
 import signal
 import smtplib
+import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 
 from inflight.cli import build_parser
 from tests.conftest import free_port
+from tests.test_store import opened, sent
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,3 +85,42 @@ secret = "demo-secret"
         output = process.communicate(timeout=15)[0].decode()
     assert process.returncode == 0, output
     assert "demo-secret" not in output and "walkthrough-secret" not in output
+
+
+def test_contacts_forget_erases_the_contact_and_its_pending_webhooks(tmp_path: Path) -> None:
+    config = tmp_path / "inflight.toml"
+    config.write_text(f"""
+[store]
+url = "sqlite:///{tmp_path}/inflight.db"
+[[projects]]
+id = "p"
+secret = "demo-secret"
+webhook_url = "http://127.0.0.1:9/hooks"
+webhook_secret = "0123456789abcdef"
+""")
+
+    async def seed() -> None:
+        async with opened(tmp_path / "inflight.db", webhook_projects=("p",)) as store:
+            await store.record([sent("m1", "gone@example.com"), sent("m2", "kept@example.com"),
+                                replace(sent("m3", "crm-42"), recipient="Gone@Example.com")])
+
+    asyncio.run(seed())
+    forget = subprocess.run([sys.executable, "-m", "inflight.cli", "contacts", "forget", "GONE@example.com",
+                             "--config", str(config)], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert forget.returncode == 0, forget.stderr
+    assert forget.stdout.strip() == "forgot GONE@example.com: 2 event(s), 2 pending webhook(s) deleted"
+    with sqlite3.connect(tmp_path / "inflight.db") as db:
+        assert db.execute("SELECT contact FROM events").fetchall() == [("kept@example.com",)]
+        assert db.execute("SELECT count(*) FROM webhook_outbox").fetchone() == (1,)
+    # secure_delete + checkpoint: the address is gone from the file's bytes, not just from the table.
+    for path in tmp_path.glob("inflight.db*"):
+        assert b"gone@example.com" not in path.read_bytes().lower(), path.name
+
+
+def test_contacts_forget_refuses_an_unknown_project(tmp_path: Path) -> None:
+    config = tmp_path / "inflight.toml"
+    config.write_text(f'[store]\nurl = "sqlite:///{tmp_path}/x.db"\n[[projects]]\nid = "p"\nsecret = "demo-secret"\n')
+    forget = subprocess.run([sys.executable, "-m", "inflight.cli", "contacts", "forget", "a@example.com",
+                             "--project", "nope", "--config", str(config)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=30)
+    assert forget.returncode == 2 and "no project 'nope'" in forget.stderr

@@ -250,3 +250,28 @@ def test_new_relay_and_project_keys_are_validated(tmp_path: Path) -> None:
     assert "relay.auth_failures_per_ip: must be at least 1" in found
     assert any(p.startswith("projects[0].sender_domains: 'exa mple.com'") for p in found)
     assert "projects[0].rate_limit_per_minute: must be 0 (no project limit) or more" in found
+
+
+def test_engagement_keys_are_typed_and_checked() -> None:
+    hooked = {"id": "p", "secret": "secret-123", "webhook_url": "https://app.example.com/hooks",
+              "webhook_secret": "0123456789abcdef", "ip_mode": "truncated", "retention_days": 30}
+    settings = settings_from_mapping({"projects": [hooked], "webhooks": {"retry_initial_seconds": 1, "timeout_seconds": 2.5}},
+                                     {"INFLIGHT_WEBHOOKS_POLL_SECONDS": "0.25"})
+    [project] = settings.projects
+    assert (project.ip_mode, project.retention_days) == ("truncated", 30)
+    assert (settings.webhooks.retry_initial_seconds, settings.webhooks.timeout_seconds) == (1.0, 2.5)
+    assert settings.webhooks.poll_seconds == 0.25
+    found = problems({"projects": [{**hooked, "ip_mode": "partial", "retention_days": -1, "webhook_url": "ftp://x",
+                                    "webhook_secret": "short"}],
+                      "webhooks": {"retry_hours": 12, "timeout_seconds": "10"}})
+    assert any(p.startswith("projects[0].ip_mode: expected one of full | truncated | none") for p in found)
+    assert any(p.startswith("webhooks.timeout_seconds: expected a number") for p in found)
+    found = problems({"projects": [{**hooked, "retention_days": -1, "webhook_url": "ftp://x", "webhook_secret": "short"}],
+                      "webhooks": {"retry_hours": 12}})
+    for key in ("retention_days", "webhook_url", "webhook_secret"):
+        assert any(p.startswith(f"projects[0].{key}:") for p in found), key
+    assert any(p.startswith("webhooks.retry_hours: must be at least 24") for p in found)
+    lone = problems({"projects": [{"id": "p", "secret": "secret-123", "webhook_secret": "0123456789abcdef"}]})
+    assert any(p.startswith("projects[0].webhook_secret: set webhook_url too") for p in lone)
+    bad_whsec = problems({"projects": [{**hooked, "webhook_secret": "whsec_not*base64!!"}]})
+    assert any("whsec_" in p for p in bad_whsec)

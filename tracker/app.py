@@ -23,7 +23,8 @@ from config.settings import ProjectSettings, Settings
 from config.tracking import ModeRefused, TrackingSettings
 from tracker.agents import AgentPolicy, Hit, PriorHit, Verdict, classify, relabel
 from tracker.netdata import NetworkLists, network_specs
-from tracker.store import EVENT_NAMES, MAX_LIMIT, EventQuery, EventStore, NewEvent, rfc3339
+from tracker.privacy import IpMode, stored_ip
+from tracker.store import EVENT_NAMES, MAX_LIMIT, EventQuery, EventStore, NewEvent, StatsQuery, rfc3339
 from tracker.tokens import MAX_TOKEN_CHARS, TokenSigner, TrackedSend, TrackingClaims, claims_from_dict, is_redirectable
 
 log = logging.getLogger("inflight.tracker")
@@ -143,6 +144,7 @@ class Tracker:
         self.networks = NetworkLists(network_specs(settings.tracker.network_lists))
         self.policy = AgentPolicy(sent_window_seconds=settings.tracker.sent_window_seconds)
         self.clock = clock  # event times; a test replays hours of traffic by setting it
+        self._ip_modes = {p.id: p.ip_mode for p in settings.projects}
 
     def _claims(self, token: str, kind: str) -> TrackingClaims | None:
         data = self.signer.verify(token)
@@ -184,13 +186,15 @@ class Tracker:
             template_type=send.template_type,
             campaign_type=send.campaign_type,
             link=claims.link,
-            ip=hit.ip,
+            # The verdict saw the full address; the store keeps what the project's ip_mode allows, and
+            # a project no longer configured has no ip_mode to honour: keep nothing rather than everything.
+            ip=stored_ip(hit.ip, self._ip_modes.get(send.project, IpMode.NONE)),
             user_agent=hit.user_agent,
             tracked=True,
             agent=verdict.agent,
             agent_reason=verdict.reason,
         )
-        await self.store.record([event])
+        await self.store.record_engagement(event)
         await self.store.relabel({event_id: (v.agent, v.reason) for event_id, v in exposed.items()})
 
     async def pixel(self, request: Request) -> Response:
@@ -249,9 +253,32 @@ class Tracker:
         except ModeRefused as refused:
             return JSONResponse({"error": str(refused), **refused.detail}, status_code=refused.status)
 
+    async def stats(self, request: Request) -> Response:
+        project = self._project(request)
+        if project is None:
+            return UNAUTHORIZED
+        params = request.query_params
+        since = parse_since(params.get("since"))
+        if isinstance(since, list):
+            return JSONResponse({"error": "; ".join(since)}, status_code=422)
+        query = StatsQuery(project=project.id, campaign=params.get("campaign"), template=params.get("template"), since=since)
+        return JSONResponse(await self.store.stats(query))
+
     async def health(self, request: Request) -> Response:
         ok = await self.store.ping()
         return JSONResponse({"ok": ok, "store": "ok" if ok else "unreachable"}, status_code=200 if ok else 503)
+
+
+def parse_since(since: str | None) -> str | list[str] | None:
+    """`since` normalised to the stored form, or the problem with it."""
+    if since is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(since)
+    except ValueError:
+        return ["since: expected an RFC 3339 timestamp such as 2026-01-31T00:00:00Z"]
+    # Stored times are UTC with microseconds; normalise so string order is time order.
+    return rfc3339(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
 
 
 def parse_event_query(project: str, params: Mapping[str, str]) -> EventQuery | list[str]:
@@ -263,15 +290,10 @@ def parse_event_query(project: str, params: Mapping[str, str]) -> EventQuery | l
     name = params.get("name")
     if name is not None and name not in EVENT_NAMES:
         problems.append(f"name: expected one of {', '.join(EVENT_NAMES)}")
-    since = params.get("since")
-    if since is not None:
-        try:
-            moment = datetime.fromisoformat(since)
-            # Stored times are UTC with microseconds; normalise so string order is time order.
-            since = rfc3339(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
-        except ValueError:
-            problems.append("since: expected an RFC 3339 timestamp such as 2026-01-31T00:00:00Z")
-    if problems:
+    since = parse_since(params.get("since"))
+    if isinstance(since, list):
+        problems.extend(since)
+    if problems or isinstance(since, list):
         return problems
     return EventQuery(
         project=project,
@@ -302,6 +324,7 @@ def create_app(tracker: Tracker, *, manage_store: bool = False) -> Starlette:
         Route("/c/{token}", tracker.click, methods=["GET", "HEAD"]),
         Route("/v1/events", tracker.events, methods=["GET"]),
         Route("/v1/settings/tracking", tracker.tracking_settings, methods=["GET", "PUT"]),
+        Route("/v1/stats", tracker.stats, methods=["GET"]),
         Route("/healthz", tracker.health, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(HardenedResponses)])

@@ -7,7 +7,11 @@ implementation can follow for deployments with several relay/tracker nodes.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict, dataclass
+import time
+import uuid
+from collections.abc import AsyncIterator, Collection, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,9 +19,11 @@ from typing import Any, Protocol
 import aiosqlite
 
 from config.settings import sqlite_path
+from tracker.agents import HUMAN_OPEN_AGENTS
 
 EVENT_NAMES = ("email.sent", "email.open", "email.click")
 MAX_LIMIT = 1000
+PURGE_BATCH = 5000  # rows per write transaction, so a large purge never holds the write lock for long
 
 
 def rfc3339(moment: datetime) -> str:
@@ -50,6 +56,12 @@ class NewEvent:
     reason: str | None = None
     agent: str | None = None  # opens and clicks: human | apple_mpp | image_proxy | scanner | prefetch
     agent_reason: str | None = None  # the signals behind `agent` (tracker/agents.py)
+    # Set by the store when it records an open or a click (record_engagement), never by callers:
+    # they are counts over the events already stored, exact only inside the write transaction.
+    opens: int | None = None
+    clicks: int | None = None
+    first: bool | None = None
+    implied: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -63,16 +75,37 @@ class EventQuery:
     limit: int = 100
 
 
+@dataclass(frozen=True)
+class StatsQuery:
+    project: str
+    campaign: str | None = None
+    template: str | None = None
+    since: str | None = None
+
+
+@dataclass(frozen=True)
+class WebhookJob:
+    """One claimed outbox row: the event to POST and how often it was tried already."""
+
+    outbox_id: int
+    key: str  # the idempotency key: the same on every attempt
+    attempts: int
+    created: float  # epoch seconds the event was recorded
+    event: dict[str, Any]
+
+
 class EventStore(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def ping(self) -> bool: ...
     async def record(self, events: list[NewEvent]) -> list[int]: ...
+    async def record_engagement(self, event: NewEvent) -> list[int]: ...
     async def events(self, query: EventQuery) -> list[dict[str, Any]]: ...
     async def tracking_mode(self, project: str) -> str | None: ...
     async def set_tracking_mode(self, project: str, mode: str) -> None: ...
     async def recent_hits(self, project: str, message_id: str, since: str) -> list[dict[str, Any]]: ...
     async def relabel(self, changes: dict[int, tuple[str, str]]) -> None: ...
+    async def stats(self, query: StatsQuery) -> dict[str, Any]: ...
 
 
 SCHEMA = """
@@ -95,44 +128,102 @@ CREATE TABLE IF NOT EXISTS events (
     user_agent TEXT,
     tracked INTEGER,
     reason TEXT,
+    opens INTEGER,
+    clicks INTEGER,
+    first INTEGER,
+    implied INTEGER,
     agent TEXT,
     agent_reason TEXT
 );
 CREATE INDEX IF NOT EXISTS events_project_at ON events (project, at);
 CREATE INDEX IF NOT EXISTS events_project_contact ON events (project, contact, at);
-CREATE INDEX IF NOT EXISTS events_project_message ON events (project, message_id);
+CREATE INDEX IF NOT EXISTS events_message_contact ON events (project, message_id, contact, name);
 CREATE INDEX IF NOT EXISTS events_project_campaign ON events (project, campaign, at);
+CREATE INDEX IF NOT EXISTS events_project_template ON events (project, template, at);
 -- Settings -> Tracking changed at runtime; a row here wins over the project's TOML `tracking`.
 CREATE TABLE IF NOT EXISTS tracking_settings (
     project TEXT PRIMARY KEY,
     mode TEXT NOT NULL,
     updated_at TEXT NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS webhook_outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id INTEGER NOT NULL,
+    project TEXT NOT NULL,
+    key TEXT NOT NULL,
+    created REAL NOT NULL,
+    due REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (due);
+CREATE INDEX IF NOT EXISTS webhook_outbox_event ON webhook_outbox (event_id);
 """
 
 COLUMNS = tuple(NewEvent.__dataclass_fields__)
+_INSERT = f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
+_BOOLEANS = ("tracked", "first", "implied")
+# Counters belong to the event they count; a sent event has neither, an open no `clicks`.
+_ENGAGEMENT = {"email.open": ("opens", "first", "implied"), "email.click": ("clicks", "first")}
+
+# Human-only stats count the agents tracker/agents.py says a person is behind (a Gmail or Yahoo
+# proxy fetches when the person opens the mail); NULL (no verdict recorded) counts as human.
+HUMAN = f"(agent IS NULL OR agent IN ({', '.join(repr(a) for a in sorted(HUMAN_OPEN_AGENTS))}))"
+_PAIR = "message_id || char(0) || contact"  # one message to one contact: the unit of "unique"
 
 
-def event_json(row: aiosqlite.Row) -> dict[str, Any]:
+def event_json(row: aiosqlite.Row | Mapping[str, Any]) -> dict[str, Any]:
     """A stored row in the public shape shared by the events API and webhooks."""
     event = dict(row)
     event["from"] = event.pop("sender")
-    if event["tracked"] is not None:
-        event["tracked"] = bool(event["tracked"])
+    applicable = _ENGAGEMENT.get(event["name"], ())
+    for key in ("opens", "clicks", "first", "implied"):
+        value = event.pop(key)
+        if key in applicable:
+            event[key] = value
+    for key in _BOOLEANS:
+        if event.get(key) is not None:
+            event[key] = bool(event[key])
     return event
 
 
-class SqliteEventStore:
-    """One connection, serialised by aiosqlite's worker thread; WAL lets other processes read."""
+def _filters(query: EventQuery | StatsQuery, columns: tuple[str, ...]) -> tuple[str, list[Any]]:
+    """The WHERE clause for a query's project, its given column filters and `since`."""
+    where = ["project = ?"]
+    args: list[Any] = [query.project]
+    for column in columns:
+        value = getattr(query, column)
+        if value is not None:
+            where.append(f"{column} = ?")
+            args.append(value)
+    if query.since is not None:
+        where.append("at >= ?")
+        args.append(query.since)
+    return " AND ".join(where), args
 
-    def __init__(self, path: Path) -> None:
+
+def _rate(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+class SqliteEventStore:
+    """One connection, serialised by aiosqlite's worker thread; WAL lets other processes read.
+
+    Every write is one `BEGIN IMMEDIATE` transaction: SQLite's write lock is taken before the
+    first read, so counts read inside it are exact even when another process (a second
+    tracker on the same file) records at the same moment.
+    """
+
+    def __init__(self, path: Path, *, webhook_projects: Collection[str] = ()) -> None:
         self.path = path
+        self.webhook_projects = frozenset(webhook_projects)
+        self.outbox_added = asyncio.Event()  # set when this process queued webhooks; wakes the worker
         self._db: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
 
     @classmethod
-    def from_url(cls, url: str) -> SqliteEventStore:
-        return cls(sqlite_path(url))
+    def from_url(cls, url: str, *, webhook_projects: Collection[str] = ()) -> SqliteEventStore:
+        return cls(sqlite_path(url), webhook_projects=webhook_projects)
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -164,31 +255,79 @@ class SqliteEventStore:
         except (aiosqlite.Error, RuntimeError):
             return False
 
-    async def record(self, events: list[NewEvent]) -> list[int]:
-        placeholders = ", ".join("?" for _ in COLUMNS)
-        sql = f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({placeholders})"
-        ids = []
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._write_lock:
-            for event in events:
-                values = asdict(event)
-                cursor = await self.db.execute(sql, [values[c] for c in COLUMNS])
-                ids.append(cursor.lastrowid or 0)
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                await self.db.rollback()
+                raise
             await self.db.commit()
+
+    async def _insert(self, db: aiosqlite.Connection, event: NewEvent) -> int:
+        """Insert one event and, when its project has a webhook, its outbox row: both or neither."""
+        values = asdict(event)
+        cursor = await db.execute(_INSERT, [values[c] for c in COLUMNS])
+        event_id = cursor.lastrowid or 0
+        if event.project in self.webhook_projects:
+            now = time.time()
+            # The idempotency key is random rather than the row id: ids restart with a new
+            # database file, and a receiver must never drop a new event as a duplicate.
+            await db.execute("INSERT INTO webhook_outbox (event_id, project, key, created, due) VALUES (?, ?, ?, ?, ?)",
+                             (event_id, event.project, f"evt_{uuid.uuid4().hex}", now, now))
+        return event_id
+
+    def _notify(self, events: list[NewEvent]) -> None:
+        if any(e.project in self.webhook_projects for e in events):
+            self.outbox_added.set()
+
+    async def record(self, events: list[NewEvent]) -> list[int]:
+        async with self._transaction() as db:
+            ids = [await self._insert(db, event) for event in events]
+        self._notify(events)
         return ids
 
+    async def record_engagement(self, event: NewEvent) -> list[int]:
+        """Record an open or a click with its counters; a click on a message never opened first
+        records an implied open before it. Returns the ids stored, in order."""
+        async with self._transaction() as db:
+            # Subject and From are not in the tokens (URLs stay short); the relay recorded them.
+            async with db.execute(
+                "SELECT subject, sender FROM events WHERE project = ? AND message_id = ? AND name = 'email.sent' LIMIT 1",
+                (event.project, event.message_id),
+            ) as cursor:
+                sent = await cursor.fetchone()
+            if sent is not None:
+                event = replace(event, subject=sent["subject"], sender=sent["sender"])
+            opens = await self._count(db, event, "email.open")
+            stored = []
+            if event.name == "email.open":
+                stored.append(replace(event, opens=opens + 1, first=opens == 0, implied=False))
+            else:
+                if opens == 0:
+                    # Images are often blocked: a click proves the message was opened.
+                    stored.append(replace(event, name="email.open", link=None, opens=1, first=True, implied=True))
+                clicks = await self._count(db, event, "email.click")
+                stored.append(replace(event, clicks=clicks + 1, first=clicks == 0))
+            ids = [await self._insert(db, new) for new in stored]
+        self._notify(stored)
+        return ids
+
+    @staticmethod
+    async def _count(db: aiosqlite.Connection, event: NewEvent, name: str) -> int:
+        async with db.execute(
+            "SELECT count(*) FROM events WHERE project = ? AND message_id = ? AND contact = ? AND name = ?",
+            (event.project, event.message_id, event.contact, name),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
     async def events(self, query: EventQuery) -> list[dict[str, Any]]:
-        where = ["project = ?"]
-        args: list[Any] = [query.project]
-        for column in ("contact", "name", "campaign", "message_id"):
-            value = getattr(query, column)
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if query.since is not None:
-            where.append("at >= ?")
-            args.append(query.since)
+        where, args = _filters(query, ("contact", "name", "campaign", "message_id"))
         args.append(max(1, min(query.limit, MAX_LIMIT)))
-        sql = f"SELECT * FROM events WHERE {' AND '.join(where)} ORDER BY at DESC, id DESC LIMIT ?"
+        sql = f"SELECT * FROM events WHERE {where} ORDER BY at DESC, id DESC LIMIT ?"
         async with self.db.execute(sql, args) as cursor:
             return [event_json(row) for row in await cursor.fetchall()]
 
@@ -226,3 +365,149 @@ class SqliteEventStore:
         async with self._write_lock:
             await self.db.executemany(sql, [(agent, reason, event_id) for event_id, (agent, reason) in changes.items()])
             await self.db.commit()
+
+    async def stats(self, query: StatsQuery) -> dict[str, Any]:
+        """Sends, opens and clicks of a campaign, a template or a whole project, in two indexed scans."""
+        condition, args = _filters(query, ("campaign", "template"))
+        totals_sql = f"""
+            SELECT
+                count(DISTINCT message_id) FILTER (WHERE name = 'email.sent') AS sent,
+                count(*) FILTER (WHERE name = 'email.sent') AS delivered,
+                count(*) FILTER (WHERE name = 'email.sent' AND tracked) AS tracked,
+                count(*) FILTER (WHERE name = 'email.open') AS opens_total,
+                count(*) FILTER (WHERE name = 'email.open' AND {HUMAN}) AS opens_total_human,
+                count(DISTINCT {_PAIR}) FILTER (WHERE name = 'email.open') AS opens_unique,
+                count(DISTINCT {_PAIR}) FILTER (WHERE name = 'email.open' AND {HUMAN}) AS opens_unique_human,
+                count(*) FILTER (WHERE name = 'email.click') AS clicks_total,
+                count(*) FILTER (WHERE name = 'email.click' AND {HUMAN}) AS clicks_total_human,
+                count(DISTINCT {_PAIR}) FILTER (WHERE name = 'email.click') AS clicks_unique,
+                count(DISTINCT {_PAIR}) FILTER (WHERE name = 'email.click' AND {HUMAN}) AS clicks_unique_human
+            FROM events WHERE {condition}"""
+        links_sql = f"""
+            SELECT link,
+                count(DISTINCT {_PAIR}) AS unique_,
+                count(*) AS total,
+                count(DISTINCT {_PAIR}) FILTER (WHERE {HUMAN}) AS unique_human,
+                count(*) FILTER (WHERE {HUMAN}) AS total_human
+            FROM events WHERE {condition} AND name = 'email.click'
+            GROUP BY link ORDER BY total DESC, link"""
+        async with self.db.execute(totals_sql, args) as cursor:
+            t = await cursor.fetchone()
+        async with self.db.execute(links_sql, args) as cursor:
+            links = await cursor.fetchall()
+        assert t is not None  # an aggregate without GROUP BY always yields one row
+
+        def engagement(kind: str) -> dict[str, Any]:
+            return {
+                "unique": t[f"{kind}_unique"],
+                "total": t[f"{kind}_total"],
+                "unique_human": t[f"{kind}_unique_human"],
+                "total_human": t[f"{kind}_total_human"],
+                "rate": _rate(t[f"{kind}_unique"], t["tracked"]),
+                "rate_human": _rate(t[f"{kind}_unique_human"], t["tracked"]),
+            }
+
+        return {
+            "project": query.project,
+            "campaign": query.campaign,
+            "template": query.template,
+            "since": query.since,
+            "sent": t["sent"],
+            "delivered": t["delivered"],
+            "tracked": t["tracked"],
+            "opens": engagement("opens"),
+            "clicks": engagement("clicks"),
+            "links": [
+                {"link": r["link"], "unique": r["unique_"], "total": r["total"],
+                 "unique_human": r["unique_human"], "total_human": r["total_human"]}
+                for r in links
+            ],
+        }
+
+    # --- webhook outbox --------------------------------------------------------------
+
+    async def claim_webhooks(self, *, now: float, lease: float, limit: int) -> list[WebhookJob]:
+        """Take up to `limit` due rows, hiding them from other workers for `lease` seconds.
+
+        A worker that dies mid-POST leaves its rows to reappear when the lease ends: that is
+        the at-least-once half of the contract.
+        """
+        async with self._transaction() as db:
+            async with db.execute(
+                "SELECT o.id AS outbox_id, o.key AS outbox_key, o.attempts, o.created, e.* FROM webhook_outbox o "
+                "LEFT JOIN events e ON e.id = o.event_id WHERE o.due <= ? ORDER BY o.due LIMIT ?",
+                (now, limit),
+            ) as cursor:
+                rows = await cursor.fetchall()
+            jobs, gone = [], []
+            for row in rows:
+                if row["id"] is None:  # the event was purged or forgotten since
+                    gone.append(row["outbox_id"])
+                    continue
+                data = dict(row)
+                jobs.append(WebhookJob(outbox_id=data.pop("outbox_id"), key=data.pop("outbox_key"),
+                                       attempts=data.pop("attempts"), created=data.pop("created"), event=event_json(data)))
+            if gone:
+                await db.execute(f"DELETE FROM webhook_outbox WHERE id IN ({', '.join('?' for _ in gone)})", gone)
+            if jobs:
+                await db.execute(
+                    f"UPDATE webhook_outbox SET due = ? WHERE id IN ({', '.join('?' for _ in jobs)})",
+                    [now + lease, *(job.outbox_id for job in jobs)],
+                )
+        return jobs
+
+    async def finish_webhook(self, outbox_id: int) -> None:
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM webhook_outbox WHERE id = ?", (outbox_id,))
+
+    async def retry_webhook(self, outbox_id: int, *, due: float, error: str) -> None:
+        async with self._transaction() as db:
+            await db.execute("UPDATE webhook_outbox SET attempts = attempts + 1, due = ?, last_error = ? WHERE id = ?",
+                             (due, error[:500], outbox_id))
+
+    async def pending_webhooks(self) -> int:
+        async with self.db.execute("SELECT count(*) FROM webhook_outbox") as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    # --- privacy ---------------------------------------------------------------------
+
+    async def _delete_events(self, where: str, args: list[Any]) -> tuple[int, int]:
+        """Delete matching events and their pending webhooks, in batches; (events, webhooks) deleted."""
+        events = webhooks = 0
+        while True:
+            async with self._transaction() as db:
+                async with db.execute(f"SELECT id FROM events WHERE {where} LIMIT {PURGE_BATCH}", args) as cursor:
+                    ids = [row[0] for row in await cursor.fetchall()]
+                if ids:
+                    marks = ", ".join("?" for _ in ids)
+                    cursor = await db.execute(f"DELETE FROM webhook_outbox WHERE event_id IN ({marks})", ids)
+                    webhooks += cursor.rowcount
+                    cursor = await db.execute(f"DELETE FROM events WHERE id IN ({marks})", ids)
+                    events += cursor.rowcount
+            if len(ids) < PURGE_BATCH:
+                return events, webhooks
+
+    async def purge(self, project: str, before: datetime) -> int:
+        """Delete a project's events recorded before `before` (retention)."""
+        events, _ = await self._delete_events("project = ? AND at < ?", [project, rfc3339(before)])
+        return events
+
+    async def forget(self, address: str, *, project: str | None = None) -> tuple[int, int]:
+        """Erase a contact: every event whose contact or recipient is `address`, and its pending webhooks.
+
+        secure_delete overwrites the freed pages and the checkpoint empties the WAL, so the
+        erased rows do not linger in the database file either.
+        """
+        where = "(contact = ? OR contact = lower(?) OR lower(recipient) = lower(?))"
+        args: list[Any] = [address, address, address]
+        if project is not None:
+            where += " AND project = ?"
+            args.append(project)
+        await self.db.execute("PRAGMA secure_delete = ON")
+        try:
+            counts = await self._delete_events(where, args)
+        finally:
+            await self.db.execute("PRAGMA secure_delete = OFF")
+        await self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return counts

@@ -1,0 +1,179 @@
+"""The event store on a real SQLite file: exact counters, implied opens, stats, outbox, erasure."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from tracker.store import EventQuery, NewEvent, SqliteEventStore, StatsQuery, rfc3339
+
+AT = "2026-03-01T10:00:00.000000Z"
+
+
+def sent(message: str, contact: str, campaign: str = "c1", tracked: bool = True) -> NewEvent:
+    return NewEvent(name="email.sent", project="p", contact=contact, recipient=contact, message_id=message, at=AT,
+                    campaign=campaign, template="t1", subject=f"Subject {message}", sender="App <app@example.com>",
+                    tracked=tracked)
+
+
+def hit(name: str, message: str, contact: str, link: str | None = None, campaign: str = "c1", at: str = AT) -> NewEvent:
+    return NewEvent(name=name, project="p", contact=contact, recipient=contact, message_id=message, at=at,
+                    campaign=campaign, template="t1", link=link, tracked=True)
+
+
+def run(coroutine):  # type: ignore[no-untyped-def]
+    return asyncio.run(coroutine)
+
+
+def _query() -> EventQuery:
+    return EventQuery(project="p", limit=1000)
+
+
+@asynccontextmanager
+async def opened(path: Path, *, webhook_projects: tuple[str, ...] = ()) -> AsyncIterator[SqliteEventStore]:
+    """An open store, always closed: aiosqlite's worker thread is not a daemon and would keep pytest alive."""
+    store = SqliteEventStore(path, webhook_projects=webhook_projects)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def test_counters_are_exact_across_two_connections_recording_at_once(tmp_path: Path) -> None:
+    """Two stores on one file behave like two tracker processes: BEGIN IMMEDIATE serialises them."""
+
+    async def scenario() -> list[dict]:
+        async with opened(tmp_path / "e.db") as first, opened(tmp_path / "e.db") as second:
+            await first.record([sent("m1", "a@x.test")])
+            await asyncio.gather(*(store.record_engagement(hit("email.open", "m1", "a@x.test"))
+                                   for _ in range(25) for store in (first, second)))
+            return await first.events(_query())
+
+    opens = [e for e in run(scenario()) if e["name"] == "email.open"]
+    assert sorted(e["opens"] for e in opens) == list(range(1, 51))
+    assert [e["opens"] for e in opens if e["first"]] == [1]
+    assert all(e["subject"] == "Subject m1" and e["from"] == "App <app@example.com>" for e in opens)
+    assert all(e["implied"] is False and "clicks" not in e for e in opens)
+
+
+def test_first_click_without_open_records_an_implied_open_once(tmp_path: Path) -> None:
+    async def scenario() -> list[dict]:
+        async with opened(tmp_path / "e.db") as store:
+            await store.record([sent("m1", "a@x.test")])
+            await store.record_engagement(hit("email.click", "m1", "a@x.test", "https://x.test/1"))
+            await store.record_engagement(hit("email.click", "m1", "a@x.test", "https://x.test/2"))
+            await store.record_engagement(hit("email.open", "m1", "a@x.test"))
+            found = await store.events(_query())
+        return list(reversed(found))  # oldest first
+
+    sent_event, implied, click1, click2, real_open = run(scenario())
+    assert implied["name"] == "email.open" and implied["implied"] is True
+    assert (implied["opens"], implied["first"], implied["link"]) == (1, True, None)
+    assert (click1["clicks"], click1["first"], click2["clicks"], click2["first"]) == (1, True, 2, False)
+    assert click2["link"] == "https://x.test/2" and "opens" not in click1 and "implied" not in click1
+    assert (real_open["opens"], real_open["first"], real_open["implied"]) == (2, False, False)
+    assert "opens" not in sent_event and "first" not in sent_event
+
+
+def test_counters_are_per_message_and_contact(tmp_path: Path) -> None:
+    async def scenario() -> list[dict]:
+        async with opened(tmp_path / "e.db") as store:
+            for message, contact in (("m1", "a"), ("m1", "b"), ("m2", "a"), ("m1", "a")):
+                await store.record_engagement(hit("email.open", message, contact))
+            found = await store.events(_query())
+        return list(reversed(found))
+
+    assert [(e["message_id"], e["contact"], e["opens"], e["first"]) for e in run(scenario())] == [
+        ("m1", "a", 1, True), ("m1", "b", 1, True), ("m2", "a", 1, True), ("m1", "a", 2, False)]
+
+
+def test_stats_on_a_crafted_dataset(tmp_path: Path) -> None:
+    """Two messages of campaign c1 to three contacts (and an untracked one), with machine events flagged."""
+    l1, l2 = "https://x.test/1", "https://x.test/2"
+
+    async def scenario() -> tuple[dict, dict, dict]:
+        async with opened(tmp_path / "e.db") as store:
+            await store.record([sent("m1", "a"), sent("m1", "b"), sent("m2", "c"), sent("m3", "d", tracked=False),
+                                sent("m9", "z", campaign="c2")])
+
+            async def engage(event: NewEvent, agent: str | None) -> None:
+                for event_id in await store.record_engagement(event):
+                    await store.db.execute("UPDATE events SET agent = ? WHERE id = ?", (agent, event_id))
+                await store.db.commit()
+
+            await engage(hit("email.open", "m1", "a"), "apple_mpp")
+            await engage(hit("email.open", "m1", "a"), None)
+            await engage(hit("email.open", "m1", "a"), "human")
+            await engage(hit("email.open", "m1", "b"), "scanner")
+            await engage(hit("email.open", "m2", "c"), "image_proxy")
+            await engage(hit("email.click", "m1", "a", l1), "human")
+            await engage(hit("email.click", "m1", "a", l1), "human")
+            await engage(hit("email.click", "m1", "a", l2), "scanner")
+            await engage(hit("email.click", "m1", "b", l1), "scanner")
+            await engage(hit("email.click", "m2", "c", l2), None)
+            await engage(hit("email.click", "m9", "z", l1, campaign="c2"), "human")  # c2: implied open + click
+            late = rfc3339(datetime(2026, 3, 2, tzinfo=UTC))
+            await engage(hit("email.open", "m2", "c", at=late), "scanner")
+            c1 = await store.stats(StatsQuery(project="p", campaign="c1"))
+            whole = await store.stats(StatsQuery(project="p"))
+            since = await store.stats(StatsQuery(project="p", campaign="c1", since=late))
+        return c1, whole, since
+
+    c1, whole, since = run(scenario())
+    assert (c1["sent"], c1["delivered"], c1["tracked"]) == (3, 4, 3)
+    assert c1["opens"] == {"unique": 3, "total": 6, "unique_human": 2, "total_human": 3,
+                           "rate": 1.0, "rate_human": round(2 / 3, 4)}
+    assert c1["clicks"] == {"unique": 3, "total": 5, "unique_human": 2, "total_human": 3,
+                            "rate": 1.0, "rate_human": round(2 / 3, 4)}
+    assert c1["links"] == [
+        {"link": l1, "unique": 2, "total": 3, "unique_human": 1, "total_human": 2},
+        {"link": l2, "unique": 2, "total": 2, "unique_human": 1, "total_human": 1},
+    ]
+    # The whole project adds c2: one more message, an implied open and a click.
+    assert (whole["sent"], whole["delivered"], whole["tracked"]) == (4, 5, 4)
+    assert (whole["opens"]["unique"], whole["opens"]["total"], whole["clicks"]["total"]) == (4, 7, 6)
+    assert since["opens"]["total"] == 1 and since["opens"]["unique_human"] == 0 and since["sent"] == 0
+    assert since["opens"]["rate"] is None  # nothing sent in the window: no rate rather than a division by zero
+
+
+def test_outbox_rows_are_written_with_their_events_and_leased(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with opened(tmp_path / "e.db", webhook_projects=("p",)) as store:
+            await store.record([sent("m1", "a"), replace(sent("m1", "b"), project="other")])
+            await store.record_engagement(hit("email.click", "m1", "a", "https://x.test/1"))
+            assert store.outbox_added.is_set()
+            assert await store.pending_webhooks() == 3  # sent(a), implied open, click; not the other project's
+            jobs = await store.claim_webhooks(now=1e12, lease=60, limit=10)
+            assert [job.event["name"] for job in jobs] == ["email.sent", "email.open", "email.click"]
+            assert len({job.key for job in jobs}) == 3 and all(job.key.startswith("evt_") for job in jobs)
+            assert await store.claim_webhooks(now=1e12 + 59, lease=60, limit=10) == []  # leased
+            again = await store.claim_webhooks(now=1e12 + 61, lease=60, limit=10)  # a dead worker's rows come back
+            assert [job.key for job in again] == [job.key for job in jobs]
+            await store.retry_webhook(jobs[0].outbox_id, due=0, error="HTTP 503")
+            [retried] = await store.claim_webhooks(now=1e12 + 62, lease=60, limit=10)
+            assert (retried.key, retried.attempts) == (jobs[0].key, 1)
+            for job in jobs:
+                await store.finish_webhook(job.outbox_id)
+            assert await store.pending_webhooks() == 0
+
+    run(scenario())
+
+
+def test_purge_deletes_old_events_of_that_project_and_their_webhooks(tmp_path: Path) -> None:
+    now = datetime(2026, 3, 10, tzinfo=UTC)
+    old, recent = rfc3339(now - timedelta(days=31)), rfc3339(now - timedelta(days=29))
+
+    async def scenario() -> None:
+        async with opened(tmp_path / "e.db", webhook_projects=("p",)) as store:
+            await store.record([replace(sent("m1", "a"), at=old), replace(sent("m2", "a"), at=recent),
+                                replace(sent("m3", "a"), at=old, project="q")])
+            assert await store.purge("p", now - timedelta(days=30)) == 1
+            assert [e["message_id"] for e in await store.events(_query())] == ["m2"]
+            assert await store.pending_webhooks() == 1
+
+    run(scenario())
