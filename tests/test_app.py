@@ -231,30 +231,38 @@ def test_open_after_an_implied_open_counts_on(service: RunningService, sink: Sin
     assert (implied["implied"], later["implied"], later["opens"], later["first"]) == (True, False, 2, False)
 
 
-def test_stats_endpoint(service: RunningService, sink: Sink) -> None:
-    for to in ("a@example.com", "b@example.com"):
-        send(service.smtp_port, html_message({"X-Inflight-Campaign": "spring", "X-Inflight-Template": "welcome"},
-                                             html=TWO_LINKS, to=to))
-    send(service.smtp_port, html_message({"X-Inflight-Campaign": "autumn"}))
-    (a_one, _, a_pixel), (b_one, b_two, _) = (tracked_urls(m.data) for m in sink.messages[:2])
-    for url in (a_pixel, a_pixel, a_one, b_one, b_two, b_two):
-        fetch(service, url)
+BROWSER = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Safari/537.36"
 
-    stats = httpx.get(f"{service.http_base}/v1/stats", params={"campaign": "spring"}, headers=AUTH).json()
-    assert (stats["sent"], stats["delivered"], stats["tracked"]) == (2, 2, 2)
-    # a: two opens; b: one implied open. Clicks: a one, b one and two twice.
-    assert stats["opens"] == {"unique": 2, "total": 3, "unique_human": 2, "total_human": 3, "rate": 1.0, "rate_human": 1.0}
-    assert stats["clicks"] == {"unique": 2, "total": 4, "unique_human": 2, "total_human": 4, "rate": 1.0, "rate_human": 1.0}
-    assert stats["links"] == [
-        {"link": "https://example.com/one", "unique": 2, "total": 2, "unique_human": 2, "total_human": 2},
-        {"link": "https://example.com/two", "unique": 1, "total": 2, "unique_human": 1, "total_human": 2},
-    ]
-    by_template = httpx.get(f"{service.http_base}/v1/stats", params={"template": "welcome"}, headers=AUTH).json()
-    assert by_template["opens"] == stats["opens"] and by_template["template"] == "welcome"
-    autumn = httpx.get(f"{service.http_base}/v1/stats", params={"campaign": "autumn"}, headers=AUTH).json()
-    assert (autumn["delivered"], autumn["opens"]["total"], autumn["opens"]["rate"], autumn["links"]) == (1, 0, 0.0, [])
-    future = httpx.get(f"{service.http_base}/v1/stats", params={"since": "2999-01-01T00:00:00Z"}, headers=AUTH).json()
-    assert (future["delivered"], future["opens"]["rate"]) == (0, None)
+
+def test_stats_endpoint(tmp_path: Path, sink: Sink) -> None:
+    # sent_window 0: these requests come right after sending, which the verdict would otherwise call machine.
+    with RunningService(make_settings(tmp_path, sink.url, tracker={"sent_window_seconds": 0})) as service:
+        for to in ("a@example.com", "b@example.com"):
+            send(service.smtp_port, html_message({"X-Inflight-Campaign": "spring", "X-Inflight-Template": "welcome"},
+                                                 html=TWO_LINKS, to=to))
+        send(service.smtp_port, html_message({"X-Inflight-Campaign": "autumn"}))
+        (a_one, _, a_pixel), (b_one, b_two, _) = (tracked_urls(m.data) for m in sink.messages[:2])
+        for url in (a_pixel, a_pixel, a_one):
+            fetch(service, url, headers={"User-Agent": BROWSER})  # a person
+        for url in (b_one, b_two, b_two):
+            fetch(service, url, headers={"User-Agent": "python-requests/2.32.3"})  # a script: scanner
+        assert {(e["contact"], e["agent"]) for e in events(service) if e["name"] != "email.sent"} == {
+            ("a@example.com", "human"), ("b@example.com", "scanner")}
+        stats = httpx.get(f"{service.http_base}/v1/stats", params={"campaign": "spring"}, headers=AUTH).json()
+        assert (stats["sent"], stats["delivered"], stats["tracked"]) == (2, 2, 2)
+        # a: two opens and a click on `one`; b (scanner): an implied open, clicks on `one` and twice `two`.
+        assert stats["opens"] == {"unique": 2, "total": 3, "unique_human": 1, "total_human": 2, "rate": 1.0, "rate_human": 0.5}
+        assert stats["clicks"] == {"unique": 2, "total": 4, "unique_human": 1, "total_human": 1, "rate": 1.0, "rate_human": 0.5}
+        assert stats["links"] == [
+            {"link": "https://example.com/one", "unique": 2, "total": 2, "unique_human": 1, "total_human": 1},
+            {"link": "https://example.com/two", "unique": 1, "total": 2, "unique_human": 0, "total_human": 0},
+        ]
+        by_template = httpx.get(f"{service.http_base}/v1/stats", params={"template": "welcome"}, headers=AUTH).json()
+        assert by_template["opens"] == stats["opens"] and by_template["template"] == "welcome"
+        autumn = httpx.get(f"{service.http_base}/v1/stats", params={"campaign": "autumn"}, headers=AUTH).json()
+        assert (autumn["delivered"], autumn["opens"]["total"], autumn["opens"]["rate"], autumn["links"]) == (1, 0, 0.0, [])
+        future = httpx.get(f"{service.http_base}/v1/stats", params={"since": "2999-01-01T00:00:00Z"}, headers=AUTH).json()
+        assert (future["delivered"], future["opens"]["rate"]) == (0, None)
 
 
 def test_stats_requires_the_bearer_and_a_valid_since(service: RunningService) -> None:

@@ -349,22 +349,29 @@ class SqliteEventStore:
             await self.db.commit()
 
     async def recent_hits(self, project: str, message_id: str, since: str) -> list[dict[str, Any]]:
-        """Opens and clicks of one message at or after `since`: the history a verdict looks at."""
+        """Opens and clicks of one message at or after `since`: the history a verdict looks at.
+        Implied opens are left out: no request made them, their click stands for them."""
         sql = (
             "SELECT id, name, at, ip, user_agent, link, agent, agent_reason FROM events "
-            "WHERE project = ? AND message_id = ? AND name IN ('email.open', 'email.click') AND at >= ? ORDER BY at, id"
+            "WHERE project = ? AND message_id = ? AND name IN ('email.open', 'email.click') AND at >= ? "
+            "AND implied IS NOT 1 ORDER BY at, id"
         )
         async with self.db.execute(sql, (project, message_id, since)) as cursor:
             return [dict(row) for row in await cursor.fetchall()]
 
     async def relabel(self, changes: dict[int, tuple[str, str]]) -> None:
-        """Set `agent` on events a later hit exposed; the new reason is appended to the old one."""
+        """Set `agent` on events a later hit exposed; the new reason is appended to the old one.
+        A re-labelled click takes its implied open along (same message, contact and time), so a
+        scanner's click does not leave a human open behind in the stats."""
         if not changes:
             return
-        sql = "UPDATE events SET agent = ?, agent_reason = TRIM(COALESCE(agent_reason, '') || ' ' || ?) WHERE id = ?"
-        async with self._write_lock:
-            await self.db.executemany(sql, [(agent, reason, event_id) for event_id, (agent, reason) in changes.items()])
-            await self.db.commit()
+        label = "UPDATE events SET agent = ?, agent_reason = TRIM(COALESCE(agent_reason, '') || ' ' || ?) WHERE "
+        implied_of = ("implied = 1 AND (project, message_id, contact, at) = "
+                      "(SELECT project, message_id, contact, at FROM events WHERE id = ? AND name = 'email.click')")
+        rows = [(agent, reason, event_id) for event_id, (agent, reason) in changes.items()]
+        async with self._transaction() as db:
+            await db.executemany(label + "id = ?", rows)
+            await db.executemany(label + implied_of, rows)
 
     async def stats(self, query: StatsQuery) -> dict[str, Any]:
         """Sends, opens and clicks of a campaign, a template or a whole project, in two indexed scans."""
