@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -177,3 +178,32 @@ def test_purge_deletes_old_events_of_that_project_and_their_webhooks(tmp_path: P
             assert await store.pending_webhooks() == 1
 
     run(scenario())
+
+
+def test_a_database_from_the_first_release_gains_the_new_columns(tmp_path: Path) -> None:
+    """A store file written before columns were added opens, gets them, and records and reads events."""
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, project TEXT NOT NULL,
+            contact TEXT NOT NULL, recipient TEXT NOT NULL, message_id TEXT NOT NULL, at TEXT NOT NULL,
+            campaign TEXT, template TEXT, template_type TEXT, campaign_type TEXT, subject TEXT, sender TEXT,
+            link TEXT, ip TEXT, user_agent TEXT, tracked INTEGER, reason TEXT);
+        INSERT INTO events (name, project, contact, recipient, message_id, at)
+            VALUES ('email.sent', 'p', 'c@x', 'c@x', 'm@x', '2026-01-01T00:00:00.000000Z');
+    """)
+    old.commit()
+    old.close()
+
+    async def run() -> list[dict]:
+        store = SqliteEventStore(path)
+        await store.open()
+        try:
+            return await store.events(EventQuery(project="p"))
+        finally:
+            await store.close()
+
+    [event] = asyncio.run(run())
+    assert event["name"] == "email.sent" and event["agent"] is None
+    columns = {row[1] for row in sqlite3.connect(path).execute("PRAGMA table_info(events)")}
+    assert {"agent", "agent_reason", "opens", "clicks", "first", "implied"} <= columns

@@ -7,6 +7,7 @@ implementation can follow for deployments with several relay/tracker nodes.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Collection, Mapping
@@ -206,6 +207,32 @@ def _rate(part: int, whole: int) -> float | None:
     return round(part / whole, 4) if whole else None
 
 
+async def add_missing_columns(db: aiosqlite.Connection) -> None:
+    """Bring tables made by an older release up to SCHEMA by adding the columns they lack.
+
+    `CREATE TABLE IF NOT EXISTS` leaves an existing table as it was, and SCHEMA's indexes on
+    newer columns would then fail. SCHEMA stays the one description of the tables: the wanted
+    columns are read from it, applied to an in-memory database. Only nullable or defaulted
+    columns are ever added, which is the only kind SQLite can add and the only kind we add.
+    """
+    reference = sqlite3.connect(":memory:")
+    try:
+        reference.executescript(SCHEMA)
+        tables = [row[0] for row in reference.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            if table.startswith("sqlite_"):
+                continue
+            existing = {row[1] for row in await db.execute_fetchall(f"PRAGMA table_info({table})")}
+            if not existing:
+                continue  # a new table: SCHEMA creates it whole
+            for _, name, declared, _, default, _ in reference.execute(f"PRAGMA table_info({table})"):
+                if name not in existing:
+                    suffix = f" DEFAULT {default}" if default is not None else ""
+                    await db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declared}{suffix}")
+    finally:
+        reference.close()
+
+
 class SqliteEventStore:
     """One connection, serialised by aiosqlite's worker thread; WAL lets other processes read.
 
@@ -240,6 +267,7 @@ class SqliteEventStore:
         # last transactions, which is the usual trade for an event log.
         await self._db.execute("PRAGMA synchronous=NORMAL")
         await self._db.execute("PRAGMA busy_timeout=5000")
+        await add_missing_columns(self._db)
         await self._db.executescript(SCHEMA)
         await self._db.commit()
 
