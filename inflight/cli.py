@@ -10,6 +10,8 @@ import logging
 import sys
 from typing import Any
 
+import uvloop
+
 from config.settings import ConfigError, Settings, load_settings, resolve_config_path, sqlite_path
 from config.tracking import ModeRefused, TrackingSettings
 from inflight.service import Service
@@ -37,7 +39,8 @@ def _run(args: argparse.Namespace, *, relay: bool, tracker: bool) -> int:
     # aiosmtpd logs every SMTP command at INFO; our own one line per message is the useful record.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     try:
-        asyncio.run(Service(settings, relay=relay, tracker=tracker).run_until_signalled())
+        # uvloop (libuv) is the production event loop: the tracker answers faster on it (`make bench`).
+        uvloop.run(Service(settings, relay=relay, tracker=tracker).run_until_signalled())
     except ConfigError as exc:
         raise _fail(exc) from None
     return 0

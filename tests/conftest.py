@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import uvloop
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -147,7 +148,7 @@ def make_settings(tmp_path: Path, upstream_url: str, **sections: Any) -> Setting
 
 
 class RunningService:
-    """The real Service on its own event loop in a thread, so tests can use blocking clients."""
+    """The real Service on its own event loop (uvloop, as in production) in a thread, so tests can use blocking clients."""
 
     def __init__(self, settings: Settings, *, relay: bool = True, tracker: bool = True) -> None:
         self.service = Service(settings, relay=relay, tracker=tracker)
@@ -155,7 +156,7 @@ class RunningService:
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._thread = threading.Thread(target=lambda: uvloop.run(self._main()), daemon=True)
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()

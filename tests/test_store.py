@@ -1,4 +1,4 @@
-"""The event store on a real SQLite file: exact counters, implied opens, stats, outbox, erasure."""
+"""The event store on a real SQLite file: exact counters, implied opens, stats, outbox, erasure, group commit."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tracker.store import EventQuery, NewEvent, SqliteEventStore, StatsQuery, rfc3339
+import pytest
+
+from tracker.store import EventQuery, NewEvent, SqliteEventStore, StatsQuery, now_rfc3339, rfc3339
 
 AT = "2026-03-01T10:00:00.000000Z"
 
@@ -207,3 +209,105 @@ def test_a_database_from_the_first_release_gains_the_new_columns(tmp_path: Path)
     assert event["name"] == "email.sent" and event["agent"] is None
     columns = {row[1] for row in sqlite3.connect(path).execute("PRAGMA table_info(events)")}
     assert {"agent", "agent_reason", "opens", "clicks", "first", "implied"} <= columns
+
+
+# -- group commit: concurrent writers share transactions, each sees its own ids --------------------
+
+
+def event(contact: str, name: str = "email.open") -> NewEvent:
+    return NewEvent(name=name, project="demo", contact=contact, recipient=contact, message_id="m1@test", at=now_rfc3339())
+
+
+def stored(path: Path) -> list[tuple[int, str]]:
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT id, contact FROM events ORDER BY id").fetchall()
+
+
+def test_concurrent_records_are_grouped_and_each_caller_gets_its_own_ids(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+
+    async def scenario() -> tuple[list[list[int]], int]:
+        store = SqliteEventStore(path)
+        await store.open()
+        commits = 0
+        commit = store.db.commit
+
+        async def counted_commit() -> None:
+            nonlocal commits
+            commits += 1
+            await commit()
+
+        store.db.commit = counted_commit  # type: ignore[method-assign]
+        calls = [[event(f"c{i}-{j}@example.net") for j in range(i % 3 + 1)] for i in range(40)]
+        ids = await asyncio.gather(*(store.record(events) for events in calls))
+        await store.close()
+        return ids, commits
+
+    ids, commits = asyncio.run(scenario())
+    rows = dict(stored(path))
+    assert len(rows) == sum(len(i) for i in ids) == 79
+    assert commits < 40  # 40 callers, far fewer transactions
+    for index, call_ids in enumerate(ids):
+        assert [rows[i] for i in call_ids] == [f"c{index}-{j}@example.net" for j in range(index % 3 + 1)]
+
+
+def test_a_bad_event_fails_only_its_own_caller(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+
+    async def scenario() -> list[list[int] | BaseException]:
+        store = SqliteEventStore(path)
+        await store.open()
+        bad = NewEvent(name="email.open", project="demo", contact=None, recipient="x", message_id="m", at=now_rfc3339())  # type: ignore[arg-type]
+        results = await asyncio.gather(store.record([event("a@example.net")]), store.record([bad]),
+                                       store.record([event("b@example.net")]), return_exceptions=True)
+        await store.close()
+        return results
+
+    first, failed, last = asyncio.run(scenario())
+    assert isinstance(failed, sqlite3.IntegrityError)
+    assert isinstance(first, list) and isinstance(last, list)
+    assert [contact for _, contact in stored(path)] == ["a@example.net", "b@example.net"]
+
+
+def test_close_waits_for_events_already_handed_over(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+
+    async def scenario() -> None:
+        store = SqliteEventStore(path)
+        await store.open()
+        pending = [asyncio.ensure_future(store.record([event(f"c{i}@example.net")])) for i in range(10)]
+        await asyncio.sleep(0)  # handed over, not yet committed
+        await store.close()
+        assert all(p.done() and not p.exception() for p in pending)
+
+    asyncio.run(scenario())
+    assert len(stored(path)) == 10
+
+
+def test_recording_nothing_touches_nothing(tmp_path: Path) -> None:
+    async def scenario() -> list[int]:
+        store = SqliteEventStore(tmp_path / "events.db")
+        await store.open()
+        try:
+            return await store.record([])
+        finally:
+            await store.close()
+
+    assert asyncio.run(scenario()) == []
+
+
+@pytest.mark.parametrize("rows", [1, 1201])
+def test_a_large_record_keeps_its_order_and_ids(tmp_path: Path, rows: int) -> None:
+    path = tmp_path / "events.db"
+
+    async def scenario() -> list[int]:
+        store = SqliteEventStore(path)
+        await store.open()
+        try:
+            return await store.record([event(f"c{i}@example.net") for i in range(rows)])
+        finally:
+            await store.close()
+
+    ids = asyncio.run(scenario())
+    assert [contact for _, contact in stored(path)] == [f"c{i}@example.net" for i in range(rows)]
+    assert ids == [row_id for row_id, _ in stored(path)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import json
@@ -43,9 +44,11 @@ NO_CACHE = {
 # (so which contact) sent the reader there.
 HARDENING = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
 NOT_FOUND = Response("Not Found", status_code=404, media_type="text/plain")
+# Built once: a Response holds no per-request state, and the pixel's bytes and headers never change.
+PIXEL = Response(PIXEL_GIF, media_type="image/gif", headers=NO_CACHE)
 UNAUTHORIZED = JSONResponse({"error": "missing or invalid bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
 MAX_TARGET_CHARS = MAX_TOKEN_CHARS + 64  # path + query of the longest URL we mint, with room
-MAX_REQUEST_HEAD_BYTES = 16 * 1024  # request line + headers; uvicorn's h11 bound on partial requests too
+MAX_REQUEST_HEAD_BYTES = 16 * 1024  # request line + headers; bounded while arriving too (inflight.service)
 MAX_BODY_BYTES = 64 * 1024  # the only bodies are small JSON API requests
 
 
@@ -96,8 +99,11 @@ class TrustedProxies:
 
     def __init__(self, networks: tuple[str, ...]) -> None:
         self._networks = [ipaddress.ip_network(n, strict=False) for n in networks]
+        # Parsing an address costs more than the rest of recording a hit, and peers repeat (the
+        # proxy itself, big mail providers' fetchers); bounded, since X-Forwarded-For is client input.
+        self._trusted = functools.lru_cache(maxsize=4096)(self._is_trusted)
 
-    def _trusted(self, address: str) -> bool:
+    def _is_trusted(self, address: str) -> bool:
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
@@ -202,7 +208,7 @@ class Tracker:
         if claims is None:
             return NOT_FOUND
         await self._record(request, claims)
-        return Response(PIXEL_GIF, media_type="image/gif", headers=NO_CACHE)
+        return PIXEL
 
     async def click(self, request: Request) -> Response:
         claims = self._claims(request.path_params["token"], "click")

@@ -1,0 +1,112 @@
+"""Tracker: requests/s and p50/p99 of the pixel and the redirect, events persisted, vs a bare endpoint.
+
+`inflight tracker` (own process, SQLite store) and the bare Starlette baseline (`bench.bare`, same
+uvicorn settings) are loaded in turn by `bench.httpload` (own process, fixed keep-alive
+connections), rounds interleaved. Tokens are minted for many distinct sends, as in a campaign.
+Afterwards, with the tracker still running, the store must hold exactly one event per request
+answered 200 (pixel) or 302 (redirect): an answered hit is a stored hit.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from bench.harness import (
+    SHOP,
+    TRACKER_SECRET,
+    Child,
+    Mode,
+    free_port,
+    python,
+    row,
+    run_json,
+    write_config,
+)
+from relay.links import TrackingLinks
+from tracker.tokens import TokenSigner, TrackedSend
+
+CASE = "tracker"
+CONNECTIONS = 16
+LINK = f"{SHOP}/p/7?utm_source=newsletter&utm_medium=email&utm_campaign=spring"
+
+
+def mint_paths(public_url: str, sends: int) -> tuple[list[str], list[str]]:
+    """Pixel and click paths for `sends` distinct recipients of one campaign."""
+    signer = TokenSigner([TRACKER_SECRET])
+    pixels, clicks = [], []
+    for index in range(sends):
+        send = TrackedSend(project="bench", message_id=f"{index}.bench@relay.bench.example", contact=f"c{index}@example.net",
+                           recipient=f"c{index}@example.net", sent_at=1_780_000_000, campaign="spring",
+                           template_type="MARKETING")
+        links = TrackingLinks(signer=signer, public_url=public_url, send=send)
+        pixels.append(urlsplit(links.pixel_url()).path)
+        click = links.click_url(LINK)
+        assert click is not None
+        clicks.append(urlsplit(click).path)
+    return pixels, clicks
+
+
+def stored_events(store: Path) -> dict[str, int]:
+    with sqlite3.connect(store) as db:
+        return dict(db.execute("SELECT name, count(*) FROM events GROUP BY name").fetchall())
+
+
+def run(quick: bool, smoke: bool = False) -> list[dict[str, Any]]:
+    mode = Mode(quick, smoke)
+    rounds = mode.pick(full=3, quick=2, smoke=1)
+    seconds = mode.pick(full=3.0, quick=0.8, smoke=0.3)
+    warmup = mode.pick(full=0.5, quick=0.3, smoke=0.1)
+    with tempfile.TemporaryDirectory(prefix="bench-tracker-") as tmp:
+        work = Path(tmp)
+        tracker_port, bare_port = free_port(), free_port()
+        public_url = f"http://127.0.0.1:{tracker_port}"
+        store = work / "events.db"
+        config = write_config(work / "tracker.toml", relay_port=free_port(), tracker_port=tracker_port, store=store,
+                              upstream=f"outbox:///{work}/outbox", projects={"bench": "ENABLED"})
+        pixels, clicks = mint_paths(public_url, mode.pick(full=2000, quick=1000, smoke=50))
+        (work / "pixel.txt").write_text("\n".join(pixels))
+        (work / "click.txt").write_text("\n".join(clicks))
+        # variant → (port, paths file, status the tracker answers)
+        variants = {
+            "pixel: bare Starlette": (bare_port, "pixel.txt", 200),
+            "pixel: inflight": (tracker_port, "pixel.txt", 200),
+            "redirect: bare Starlette": (bare_port, "click.txt", 302),
+            "redirect: inflight": (tracker_port, "click.txt", 302),
+        }
+        results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+        with Child("tracker", python("inflight.cli", "tracker", "--config", config), tracker_port, work) as tracker, \
+                Child("bare", python("bench.bare", "--port", bare_port, "--link", LINK), bare_port, work):
+            for _ in range(rounds):
+                for name, (port, paths, expected) in variants.items():
+                    result = run_json(python("bench.httpload", "--port", port, "--paths", work / paths,
+                                             "--connections", CONNECTIONS, "--seconds", seconds, "--warmup", warmup),
+                                      timeout=seconds + warmup + 60)
+                    if set(result["status"]) != {str(expected)}:
+                        raise AssertionError(f"{name}: answers {result['status']}, expected only {expected}\n{tracker.log_tail()}")
+                    results[name].append(result)
+            answered = {
+                "email.open": sum(r["status"]["200"] for r in results["pixel: inflight"]),
+                "email.click": sum(r["status"]["302"] for r in results["redirect: inflight"]),
+            }
+            stored = stored_events(store)
+            if stored != answered:
+                raise AssertionError(f"store holds {stored} events, the tracker answered {answered}")
+
+    rows = []
+    for endpoint in ("pixel", "redirect"):
+        bare, ours = results[f"{endpoint}: bare Starlette"], results[f"{endpoint}: inflight"]
+        base_name = f"{endpoint}: bare Starlette"
+        note = f"{answered['email.open' if endpoint == 'pixel' else 'email.click']} events stored = answers"
+        rows.append(row(CASE, base_name, "req/s", [r["rate"] for r in bare]))
+        rows.append(row(CASE, f"{endpoint}: inflight", "req/s", [r["rate"] for r in ours],
+                        baseline=(base_name, [r["rate"] for r in bare]), min_ratio=0.80, note=note))
+        for quantile in ("p50", "p99"):
+            base_samples = [r[f"{quantile}_ms"] for r in bare]
+            rows.append(row(CASE, f"{base_name} {quantile}", "ms", base_samples))
+            rows.append(row(CASE, f"{endpoint}: inflight {quantile}", "ms", [r[f"{quantile}_ms"] for r in ours],
+                            baseline=(f"{base_name} {quantile}", base_samples)))
+    return rows
