@@ -254,7 +254,7 @@ def transactional_message(size: int) -> bytes:
 
 
 def sized(data: bytes) -> str:
-    return f"{len(data) / 1024:.0f} KB" if len(data) >= 1024 else f"{len(data)} B"
+    return f"{len(data) / 1000:.0f} KB" if len(data) >= 1000 else f"{len(data)} B"
 
 
 def environment_flag(name: str) -> bool:

@@ -33,11 +33,15 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise _fail(exc) from None
 
 
-def _run(args: argparse.Namespace, *, relay: bool, tracker: bool) -> int:
-    settings = _settings(args)
+def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # aiosmtpd logs every SMTP command at INFO; our own one line per message is the useful record.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+def _run(args: argparse.Namespace, *, relay: bool, tracker: bool) -> int:
+    settings = _settings(args)
+    configure_logging()
     try:
         # uvloop (libuv) is the production event loop: the tracker answers faster on it (`make bench`).
         uvloop.run(Service(settings, relay=relay, tracker=tracker).run_until_signalled())
