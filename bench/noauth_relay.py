@@ -36,7 +36,8 @@ class ProjectBoundHandler(RelayHandler):
         self.project = project
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        session.auth_data, session.authenticated = self.project, True
+        session.authenticated = True
+        session.auth_data = self.project  # type: ignore[assignment]  # aiosmtpd types it None until AUTH sets it
         return await super().handle_DATA(server, session, envelope)
 
 
