@@ -23,11 +23,13 @@ from tracker.app import HARDENING, NO_CACHE, PIXEL_GIF
 
 
 def create_bare_app(link: str) -> Starlette:
+    headers = {**NO_CACHE, **{name.decode(): value.decode() for name, value in HARDENING}}
+
     async def pixel(request: Request) -> Response:
-        return Response(PIXEL_GIF, media_type="image/gif", headers={**NO_CACHE, **HARDENING})
+        return Response(PIXEL_GIF, media_type="image/gif", headers=headers)
 
     async def click(request: Request) -> Response:
-        return RedirectResponse(link, status_code=302, headers={**NO_CACHE, **HARDENING})
+        return RedirectResponse(link, status_code=302, headers=headers)
 
     return Starlette(routes=[Route("/o/{token}", pixel, methods=["GET", "HEAD"]),
                              Route("/c/{token}", click, methods=["GET", "HEAD"])])

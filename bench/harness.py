@@ -50,13 +50,15 @@ def row(
     *,
     baseline: tuple[str, Sequence[float]] | None = None,
     min_ratio: float | None = None,
+    max_ratio: float | None = None,
+    min_value: float | None = None,
     max_value: float | None = None,
     note: str = "",
 ) -> dict[str, Any]:
     """One result: median/min/max of `samples`, and its ratio to a baseline measured in the same run.
 
-    A budget is either a minimum ratio to the baseline (`min_ratio`) or a ceiling on the median
-    (`max_value`, in `unit`); `met` says whether this run met it.
+    A budget bounds the ratio to the baseline (`min_ratio`, `max_ratio`) or the median itself
+    (`min_value`, `max_value`, in `unit`); `met` says whether this run met it.
     """
     median = statistics.median(samples)
     result: dict[str, Any] = {
@@ -68,12 +70,15 @@ def row(
         name, base_samples = baseline
         result["baseline"] = name
         result["ratio"] = median / statistics.median(base_samples)
+    ratio = result["ratio"]
     if min_ratio is not None:
-        result["budget"] = f"ratio >= {min_ratio:.2f}"
-        result["met"] = result["ratio"] is not None and result["ratio"] >= min_ratio
-    elif max_value is not None:
-        result["budget"] = f"<= {max_value:g} {unit}"
-        result["met"] = median <= max_value
+        result["budget"], result["met"] = f"ratio >= {min_ratio:.2f}", ratio is not None and ratio >= min_ratio
+    if max_ratio is not None:
+        result["budget"], result["met"] = f"ratio <= {max_ratio:.2f}", ratio is not None and ratio <= max_ratio
+    if min_value is not None:
+        result["budget"], result["met"] = f">= {min_value:g} {unit}", median >= min_value
+    if max_value is not None:
+        result["budget"], result["met"] = f"<= {max_value:g} {unit}", median <= max_value
     return result
 
 

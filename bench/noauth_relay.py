@@ -1,8 +1,8 @@
 """The relay for Postfix's smtp-source, which cannot AUTH: inflight's handler and pipeline, AUTH off.
 
 Everything after AUTH is the product's own code, built by the product's own constructors
-(RelayHandler, Pipeline, the configured upstream and store, uvloop); only aiosmtpd's
-`auth_required` is off and the session is bound to one project. Bench use only, on loopback:
+(RelaySMTP with its command limits, RelayHandler, Pipeline, the configured upstream and store,
+uvloop); only `auth_required` is off and every session is bound to one project. Bench use only, on loopback:
 an SMTP listener without AUTH is an open relay.
 
     python -m bench.noauth_relay --config relay.toml --project on
@@ -16,32 +16,31 @@ import signal
 from pathlib import Path
 
 import uvloop
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import Session
 
-from config.settings import Settings, load_settings
+from config.settings import ProjectSettings, Settings, load_settings
 from inflight.cli import configure_logging
 from inflight.service import bind
 from relay.pipeline import Pipeline
-from relay.server import RelayHandler
+from relay.server import COMMAND_LIMITS, RelayHandler, RelaySMTP
+from relay.throttle import RateLimiter
 from relay.upstream import upstream_from_url
 from tracker.store import SqliteEventStore
 from tracker.tokens import TokenSigner
 
 
 class ProjectBoundHandler(RelayHandler):
-    """Every session counts as authenticated for one project, as AUTH would have made it."""
+    """Every session counts as the one project, as AUTH would have made it."""
 
-    def __init__(self, settings: Settings, pipeline: Pipeline, project: str) -> None:
-        super().__init__(settings, pipeline)
+    def __init__(self, settings: Settings, pipeline: Pipeline, project: ProjectSettings) -> None:
+        super().__init__(settings, pipeline, RateLimiter())
         self.project = project
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        session.authenticated = True
-        session.auth_data = self.project  # type: ignore[assignment]  # aiosmtpd types it None until AUTH sets it
-        return await super().handle_DATA(server, session, envelope)
+    def _project(self, session: Session) -> ProjectSettings | None:
+        return self.project
 
 
-async def serve(settings: Settings, project: str) -> None:
+async def serve(settings: Settings, project: ProjectSettings) -> None:
     store = SqliteEventStore.from_url(settings.store.url)
     await store.open()
     pipeline = Pipeline(settings=settings, upstream=upstream_from_url(settings.upstream.url), store=store,
@@ -49,8 +48,9 @@ async def serve(settings: Settings, project: str) -> None:
     handler = ProjectBoundHandler(settings, pipeline, project)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: SMTP(handler, data_size_limit=settings.relay.max_message_bytes, hostname=settings.relay.hostname,
-                     ident="inflight", auth_required=False, loop=loop),
+        lambda: RelaySMTP(handler, require_tls=False, data_size_limit=settings.relay.max_message_bytes,
+                          hostname=settings.relay.hostname, ident="inflight", auth_required=False,
+                          command_call_limit=COMMAND_LIMITS, loop=loop),
         sock=bind(settings.relay.listen),
     )
     stopping = asyncio.Event()
@@ -68,10 +68,11 @@ def main() -> None:
     parser.add_argument("--project", required=True, help="the project every session is bound to")
     args = parser.parse_args()
     settings = load_settings(args.config)
-    if settings.project(args.project) is None:
+    project = settings.project(args.project)
+    if project is None:
         parser.error(f"no project {args.project!r} in {args.config}")
     configure_logging()  # as `inflight relay`: its line per message is part of what a message costs
-    uvloop.run(serve(settings, args.project))
+    uvloop.run(serve(settings, project))
 
 
 if __name__ == "__main__":

@@ -88,8 +88,9 @@ def _figure(value: float | None) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+    case_width = max([len(r["case"]) for r in rows] + [4])
     variant_width = max([len(r["variant"]) for r in rows] + [7])
-    header = (f"{'case':<10} {'variant':<{variant_width}} {'median':>8} {'min':>8} {'max':>8} {'unit':<6} "
+    header = (f"{'case':<{case_width}} {'variant':<{variant_width}} {'median':>8} {'min':>8} {'max':>8} {'unit':<6} "
               f"{'ratio':>6}  budget")
     lines = [header, "-" * (len(header) + 20)]
     for r in rows:
@@ -97,12 +98,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         verdict = {True: " ok", False: " MISSED", None: ""}[r.get("met")]
         budget = f"{r.get('budget') or ''}{verdict}"
         lines.append(
-            f"{r['case']:<10} {r['variant']:<{variant_width}} {_figure(r['median']):>8} {_figure(r['min']):>8} "
+            f"{r['case']:<{case_width}} {r['variant']:<{variant_width}} {_figure(r['median']):>8} {_figure(r['min']):>8} "
             f"{_figure(r['max']):>8} {r['unit']:<6} {ratio:>6}  {budget}"
         )
         details = [f"vs {r['baseline']}" if r.get("baseline") else "", r.get("note") or ""]
         if any(details):
-            lines.append(f"{'':<10} {'':<{variant_width}}   ({'; '.join(d for d in details if d)})")
+            lines.append(f"{'':<{case_width}} {'':<{variant_width}}   ({'; '.join(d for d in details if d)})")
     return "\n".join(lines)
 
 

@@ -16,8 +16,8 @@ import socket
 from collections.abc import Iterator
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from starlette.types import ASGIApp
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from config.settings import ConfigError, Settings, parse_listen
 from config.tracking import TrackingSettings

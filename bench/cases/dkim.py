@@ -6,14 +6,15 @@ the same message without a key for its domain (split + pass-through only).
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from bench.harness import Mode, row
 from relay.dkim import DkimSigner, load_key
 
 
@@ -33,7 +34,7 @@ def timed(sign: DkimSigner, data: bytes, repeats: int) -> list[float]:
     return values
 
 
-def run(quick: bool) -> list[dict]:
+def run(quick: bool, smoke: bool = False) -> list[dict[str, Any]]:
     none = serialization.NoEncryption()
     with tempfile.TemporaryDirectory() as directory:
         rsa_path, ed_path = Path(directory) / "rsa.pem", Path(directory) / "ed.pem"
@@ -43,17 +44,14 @@ def run(quick: bool) -> list[dict]:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, none))
         signers = {"rsa-2048": DkimSigner([load_key("example.com", "s", str(rsa_path))]),
                    "ed25519": DkimSigner([load_key("example.com", "s", str(ed_path))])}
+    mode = Mode(quick, smoke)
     rows = []
-    sizes = [10_000, 1_000_000] if quick else [10_000, 1_000_000, 25_000_000]
+    sizes = mode.pick(full=[10_000, 1_000_000, 25_000_000], quick=[10_000, 1_000_000], smoke=[10_000])
     for size in sizes:
         data = message(size)
-        repeats = 3 if size > 1_000_000 else (5 if quick else 20)
-        baseline = statistics.median(timed(DkimSigner(), data, repeats))
+        repeats = 3 if size > 1_000_000 else mode.pick(full=20, quick=5, smoke=1)
+        baseline = (f"no key {size // 1000} kB", timed(DkimSigner(), data, repeats))
         for name, signer in signers.items():
-            values = timed(signer, data, repeats)
-            median = statistics.median(values)
-            rows.append({"case": "dkim", "variant": f"{name} {size // 1000} kB", "unit": "ms", "median": median,
-                         "min": min(values), "max": max(values), "baseline": baseline,
-                         "ratio": median / baseline if baseline else None,
-                         "budget": "< 20 ms per copy at 10 kB" if size == 10_000 else ""})
+            rows.append(row("dkim", f"{name} {size // 1000} kB", "ms", timed(signer, data, repeats), baseline=baseline,
+                            max_value=20 if size == 10_000 else None))
     return rows

@@ -16,15 +16,18 @@ import hashlib
 import hmac
 import quopri
 import random
-import statistics
 import time
 from collections.abc import Callable
 from email import policy
 from functools import partial
+from typing import Any
 
 from bs4 import BeautifulSoup
 
+from bench.harness import Mode, row
 from relay.instrument import plan_instrumentation
+
+CASE = "rewriter"
 
 _WORDS = [
     "lorem",
@@ -124,8 +127,9 @@ def bs4_baseline(raw: bytes) -> bytes:
         if part.get_content_type() == "text/html":
             soup = BeautifulSoup(part.get_content(), "html.parser")
             for link in soup.find_all(["a", "area"], href=True):
-                if link["href"].startswith(("http://", "https://")):
-                    link["href"] = minter.click_url(link["href"]) or link["href"]
+                href = str(link["href"])
+                if href.startswith(("http://", "https://")):
+                    link["href"] = minter.click_url(href) or href
             pixel = soup.new_tag("img", src=minter.pixel_url(), width="1", height="1", alt="")
             (soup.body or soup).append(pixel)
             part.set_content(str(soup), subtype="html", cte="quoted-printable")
@@ -142,47 +146,35 @@ def _measure(run: Callable[[], object], repeat: int) -> list[float]:
     return times
 
 
-def _row(variant: str, times: list[float], baseline: str | None = None, budget: str | None = None) -> dict[str, object]:
-    return {
-        "case": "rewriter",
-        "variant": variant,
-        "unit": "ms",
-        "median": round(statistics.median(times), 3),
-        "min": round(min(times), 3),
-        "max": round(max(times), 3),
-        "baseline": baseline,
-        "ratio": None,
-        "budget": budget,
-    }
-
-
-def run(quick: bool) -> list[dict[str, object]]:
+def run(quick: bool, smoke: bool = False) -> list[dict[str, Any]]:
+    mode = Mode(quick, smoke)
     sizes = [
         ("10KB/10 links", 10_000, 10, 100, 5),
         ("100KB/100 links", 100_000, 100, 60, 3),
         ("1MB/500 links", 1_000_000, 500, 10, 1),
     ]
-    rows: list[dict[str, object]] = []
-    for label, size, links, repeat, baseline_repeat in sizes:
+    rows: list[dict[str, Any]] = []
+    for label, size, links, repeat, baseline_repeat in mode.pick(full=sizes, quick=sizes, smoke=sizes[:2]):
         raw = marketing_message(marketing_html(size, links))
-        if quick:
-            repeat, baseline_repeat = max(repeat // 4, 3), 1
+        repeat, baseline_repeat = mode.pick(full=(repeat, baseline_repeat), quick=(max(repeat // 4, 3), 1), smoke=(1, 1))
         ours_times = _measure(partial(instrument, raw), repeat)
         base_times = _measure(partial(bs4_baseline, raw), baseline_repeat)
-        budget = "median ≤ 5 ms" if size == 100_000 else None
-        ours = _row(f"{label} inflight", ours_times, f"{label} bs4", budget)
-        ours["ratio"] = round(statistics.median(ours_times) / statistics.median(base_times), 4)
-        rows += [ours, _row(f"{label} bs4", base_times)]
+        rows += [
+            row(CASE, f"{label} inflight", "ms", ours_times, baseline=(f"{label} bs4", base_times),
+                max_value=5 if size == 100_000 else None),
+            row(CASE, f"{label} bs4", "ms", base_times),
+        ]
         if size == 100_000:
             render = plan_instrumentation(raw).render
-            rows.append(_row(f"{label} render per extra recipient", _measure(partial(render, SigningMinter()), repeat)))
+            rows.append(row(CASE, f"{label} render per extra recipient", "ms", _measure(partial(render, SigningMinter()), repeat)))
             raw_8bit = marketing_message(marketing_html(size, links), "8bit")
-            rows.append(_row(f"{label} inflight 8bit", _measure(partial(instrument, raw_8bit), repeat)))
-    bomb = nested_tag_bomb(20_000)
-    rows.append(_row(f"{len(bomb) // 1000}KB nested-tag bomb inflight", _measure(partial(instrument, bomb), 3 if quick else 10)))
+            rows.append(row(CASE, f"{label} inflight 8bit", "ms", _measure(partial(instrument, raw_8bit), repeat)))
+    bomb = nested_tag_bomb(mode.pick(full=20_000, quick=20_000, smoke=2_000))
+    rows.append(row(CASE, f"{len(bomb) // 1000}KB nested-tag bomb inflight", "ms",
+                    _measure(partial(instrument, bomb), mode.pick(full=10, quick=3, smoke=1))))
     return rows
 
 
 if __name__ == "__main__":
-    for row in run(quick=False):
-        print(row)
+    for result in run(quick=False):
+        print(result)

@@ -2,7 +2,8 @@
 
 `inflight tracker` (own process, SQLite store) and the bare Starlette baseline (`bench.bare`, same
 uvicorn settings) are loaded in turn by `bench.httpload` (own process, fixed keep-alive
-connections), rounds interleaved. Tokens are minted for many distinct sends, as in a campaign.
+connections), rounds interleaved. Tokens are minted for many distinct sends, as in a campaign, so
+each message sees a few hits per run as real ones do (every hit reads its message's recent hits).
 Afterwards, with the tracker still running, the store must hold exactly one event per request
 answered 200 (pixel) or 302 (redirect): an answered hit is a stored hit.
 """
@@ -67,7 +68,7 @@ def run(quick: bool, smoke: bool = False) -> list[dict[str, Any]]:
         store = work / "events.db"
         config = write_config(work / "tracker.toml", relay_port=free_port(), tracker_port=tracker_port, store=store,
                               upstream=f"outbox:///{work}/outbox", projects={"bench": "ENABLED"})
-        pixels, clicks = mint_paths(public_url, mode.pick(full=2000, quick=1000, smoke=50))
+        pixels, clicks = mint_paths(public_url, mode.pick(full=20_000, quick=10_000, smoke=50))
         (work / "pixel.txt").write_text("\n".join(pixels))
         (work / "click.txt").write_text("\n".join(clicks))
         # variant → (port, paths file, status the tracker answers)

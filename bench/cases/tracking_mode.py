@@ -8,11 +8,12 @@ share of the relay's own work per message, before any network time.
 from __future__ import annotations
 
 import asyncio
-import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+from bench.harness import Mode, row
 from config.settings import Settings, settings_from_mapping
 from config.tracking import TrackingSettings
 from relay.pipeline import Pipeline
@@ -46,8 +47,8 @@ async def _per_op_us(operation: object, count: int, rounds: int) -> list[float]:
     return timings
 
 
-async def _measure(quick: bool) -> list[dict]:
-    count, rounds = (200, 3) if quick else (2000, 7)
+async def _measure(mode: Mode) -> list[dict[str, Any]]:
+    count, rounds = mode.pick(full=(2000, 7), quick=(200, 3), smoke=(20, 1))
     with tempfile.TemporaryDirectory() as directory:
         settings = _settings(directory)
         project = settings.projects[0]
@@ -64,19 +65,13 @@ async def _measure(quick: bool) -> list[dict]:
                                        max(count // 4, 50), rounds)
         finally:
             await store.close()
-    baseline = statistics.median(relayed)
-
-    def row(variant: str, samples: list[float], budget: str | None = None) -> dict:
-        median = statistics.median(samples)
-        return {"case": "tracking_mode", "variant": variant, "unit": "us", "median": median, "min": min(samples),
-                "max": max(samples), "baseline": baseline, "ratio": median / baseline, "budget": budget}
-
+    baseline = ("relay untracked 3 KB msg (baseline)", relayed)
     return [
-        row("mode read, TOML default (no row)", unset, "ratio < 0.2"),
-        row("mode read, stored row", stored, "ratio < 0.2"),
-        row("relay untracked 3 KB msg (baseline)", relayed),
+        row("tracking_mode", "mode read, TOML default (no row)", "us", unset, baseline=baseline, max_ratio=0.2),
+        row("tracking_mode", "mode read, stored row", "us", stored, baseline=baseline, max_ratio=0.2),
+        row("tracking_mode", baseline[0], "us", relayed),
     ]
 
 
-def run(quick: bool) -> list[dict]:
-    return asyncio.run(_measure(quick))
+def run(quick: bool, smoke: bool = False) -> list[dict[str, Any]]:
+    return asyncio.run(_measure(Mode(quick, smoke)))
