@@ -8,7 +8,6 @@ interpreter. Messages are generated, not read from the corpus, so a run is repro
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import statistics
@@ -87,11 +86,6 @@ def skipped(case: str, variant: str, reason: str) -> dict[str, Any]:
     print(f"skip {case}: {variant}: {reason}", flush=True)
     return {"case": case, "variant": variant, "unit": "", "median": None, "min": None, "max": None, "samples": [],
             "baseline": None, "ratio": None, "budget": None, "met": None, "note": f"skipped: {reason}"}
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 # --- processes and ports -----------------------------------------------------------------------
@@ -260,7 +254,3 @@ def transactional_message(size: int) -> bytes:
 
 def sized(data: bytes) -> str:
     return f"{len(data) / 1000:.0f} KB" if len(data) >= 1000 else f"{len(data)} B"
-
-
-def environment_flag(name: str) -> bool:
-    return os.environ.get(name, "") == "1"
