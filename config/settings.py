@@ -64,6 +64,10 @@ class RelaySettings:
     auth_failures_per_user: int = 20  # failed AUTHs for one username, from addresses not known good
     auth_backoff_seconds: int = 60  # first refusal period; doubles per further failure, at most 1 h
     auth_failure_window_seconds: int = 900  # failures are forgotten this long after the last one or its refusal
+    # SIGTERM: stop accepting, let open transactions finish for at most this long, then exit.
+    drain_timeout_seconds: float = 25.0
+    # Processes that parse, rewrite and sign large messages off the event loop (see bench/cases/isolation.py).
+    cpu_workers: int = 2
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,15 @@ class UpstreamSettings:
     configuration_set_header: str = "X-SES-CONFIGURATION-SET"
     configuration_set: str = ""
     no_tracking_configuration_set: str = ""
+    # Tried in order when the primary (and each earlier fallback) cannot be reached; never on a refusal.
+    fallback_urls: tuple[str, ...] = field(default=(), repr=False, metadata=SECRET)
+    pool_size: int = 4
+    pool_idle_seconds: float = 30.0
+    connect_timeout_seconds: float = 10.0  # TCP + greeting + EHLO + STARTTLS + AUTH, together
+    command_timeout_seconds: float = 30.0  # each of MAIL, RCPT, RSET, NOOP, DATA (the 354)
+    data_timeout_seconds: float = 120.0  # message body sent through the final reply
+    send_timeout_seconds: float = 180.0  # everything upstream for one app transaction, all copies and fallbacks
+    ledger_ttl_hours: int = 72  # how long a delivered (message-id, recipient) is remembered against resends
 
     @property
     def owns_configuration_set(self) -> bool:
@@ -464,9 +477,19 @@ def _check(s: Settings) -> list[str]:
     problems.extend(_check_network_lists(s.tracker))
     if not s.store.url.startswith("sqlite:///"):
         problems.append(f"store.url: expected sqlite:///relative/path.db or sqlite:////absolute/path.db, got {s.store.url!r}")
-    scheme = urlsplit(s.upstream.url).scheme
-    if scheme not in UPSTREAM_SCHEMES:
-        problems.append(f"upstream.url: scheme must be one of {', '.join(UPSTREAM_SCHEMES)}, got {scheme or 'none'!r}")
+    for key, url in (("upstream.url", s.upstream.url), *(("upstream.fallback_urls", u) for u in s.upstream.fallback_urls)):
+        scheme = urlsplit(url).scheme  # never the URL itself: it may carry a password
+        if scheme not in UPSTREAM_SCHEMES:
+            problems.append(f"{key}: scheme must be one of {', '.join(UPSTREAM_SCHEMES)}, got {scheme or 'none'!r}")
+    for key in ("pool_idle_seconds", "connect_timeout_seconds", "command_timeout_seconds", "data_timeout_seconds",
+                "send_timeout_seconds"):
+        if getattr(s.upstream, key) <= 0:
+            problems.append(f"upstream.{key}: must be a positive number of seconds")
+    for section, key in (("upstream", "pool_size"), ("upstream", "ledger_ttl_hours"), ("relay", "cpu_workers")):
+        if getattr(getattr(s, section), key) < 1:
+            problems.append(f"{section}.{key}: must be at least 1")
+    if s.relay.drain_timeout_seconds < 0:
+        problems.append("relay.drain_timeout_seconds: must be zero or more seconds")
     seen: set[str] = set()
     for index, project in enumerate(s.projects):
         if project.id in seen:

@@ -14,6 +14,7 @@ import logging
 import signal
 import socket
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -23,7 +24,8 @@ from config.settings import ConfigError, Settings, parse_listen
 from config.tracking import TrackingSettings
 from relay.pipeline import Pipeline
 from relay.server import Relay
-from relay.upstream import upstream_from_url
+from relay.upstream import Upstream, upstream_from_settings
+from relay.workers import cpu_pool
 from tracker.app import MAX_REQUEST_HEAD_BYTES, Tracker, create_app
 from tracker.privacy import RetentionPurge
 from tracker.store import SqliteEventStore
@@ -31,6 +33,8 @@ from tracker.tokens import TokenSigner
 from tracker.webhooks import WebhookWorker
 
 log = logging.getLogger("inflight")
+
+LEDGER_PURGE_SECONDS = 600.0
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -113,6 +117,9 @@ class Service:
         self.tracker_address: tuple[str, int] | None = None
         self._smtp: asyncio.Server | None = None
         self._smtps: asyncio.Server | None = None
+        self._relay: Relay | None = None
+        self._upstream: Upstream | None = None
+        self._workers: ProcessPoolExecutor | None = None
         self._http: _EmbeddedUvicorn | None = None
         self._http_task: asyncio.Task[None] | None = None
 
@@ -125,16 +132,19 @@ class Service:
             raise ConfigError(problems)
         self._background = [asyncio.create_task(self.webhooks.run()), asyncio.create_task(self.purge.run())]
         if self.run_relay:
+            self._workers = cpu_pool(self.settings.relay.cpu_workers)
+            self._upstream = upstream_from_settings(
+                self.settings.upstream, local_hostname=self.settings.relay.hostname, executor=self._workers
+            )
             pipeline = Pipeline(
-                settings=self.settings,
-                upstream=upstream_from_url(self.settings.upstream.url),
-                store=self.store,
-                signer=self.signer,
+                settings=self.settings, upstream=self._upstream, store=self.store, signer=self.signer, executor=self._workers
             )
             relay = Relay(self.settings, pipeline)
             sock = bind(self.settings.relay.listen)
             self.relay_address = sock.getsockname()[:2]
             self._smtp = await relay.listen(sock)
+            self._relay = relay
+            self._background.append(asyncio.create_task(self._purge_ledger()))
             log.info("relay listening on %s:%d", *self.relay_address)
             if self.settings.relay.smtps_listen:
                 sock = bind(self.settings.relay.smtps_listen)
@@ -154,10 +164,18 @@ class Service:
             log.info("tracker listening on %s:%d (public_url=%s)", *self.tracker_address, self.settings.tracker.public_url)
 
     async def stop(self) -> None:
-        for server in (self._smtp, self._smtps):
-            if server is not None:
-                server.close()
-                await server.wait_closed()
+        """Stop accepting, let SMTP transactions in flight finish (up to relay.drain_timeout_seconds), then close."""
+        servers = [server for server in (self._smtp, self._smtps) if server is not None]
+        for server in servers:
+            server.close()
+        if self._relay is not None:
+            await self._relay.sessions.drain(self.settings.relay.drain_timeout_seconds)
+        for server in servers:
+            await server.wait_closed()
+        if self._upstream is not None:
+            await self._upstream.close()
+        if self._workers is not None:
+            await asyncio.to_thread(self._workers.shutdown, True, cancel_futures=True)
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True
             await self._http_task
@@ -165,6 +183,16 @@ class Service:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.store.close()
+
+    async def _purge_ledger(self) -> None:
+        while True:
+            try:
+                purged = await self.store.purge_deliveries()
+                if purged:
+                    log.info("ledger-purged rows=%d", purged)
+            except Exception:
+                log.exception("ledger-purge-failed")
+            await asyncio.sleep(LEDGER_PURGE_SECONDS)
 
     async def run_until_signalled(self) -> None:
         await self.start()

@@ -6,10 +6,15 @@ outcome is one SMTP reply plus one structured log line.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 from config.settings import ProjectSettings, Settings, TrackingEngine
 from config.tracking import TrackingSettings
@@ -17,15 +22,16 @@ from relay import replies
 from relay.dkim import DkimError, DkimSigner, load_key
 from relay.headers import SplitMessage, decoded_header, split_message
 from relay.hints import AppHints, Refusal, read_hints, strip_hints
-from relay.instrument import plan_instrumentation
+from relay.instrument import Instrumented, plan_instrumentation
 from relay.links import TrackingLinks
 from relay.policy import Decision, decide
 from relay.senders import from_allowed
-from relay.upstream import Upstream, UpstreamError
+from relay.upstream import INLINE_BYTES, RecipientResult, Results, Upstream
 from tracker.store import EventStore, NewEvent, now_rfc3339
 from tracker.tokens import TokenSigner, TrackedSend
 
 log = logging.getLogger("inflight.relay")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -37,13 +43,17 @@ class Copy:
 
 
 class Pipeline:
-    def __init__(self, *, settings: Settings, upstream: Upstream, store: EventStore, signer: TokenSigner) -> None:
+    def __init__(
+        self, *, settings: Settings, upstream: Upstream, store: EventStore, signer: TokenSigner, executor: Executor | None = None
+    ) -> None:
         self.settings = settings
         self.upstream = upstream
         self.store = store
         self.signer = signer
         self.tracking = TrackingSettings(settings, store)
         self.dkim = DkimSigner([load_key(k.domain, k.selector, k.private_key_path) for k in settings.dkim])
+        self.executor = executor  # CPU-heavy work on large messages; None runs it on the event loop
+        self._sending: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
 
     async def relay(self, project: ProjectSettings, mail_from: str, recipients: list[str], raw: bytes) -> str:
         """Return the SMTP reply for this transaction; 250 only once the upstream accepted every copy."""
@@ -72,29 +82,116 @@ class Pipeline:
         if self.settings.upstream.tracking_engine is TrackingEngine.PROVIDER:
             decision = replace(decision, reason=f"{decision.reason} engine=provider")
         message, message_id = self._prepare_headers(strip_hints(message), decision)
-        copies, outcome = self._copies(message.to_bytes(), recipients, hints, project, message_id, decision)
-        try:
-            copies = self._signed(copies, message, message_id, rewritten=outcome == "instrumented")
-        except DkimError as exc:
-            reply = replies.unsignable(str(exc))
-            self._log("refused", project.id, message_id, recipients, decision, len(raw), started, reply)
-            return reply
-        delivered: list[str] = []
-        try:
-            for copy in copies:
-                await self.upstream.send(mail_from, copy.recipients, copy.data)
-                delivered.extend(copy.recipients)
-        except UpstreamError as exc:
-            reply = replies.upstream_refused(exc.code, str(exc), temporary=exc.temporary)
-            if exc.code is None:
+        notes: list[str] = []
+        async with self._one_attempt_at_a_time(project.id, message_id):
+            sent_before = await self._delivered_before(project.id, message_id, recipients)
+            pending = [r for r in recipients if r.lower() not in sent_before]
+            try:
+                results = await self._send(mail_from, pending, message, hints, project, message_id, decision, notes)
+            except DkimError as exc:
+                reply = replies.unsignable(str(exc))
+                self._log("refused", project.id, message_id, recipients, decision, len(raw), started, reply)
+                return reply
+        accepted = [r for r in pending if results[r].accepted]
+        sent = len(recipients) - len(pending) + len(accepted)
+        failed = {r: (results[r].code, results[r].text) for r in pending if not results[r].accepted}
+        temporary = {r: verdict for r, verdict in failed.items() if 400 <= verdict[0] < 500}
+        await self._record("email.sent", accepted, message, message_id, project, hints, decision, results)
+        if temporary:
+            # Some recipient may still get it: the app must retry; the ledger keeps the retry from resending.
+            if all(results[r].unreachable for r in temporary):
                 reply = replies.UPSTREAM_UNAVAILABLE
-            await self._record_sent(delivered, message, message_id, project, hints, decision)
-            self._log("deferred" if exc.temporary else "refused", project.id, message_id, recipients, decision,
-                      len(raw), started, f"{reply} delivered={len(delivered)}")
-            return reply
-        await self._record_sent(delivered, message, message_id, project, hints, decision)
-        self._log("queued", project.id, message_id, recipients, decision, len(raw), started, outcome)
-        return replies.accepted(message_id, len(recipients))
+            else:
+                reply = replies.upstream_failures(temporary, len(recipients), temporary=True, sent=sent)
+            outcome = "deferred"
+        elif failed:
+            await self._record("email.bounce", list(failed), message, message_id, project, hints, decision, results)
+            if sent:
+                reply = replies.partially_accepted(message_id, sent, len(recipients), failed)
+                outcome = "partial"
+            else:
+                reply = replies.upstream_failures(failed, len(recipients), temporary=False)
+                outcome = "refused"
+        else:
+            reply = replies.accepted(message_id, len(recipients))
+            outcome = "queued" if pending else "already-sent"
+        self._log(outcome, project.id, message_id, recipients, decision, len(raw), started,
+                  f"{reply} sent_before={len(sent_before)} {' '.join(notes)}".strip())
+        return reply
+
+    @contextlib.asynccontextmanager
+    async def _one_attempt_at_a_time(self, project: str, message_id: str) -> AsyncIterator[None]:
+        """An app retrying while its first attempt still runs waits for it, then sees its ledger rows."""
+        key = (project, message_id)
+        lock, users = self._sending.get(key, (asyncio.Lock(), 0))
+        self._sending[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._sending[key]
+            if users == 1:
+                del self._sending[key]
+            else:
+                self._sending[key] = (lock, users - 1)
+
+    async def _delivered_before(self, project: str, message_id: str, recipients: list[str]) -> set[str]:
+        try:
+            return await self.store.delivered_recipients(project, message_id, recipients)
+        except Exception:
+            # Without the ledger a retry could duplicate, but refusing all mail would be worse.
+            log.exception("ledger-read-failed message_id=%s", message_id)
+            return set()
+
+    async def _send(
+        self,
+        mail_from: str,
+        pending: list[str],
+        message: SplitMessage,
+        hints: AppHints,
+        project: ProjectSettings,
+        message_id: str,
+        decision: Decision,
+        notes: list[str],
+    ) -> Results:
+        """Every copy upstream, each accepted recipient written to the ledger before the next copy goes.
+
+        Raises DkimError when the first copy cannot be signed (nothing was sent).
+        """
+        results: Results = {}
+        if not pending:
+            return results
+        upstream = self.settings.upstream
+        try:
+            async with asyncio.timeout(upstream.send_timeout_seconds):
+                copies = self._copies(message, pending, hints, project, message_id, decision, notes)
+                async with contextlib.aclosing(copies):
+                    async for copy in copies:
+                        outcome = await self.upstream.send(mail_from, copy.recipients, copy.data)
+                        results.update(outcome)
+                        await self._remember(project.id, message_id, [r for r, v in outcome.items() if v.accepted])
+                        if all(v.unreachable for v in outcome.values()):
+                            # The remaining copies would meet the same closed door: they wait for the retry.
+                            return {**dict.fromkeys(pending, next(iter(outcome.values()))), **results}
+        except DkimError as exc:
+            if not results:
+                raise
+            # Copies are signed alike, so this cannot follow a signed one; if it ever does, say so.
+            unsignable = RecipientResult(554, f"5.6.0 cannot be DKIM-signed: {exc}")
+            return {**dict.fromkeys(pending, unsignable), **results}
+        except TimeoutError:
+            log.warning("send-timeout message_id=%s after=%ss", message_id, upstream.send_timeout_seconds)
+            timed_out = RecipientResult(451, f"4.4.7 upstream did not finish within {upstream.send_timeout_seconds:g} s")
+            return {**dict.fromkeys(pending, timed_out), **results}
+        return results
+
+    async def _remember(self, project: str, message_id: str, recipients: list[str]) -> None:
+        if not recipients:
+            return
+        try:
+            await self.store.record_delivered(project, message_id, recipients, self.settings.upstream.ledger_ttl_hours * 3600)
+        except Exception:
+            log.exception("ledger-write-failed message_id=%s recipients=%d", message_id, len(recipients))
 
     def _prepare_headers(self, message: SplitMessage, decision: Decision) -> tuple[SplitMessage, str]:
         message_id = (message.get("Message-ID") or "").strip().strip("<>")
@@ -111,76 +208,94 @@ class Pipeline:
                 message = message.with_field(upstream.configuration_set_header, configuration_set)
         return message, message_id
 
-    def _copies(
+    async def _copies(
         self,
-        data: bytes,
+        message: SplitMessage,
         recipients: list[str],
         hints: AppHints,
         project: ProjectSettings,
         message_id: str,
         decision: Decision,
-    ) -> tuple[list[Copy], str]:
-        """Tracked mail goes as one copy per recipient, each with its own tokens; other mail as one transaction."""
-        if not decision.tracked:
-            return [Copy(recipients, data)], "untracked"
-        if self.settings.upstream.tracking_engine is TrackingEngine.PROVIDER:
-            return [Copy(recipients, data)], "provider-tracks"  # its configuration set adds pixel and links
-        plan = plan_instrumentation(data)
+        notes: list[str],
+    ) -> AsyncGenerator[Copy, None]:
+        """Tracked mail goes as one copy per recipient, each with its own tokens; other mail as one transaction.
+
+        Every copy is DKIM-signed last, over its final bytes. Copies are prepared in small batches
+        as they are sent, so memory holds a batch, not N copies of a 25 MB message; large messages
+        are parsed, rewritten and signed in the CPU pool, off the event loop.
+        """
+        data = message.to_bytes()
+        if not decision.tracked or self.settings.upstream.tracking_engine is TrackingEngine.PROVIDER:
+            # The provider's configuration set adds pixel and links when it tracks.
+            notes.append("untracked" if not decision.tracked else "provider-tracks")
+            yield Copy(recipients, await self._offload(data, self.dkim.sign, data))
+            return
         sent_at = int(time.time())
-        copies = []
-        for recipient in recipients:
-            send = TrackedSend(
-                project=project.id,
-                message_id=message_id,
-                contact=hints.contact or recipient.lower(),
-                recipient=recipient,
-                sent_at=sent_at,
-                campaign=hints.campaign,
-                template=hints.template,
-                template_type=hints.send.template_type,
-                campaign_type=hints.send.campaign_type,
-            )
-            links = TrackingLinks(
+        minters = [
+            TrackingLinks(
                 signer=self.signer,
                 public_url=self.settings.tracker.public_url,
-                send=send,
+                send=TrackedSend(
+                    project=project.id,
+                    message_id=message_id,
+                    contact=hints.contact or recipient.lower(),
+                    recipient=recipient,
+                    sent_at=sent_at,
+                    campaign=hints.campaign,
+                    template=hints.template,
+                    template_type=hints.send.template_type,
+                    campaign_type=hints.send.campaign_type,
+                ),
                 honeypot=project.honeypot_link,
                 exclude_click_domains=project.exclude_click_domains,
             )
-            result = plan.render(links)
-            if result.outcome != "instrumented":
-                # Nothing to track in this message (no HTML, signed, or it failed): send it as is, once.
-                if result.outcome == "failed":
-                    log.warning("instrument-failed message_id=%s reason=%s", message_id, result.reason)
-                return [Copy(recipients, data)], f"instrument={result.outcome} ({result.reason})"
-            copies.append(Copy([recipient], result.data))
-        return copies, "instrumented"
+            for recipient in recipients
+        ]
+        batch = max(1, INLINE_BYTES // max(len(data), 1))
+        for start in range(0, len(recipients), batch):
+            rendered = await self._offload(data, render_copies, data, minters[start:start + batch], self.dkim)
+            for offset, result in enumerate(rendered):
+                if result.outcome != "instrumented":
+                    # Nothing to track in this message (no HTML, or it failed): send it as is, once.
+                    if result.outcome == "failed":
+                        log.warning("instrument-failed message_id=%s reason=%s", message_id, result.reason)
+                    notes.append(f"instrument={result.outcome} ({result.reason})")
+                    yield Copy(recipients[start + offset:], await self._offload(data, self.dkim.sign, data))
+                    return
+                if start + offset == 0:
+                    notes.append("instrumented")
+                    for domain in self.dkim.foreign_signatures(message):
+                        log.warning("dkim-broken message_id=%s domain=%s detail='tracking rewrote a message the app "
+                                    "signed; configure [[dkim]] for this domain or turn tracking off for these sends'",
+                                    message_id, domain)
+                yield Copy([recipients[start + offset]], result.data)
 
-    def _signed(self, copies: list[Copy], message: SplitMessage, message_id: str, *, rewritten: bool) -> list[Copy]:
-        """The last step of copy preparation: DKIM over each copy's final bytes."""
-        if rewritten:
-            for domain in self.dkim.foreign_signatures(message):
-                log.warning("dkim-broken message_id=%s domain=%s detail='tracking rewrote a message the app signed; "
-                            "configure [[dkim]] for this domain or turn tracking off for these sends'", message_id, domain)
-        return [Copy(copy.recipients, self.dkim.sign(copy.data)) for copy in copies]
+    async def _offload(self, data: bytes, work: Callable[..., T], *args: Any) -> T:
+        """Run `work` in the CPU pool when `data` is large; small messages cost a few ms, done in place."""
+        if self.executor is None or len(data) < INLINE_BYTES:
+            return work(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, work, *args)
 
-    async def _record_sent(
+    async def _record(
         self,
-        delivered: list[str],
+        name: str,
+        recipients: list[str],
         message: SplitMessage,
         message_id: str,
         project: ProjectSettings,
         hints: AppHints,
         decision: Decision,
+        results: Results,
     ) -> None:
-        if not delivered:
+        """`email.sent` per recipient the upstream accepted; `email.bounce` per recipient it refused for good."""
+        if not recipients:
             return
         at = now_rfc3339()
         subject = decoded_header(message.get("Subject"))
         sender = decoded_header(message.get("From"))
         events = [
             NewEvent(
-                name="email.sent",
+                name=name,
                 project=project.id,
                 contact=hints.contact or recipient.lower(),
                 recipient=recipient,
@@ -193,9 +308,9 @@ class Pipeline:
                 subject=subject,
                 sender=sender,
                 tracked=decision.tracked,
-                reason=decision.reason,
+                reason=decision.reason if name == "email.sent" else f"{results[recipient].code} {results[recipient].text}",
             )
-            for recipient in delivered
+            for recipient in recipients
         ]
         try:
             await self.store.record(events)
@@ -218,3 +333,10 @@ class Pipeline:
             "outcome=%s project=%s message_id=%s recipients=%d %s bytes=%d ms=%.1f detail=%r",
             outcome, project, message_id, len(recipients), tracking, size, (time.monotonic() - started) * 1000, detail,
         )
+
+
+def render_copies(data: bytes, minters: list[TrackingLinks], dkim: DkimSigner) -> list[Instrumented]:
+    """Plan once, render and sign once per recipient. Module-level and pure so a worker process can run it."""
+    plan = plan_instrumentation(data)
+    rendered = [plan.render(minter) for minter in minters]
+    return [replace(r, data=dkim.sign(r.data)) if r.outcome == "instrumented" else r for r in rendered]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 PROJECT_MISMATCH = "550 5.7.1 X-Inflight-Project does not match the authenticated project"
@@ -19,6 +20,8 @@ BAD_ADDRESS = "553 5.1.3 Address contains control characters"
 NUL_IN_MESSAGE = "550 5.6.0 Message contains NUL bytes"
 INTERNAL_ERROR = "451 4.3.0 Internal error, nothing was sent; try again later"
 FROM_DOMAIN_REFUSED = "550 5.7.1 From header must be one address in a domain allowed for this project (sender_domains)"
+SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+MAX_LISTED_CHARS = 360  # an SMTP reply line is at most 512 octets (RFC 5321 §4.5.3.1.5)
 
 _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
 
@@ -33,6 +36,41 @@ def rate_limited(retry_after: float) -> str:
 
 def unsignable(reason: str) -> str:
     return f"550 5.6.0 Message cannot be DKIM-signed: {' '.join(reason.split())[:200]}"
+
+
+def partially_accepted(message_id: str, sent: int, total: int, refused: Mapping[str, tuple[int, str]]) -> str:
+    """250 because the message went to some recipients; the refused ones are named for the app's log."""
+    return f"250 2.0.0 OK: {sent} of {total} recipient(s) sent <{message_id}>; refused by upstream: {_listing(refused)}"
+
+
+def upstream_failures(failed: Mapping[str, tuple[int, str]], total: int, *, temporary: bool, sent: int = 0) -> str:
+    """One reply for the recipients the upstream did not take.
+
+    When every recipient got the same answer it is passed on as is; otherwise each one is named,
+    so the app (and a human reading its log) sees who failed and why.
+    """
+    verdicts = set(failed.values())
+    if len(verdicts) == 1 and len(failed) == total:
+        ((code, text),) = verdicts
+        return upstream_refused(code, text, temporary=temporary)
+    codes = {code for code, _ in verdicts}
+    enhanced = {_enhanced(text) for _, text in verdicts}
+    code = codes.pop() if len(codes) == 1 else (451 if temporary else 554)
+    detail = enhanced.pop() if len(enhanced) == 1 else None
+    detail = detail or ("4.4.1" if temporary else "5.0.0")
+    done = f"; {sent} already sent, a retry will not resend them" if sent else ""
+    verb = "deferred" if temporary else "refused"
+    return f"{code} {detail} Upstream {verb} {len(failed)} of {total} recipient(s): {_listing(failed)}{done}"
+
+
+def _listing(failed: Mapping[str, tuple[int, str]]) -> str:
+    parts = [f"{recipient} ({code} {' '.join(text.split())[:120]})" for recipient, (code, text) in failed.items()]
+    listing = parts[0]
+    for index, part in enumerate(parts[1:], start=1):
+        if len(listing) + len(part) > MAX_LISTED_CHARS:
+            return f"{listing}; and {len(parts) - index} more"
+        listing = f"{listing}; {part}"
+    return listing
 
 
 def invalid_header(name: str, allowed: str) -> str:

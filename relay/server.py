@@ -15,7 +15,9 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, sy
 from config.settings import ProjectSettings, Settings
 from relay import replies
 from relay.pipeline import Pipeline
+from relay.receive import ChunkedDataSMTP
 from relay.senders import domain_allowed
+from relay.sessions import Sessions
 from relay.throttle import AuthThrottle, RateLimiter, client_key
 from relay.trace import received_header, tls_description
 
@@ -32,7 +34,7 @@ def has_control_characters(address: str) -> bool:
     return any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in address)
 
 
-class RelaySMTP(SMTP):
+class RelaySMTP(ChunkedDataSMTP):
     """aiosmtpd's SMTP state machine with the two TLS behaviours the relay needs.
 
     aiosmtpd only recognises TLS it negotiated itself (STARTTLS): on an implicit-TLS listener
@@ -195,6 +197,7 @@ class Relay:
             window=relay.auth_failure_window_seconds,
         ))
         self.tls = tls_context(settings)
+        self.sessions = Sessions()  # every connection on every listener, for the shutdown drain
 
     async def listen(self, sock: socket.socket, *, implicit_tls: bool = False) -> asyncio.Server:
         """Serve SMTP on an already bound socket (so callers and tests can bind port 0).
@@ -208,7 +211,7 @@ class Relay:
             raise ValueError("relay.smtps_listen needs relay.tls_cert and relay.tls_key")
 
         def protocol() -> SMTP:
-            return RelaySMTP(
+            return self.sessions.track(RelaySMTP(
                 self.handler,
                 require_tls=relay.require_tls and not implicit_tls,
                 data_size_limit=relay.max_message_bytes,
@@ -220,7 +223,7 @@ class Relay:
                 command_call_limit=COMMAND_LIMITS,
                 authenticator=self.authenticator,
                 loop=loop,
-            )
+            ))
 
         if implicit_tls:
             return await loop.create_server(protocol, sock=sock, ssl=self.tls,

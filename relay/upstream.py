@@ -1,36 +1,71 @@
-"""Where accepted mail goes: an SMTP upstream (SES, Postmark, any MTA) or a dev outbox directory.
+"""Where accepted mail goes: SMTP upstreams (SES, Postmark, any MTA) over pooled connections, or a dev outbox.
 
-Every failure is classified as temporary or permanent here, once, so the SMTP side can answer
-the app truthfully: 4xx means "retry later, nothing happened", 5xx means "this will never go".
+Every upstream answer is reported per recipient and classified once, here, so the pipeline can
+answer the app truthfully: 250 only for what went, 4xx for what may still go, 5xx for what never
+will. An upstream that cannot be reached at all (refused connection, timeout, TLS or AUTH failure,
+4xx greeting) is marked `unreachable`: nothing was sent, so a fallback may be tried.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
+import time
 import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
+from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
-UPSTREAM_TIMEOUT_SECONDS = 60.0
+from config.settings import UpstreamSettings
+
+log = logging.getLogger("inflight.upstream")
+
+# Below this size the DATA block is prepared on the event loop (about 3 ms); above, in the CPU pool.
+INLINE_BYTES = 256 * 1024
+# A connection idle for longer than this gets a NOOP before it carries a message (a dead one is replaced).
+HEALTH_CHECK_AFTER_SECONDS = 2.0
+# An upstream found unreachable is tried after the others for this long, so a dead primary does not
+# cost every message its connect timeout.
+DOWN_FOR_SECONDS = 30.0
 
 
-class UpstreamError(Exception):
-    """Delivery did not happen. `code` is the upstream's reply code, or None when unreachable."""
+@dataclass(frozen=True)
+class RecipientResult:
+    """The upstream's answer for one recipient: its reply code and text."""
 
-    def __init__(self, message: str, *, code: int | None = None, temporary: bool) -> None:
-        super().__init__(message)
-        self.code = code
-        self.temporary = temporary
+    code: int
+    text: str
+    unreachable: bool = False  # no connection could be made: nothing was sent
+
+    @property
+    def accepted(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+
+Results = dict[str, RecipientResult]
 
 
 class Upstream(Protocol):
-    async def send(self, mail_from: str, recipients: list[str], data: bytes) -> None:
-        """Deliver or raise UpstreamError; returns only when the upstream accepted every recipient."""
+    async def send(self, mail_from: str, recipients: list[str], data: bytes) -> Results:
+        """Deliver; one result per recipient. Delivery failures are results, never exceptions."""
+
+    async def close(self) -> None: ...
+
+
+def unreachable(recipients: list[str], detail: str) -> Results:
+    return dict.fromkeys(recipients, RecipientResult(451, f"4.4.1 upstream unreachable: {detail}", unreachable=True))
 
 
 class OutboxUpstream:
@@ -39,78 +74,319 @@ class OutboxUpstream:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
-    async def send(self, mail_from: str, recipients: list[str], data: bytes) -> None:
-        await asyncio.to_thread(self._write, data)
+    async def send(self, mail_from: str, recipients: list[str], data: bytes) -> Results:
+        try:
+            await asyncio.to_thread(self._write, data)
+        except OSError as exc:
+            return dict.fromkeys(recipients, RecipientResult(451, f"4.3.0 outbox write failed: {exc.strerror}"))
+        return dict.fromkeys(recipients, RecipientResult(250, "2.0.0 written to outbox"))
 
     def _write(self, data: bytes) -> None:
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            name = f"{uuid.uuid4().hex}.eml"
-            temporary = self.directory / f".{name}.tmp"
-            temporary.write_bytes(data)
-            os.replace(temporary, self.directory / name)  # readers never see half a file
-        except OSError as exc:
-            raise UpstreamError(f"outbox write failed: {exc.strerror}", temporary=True) from exc
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = f"{uuid.uuid4().hex}.eml"
+        temporary = self.directory / f".{name}.tmp"
+        temporary.write_bytes(data)
+        os.replace(temporary, self.directory / name)  # readers never see half a file
+
+    async def close(self) -> None:
+        return None
 
 
 @dataclass(frozen=True)
-class SmtpUpstream:
+class SmtpEndpoint:
+    scheme: str  # smtp (STARTTLS required) | smtps (implicit TLS) | smtp+insecure (plain)
     host: str
     port: int
-    use_tls: bool  # implicit TLS (smtps://)
-    start_tls: bool  # STARTTLS required (smtp://)
     username: str | None = None
     password: str | None = field(default=None, repr=False)  # never in a log line or traceback
-    timeout: float = UPSTREAM_TIMEOUT_SECONDS
 
-    async def send(self, mail_from: str, recipients: list[str], data: bytes) -> None:
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"  # never the credentials
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float  # TCP, greeting, EHLO, STARTTLS and AUTH together
+    command: float  # each of MAIL, RCPT, RSET, NOOP and DATA's 354
+    data: float  # the message body through the final reply
+
+
+def smtp_data_block(data: bytes) -> bytes:
+    """The DATA payload as sent: CRLF line endings, leading dots doubled (RFC 5321 §4.5.2), closing dot.
+
+    The same transformation aiosmtplib's `data()` does, but runnable in a worker: on 25 MB its two
+    regular expressions hold the event loop for about 300 ms.
+    """
+    return PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data)) + b".\r\n"
+
+
+class _StaleConnection(Exception):
+    """A pooled connection was closed by the upstream while idle; nothing was sent on it."""
+
+
+class _Unreachable(Exception):
+    pass
+
+
+@dataclass
+class _Connection:
+    client: aiosmtplib.SMTP
+    idle_since: float
+    reused: bool = False
+
+
+class SmtpUpstream:
+    """One SMTP upstream behind a small pool of persistent connections.
+
+    aiosmtplib has no pool, and a TLS handshake plus EHLO and AUTH per message is the dominant
+    cost against a remote upstream such as SES. At most `pool_size` connections are open; a
+    connection carries one transaction at a time, goes back to the pool only in a clean state
+    (RSET after a refused transaction), is checked with NOOP when it has been idle, and is closed
+    with QUIT after `idle_seconds` without use.
+    """
+
+    def __init__(
+        self,
+        endpoint: SmtpEndpoint,
+        *,
+        timeouts: Timeouts,
+        pool_size: int = 4,
+        idle_seconds: float = 30.0,
+        local_hostname: str = "localhost",
+        executor: Executor | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.timeouts = timeouts
+        self.idle_seconds = idle_seconds
+        self.local_hostname = local_hostname
+        self.executor = executor
+        self._slots = asyncio.Semaphore(pool_size)
+        self._idle: list[_Connection] = []
+        self._reaper: asyncio.Task[None] | None = None
+
+    async def send(self, mail_from: str, recipients: list[str], data: bytes) -> Results:
+        block = await self._data_block(data)
+        for _ in range(2):
+            try:
+                async with self._connection() as connection:
+                    return await self._transaction(connection, mail_from, recipients, block)
+            except _StaleConnection:
+                continue  # the second round always opens a fresh connection, which is never stale
+            except _Unreachable as exc:
+                return unreachable(recipients, str(exc))
+        raise AssertionError("unreachable: a fresh connection never raises _StaleConnection")
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        idle, self._idle = self._idle, []
+        await asyncio.gather(*(self._quit(c.client) for c in idle))
+
+    async def _data_block(self, data: bytes) -> bytes:
+        if self.executor is None or len(data) < INLINE_BYTES:
+            return smtp_data_block(data)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, smtp_data_block, data)
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[_Connection]:
+        async with self._slots:
+            connection = await self._take_idle() or await self._connect()
+            try:
+                yield connection
+            except BaseException:
+                connection.client.close()  # state unknown (cancelled, timed out, stale): never reuse
+                raise
+            if connection.client.is_connected:
+                connection.idle_since = time.monotonic()
+                self._idle.append(connection)
+                if self._reaper is None or self._reaper.done():
+                    self._reaper = asyncio.create_task(self._reap())
+
+    async def _take_idle(self) -> _Connection | None:
+        while self._idle:
+            connection = self._idle.pop()  # most recently used first: the others age out
+            idle = time.monotonic() - connection.idle_since
+            if not connection.client.is_connected or idle > self.idle_seconds:
+                connection.client.close()
+                continue
+            if idle > HEALTH_CHECK_AFTER_SECONDS:
+                try:
+                    await connection.client.noop(timeout=self.timeouts.command)
+                except (aiosmtplib.SMTPException, OSError):
+                    connection.client.close()
+                    continue
+            connection.reused = True
+            return connection
+        return None
+
+    async def _connect(self) -> _Connection:
+        e = self.endpoint
+        client = aiosmtplib.SMTP(
+            hostname=e.host,
+            port=e.port,
+            use_tls=e.scheme == "smtps",
+            start_tls=e.scheme == "smtp",  # required on smtp://, never on smtp+insecure://
+            username=e.username,
+            password=e.password,
+            local_hostname=self.local_hostname,
+            timeout=self.timeouts.connect,
+        )
         try:
-            errors, _ = await aiosmtplib.send(
-                data,
-                sender=mail_from,
-                recipients=recipients,
-                hostname=self.host,
-                port=self.port,
-                use_tls=self.use_tls,
-                start_tls=self.start_tls if not self.use_tls else False,
-                username=self.username,
-                password=self.password,
-                timeout=self.timeout,
-            )
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            codes = [r.code for r in exc.recipients]
-            raise UpstreamError(
-                "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients),
-                code=max(codes),
-                temporary=all(400 <= c < 500 for c in codes),
-            ) from exc
-        except aiosmtplib.SMTPResponseException as exc:
-            raise UpstreamError(exc.message, code=exc.code, temporary=exc.code < 500) from exc
+            async with asyncio.timeout(self.timeouts.connect):
+                await client.connect()
+                if client.is_ehlo_or_helo_needed:
+                    await client.ehlo()
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-            raise UpstreamError(f"upstream unreachable: {exc}", temporary=True) from exc
-        if errors:
-            # Some recipients refused at RCPT while others were accepted: report as failure
-            # of those recipients (a later issue splits per recipient).
-            codes = [code for code, _ in errors.values()]
-            raise UpstreamError(
-                "; ".join(f"{rcpt}: {code} {msg}" for rcpt, (code, msg) in errors.items()),
-                code=max(codes),
-                temporary=all(400 <= c < 500 for c in codes),
-            )
+            client.close()
+            detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise _Unreachable(f"{e}: {detail}") from exc
+        client.timeout = self.timeouts.command
+        return _Connection(client, time.monotonic())
+
+    async def _transaction(self, connection: _Connection, mail_from: str, recipients: list[str], block: bytes) -> Results:
+        client = connection.client
+        results: Results = {}
+        try:
+            options = [f"SIZE={len(block)}"] if client.supports_extension("size") else []
+            try:
+                await client.mail(mail_from, options=options)
+            except aiosmtplib.SMTPServerDisconnected as exc:
+                if connection.reused:
+                    raise _StaleConnection from exc
+                raise
+            accepted = []
+            for recipient in recipients:
+                try:
+                    await client.rcpt(recipient)
+                    accepted.append(recipient)
+                except aiosmtplib.SMTPRecipientRefused as exc:
+                    results[recipient] = RecipientResult(exc.code, exc.message)
+                except ValueError:  # not encodable without SMTPUTF8
+                    results[recipient] = RecipientResult(553, "5.6.7 address cannot be sent without SMTPUTF8")
+            if accepted:
+                reply = await self._data(client, block)
+                results.update(dict.fromkeys(accepted, RecipientResult(reply.code, reply.message)))
+            if any(not r.accepted for r in results.values()):
+                await self._reset(client)
+        except aiosmtplib.SMTPResponseException as exc:  # MAIL refused, or a 421 anywhere
+            for recipient in recipients:
+                results.setdefault(recipient, RecipientResult(exc.code, exc.message))
+            await self._reset(client)
+        except ValueError:
+            results = dict.fromkeys(recipients, RecipientResult(553, "5.6.7 sender cannot be sent without SMTPUTF8"))
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+            # After RCPT the upstream may hold part of a transaction; after the body it may even have
+            # taken the message without our seeing its 250 (RFC 1047). Either way: temporary.
+            client.close()
+            for recipient in recipients:
+                results.setdefault(recipient, RecipientResult(451, f"4.4.2 upstream connection lost: {exc}"))
+        return results
+
+    async def _data(self, client: aiosmtplib.SMTP, block: bytes) -> aiosmtplib.SMTPResponse:
+        """DATA with a body already dot-stuffed (see smtp_data_block); the final reply, whatever its code."""
+        start = await client.execute_command(b"DATA")
+        if start.code != 354:
+            return start
+        protocol = client.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("connection lost before the message body")
+        try:
+            protocol.write(block)
+            return await protocol.read_response(timeout=self.timeouts.data)
+        except BaseException:
+            client.close()  # a reply may still arrive; it must never be read as the next command's
+            raise
+
+    async def _reset(self, client: aiosmtplib.SMTP) -> None:
+        if not client.is_connected:
+            return
+        try:
+            await client.rset()
+        except (aiosmtplib.SMTPException, OSError):
+            client.close()
+
+    async def _reap(self) -> None:
+        while self._idle:
+            await asyncio.sleep(min(self.idle_seconds / 2, 5.0))
+            now = time.monotonic()
+            expired = [c for c in self._idle if now - c.idle_since > self.idle_seconds or not c.client.is_connected]
+            self._idle = [c for c in self._idle if c not in expired]
+            await asyncio.gather(*(self._quit(c.client) for c in expired))
+
+    async def _quit(self, client: aiosmtplib.SMTP) -> None:
+        if client.is_connected:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                await client.quit(timeout=self.timeouts.command)
+        client.close()
 
 
-def upstream_from_url(url: str) -> Upstream:
+class FailoverUpstream:
+    """The primary, then each fallback in order, moving on only when an upstream cannot be reached.
+
+    A refusal (4xx or 5xx after connecting) is an answer about the message, not about the upstream,
+    so it is never retried elsewhere: that could deliver twice or route around a policy.
+    """
+
+    def __init__(self, upstreams: list[tuple[str, Upstream]]) -> None:
+        self.upstreams = upstreams
+        self._down_until = [0.0] * len(upstreams)
+
+    async def send(self, mail_from: str, recipients: list[str], data: bytes) -> Results:
+        now = time.monotonic()
+        order = sorted(range(len(self.upstreams)), key=lambda i: self._down_until[i] > now)  # stable: up ones first
+        results: Results = {}
+        for index in order:
+            name, upstream = self.upstreams[index]
+            results = await upstream.send(mail_from, recipients, data)
+            if not all(r.unreachable for r in results.values()):
+                self._down_until[index] = 0.0
+                if index:
+                    log.info("delivered-via-fallback upstream=%s recipients=%d", name, len(recipients))
+                return results
+            self._down_until[index] = time.monotonic() + DOWN_FOR_SECONDS
+            log.warning("upstream-unreachable upstream=%s detail=%r", name, next(iter(results.values())).text)
+        return results
+
+    async def close(self) -> None:
+        await asyncio.gather(*(upstream.close() for _, upstream in self.upstreams))
+
+
+def upstream_from_url(
+    url: str, *, settings: UpstreamSettings | None = None, local_hostname: str = "localhost", executor: Executor | None = None
+) -> Upstream:
     """outbox:///DIR, smtp://[user:pass@]host:port (STARTTLS), smtps:// (implicit TLS), smtp+insecure:// (plain)."""
     parts = urlsplit(url)
     if parts.scheme == "outbox":
         path = parts.path.removeprefix("/")  # outbox:///var/outbox → var/outbox; outbox:////abs → /abs
         return OutboxUpstream(Path(path))
+    s = settings or UpstreamSettings()
     default_port = {"smtp": 587, "smtps": 465, "smtp+insecure": 25}[parts.scheme]
-    return SmtpUpstream(
+    endpoint = SmtpEndpoint(
+        scheme=parts.scheme,
         host=parts.hostname or "localhost",
         port=parts.port or default_port,
-        use_tls=parts.scheme == "smtps",
-        start_tls=parts.scheme == "smtp",
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
     )
+    return SmtpUpstream(
+        endpoint,
+        timeouts=Timeouts(connect=s.connect_timeout_seconds, command=s.command_timeout_seconds, data=s.data_timeout_seconds),
+        pool_size=s.pool_size,
+        idle_seconds=s.pool_idle_seconds,
+        local_hostname=local_hostname,
+        executor=executor,
+    )
+
+
+def upstream_from_settings(settings: UpstreamSettings, *, local_hostname: str, executor: Executor | None) -> Upstream:
+    """The configured upstream, wrapped with its fallbacks when there are any."""
+    urls = [settings.url, *settings.fallback_urls]
+    upstreams = [upstream_from_url(u, settings=settings, local_hostname=local_hostname, executor=executor) for u in urls]
+    if len(upstreams) == 1:
+        return upstreams[0]
+    return FailoverUpstream([(_describe(u), upstream) for u, upstream in zip(urls, upstreams, strict=True)])
+
+
+def _describe(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"

@@ -23,7 +23,7 @@ import aiosqlite
 from config.settings import sqlite_path
 from tracker.agents import HUMAN_OPEN_AGENTS
 
-EVENT_NAMES = ("email.sent", "email.open", "email.click")
+EVENT_NAMES = ("email.sent", "email.open", "email.click", "email.bounce")
 MAX_LIMIT = 1000
 PURGE_BATCH = 5000  # rows per write transaction, so a large purge never holds the write lock for long
 
@@ -108,6 +108,9 @@ class EventStore(Protocol):
     async def recent_hits(self, project: str, message_id: str, since: str) -> list[dict[str, Any]]: ...
     async def relabel(self, changes: dict[int, tuple[str, str]]) -> None: ...
     async def stats(self, query: StatsQuery) -> dict[str, Any]: ...
+    async def delivered_recipients(self, project: str, message_id: str, recipients: list[str]) -> set[str]: ...
+    async def record_delivered(self, project: str, message_id: str, recipients: list[str], ttl_seconds: int) -> None: ...
+    async def purge_deliveries(self) -> int: ...
 
 
 SCHEMA = """
@@ -160,6 +163,16 @@ CREATE TABLE IF NOT EXISTS webhook_outbox (
 );
 CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (due);
 CREATE INDEX IF NOT EXISTS webhook_outbox_event ON webhook_outbox (event_id);
+-- The idempotency ledger: which recipients of a message the upstream already accepted, so an
+-- app retrying after a 4xx (or a lost connection) never makes a recipient receive it twice.
+CREATE TABLE IF NOT EXISTS deliveries (
+    project TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (project, message_id, recipient)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_expires ON deliveries (expires_at);
 """
 
 COLUMNS = tuple(NewEvent.__dataclass_fields__)
@@ -588,7 +601,33 @@ class SqliteEventStore:
         await self.db.execute("PRAGMA secure_delete = ON")
         try:
             counts = await self._delete_events(where, args)
+            async with self._transaction() as db:  # the idempotency ledger names recipients too
+                ledger = "DELETE FROM deliveries WHERE recipient = lower(?)"
+                await db.execute(ledger + (" AND project = ?" if project is not None else ""),
+                                 [address] if project is None else [address, project])
         finally:
             await self.db.execute("PRAGMA secure_delete = OFF")
         await self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return counts
+
+    async def delivered_recipients(self, project: str, message_id: str, recipients: list[str]) -> set[str]:
+        """The recipients (lower-cased) already accepted upstream for this message and not yet expired."""
+        wanted = sorted({r.lower() for r in recipients})
+        if not wanted:
+            return set()
+        sql = (f"SELECT recipient FROM deliveries WHERE project = ? AND message_id = ? AND expires_at > ? "
+               f"AND recipient IN ({', '.join('?' for _ in wanted)})")
+        async with self.db.execute(sql, [project, message_id, int(time.time()), *wanted]) as cursor:
+            return {row[0] for row in await cursor.fetchall()}
+
+    async def record_delivered(self, project: str, message_id: str, recipients: list[str], ttl_seconds: int) -> None:
+        expires_at = int(time.time()) + ttl_seconds
+        rows = [(project, message_id, r.lower(), expires_at) for r in recipients]
+        async with self._transaction() as db:
+            await db.executemany("INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, ?)", rows)
+
+    async def purge_deliveries(self) -> int:
+        """Drop expired ledger rows; lookups already ignore them, this only bounds the table."""
+        async with self._transaction() as db:
+            cursor = await db.execute("DELETE FROM deliveries WHERE expires_at <= ?", [int(time.time())])
+        return cursor.rowcount

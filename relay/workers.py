@@ -1,0 +1,54 @@
+"""The CPU pool: processes that parse, rewrite and dot-stuff large messages off the event loop.
+
+Processes, not threads: that work holds the GIL (pure-Python parsing, and C regular expressions
+that never release it), and a thread doing it starves the event loop — measured in
+bench/cases/isolation.py. `forkserver`, because forking a process that runs threads (aiosqlite,
+the tracker) can copy a held lock into the child; and the workers never inherit the listening
+socket, so a restarted relay can always bind its port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import select
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+
+def cpu_pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes that exit with the relay, even when it is killed with SIGKILL."""
+    return ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("forkserver"), initializer=exit_with, initargs=(os.getpid(),)
+    )
+
+
+def exit_with(pid: int) -> None:
+    """Watch `pid` from a daemon thread and end this process when it is gone.
+
+    A pool worker waits on a pipe whose other end it holds itself, so it would outlive a relay
+    killed hard; it would then hold the terminal and waste memory until the host reboots.
+    """
+    threading.Thread(target=_watch, args=(pid,), daemon=True, name="exit-with-relay").start()
+
+
+def _watch(pid: int) -> None:
+    if hasattr(os, "pidfd_open"):  # Linux ≥ 5.3: the kernel wakes us when the process exits
+        with contextlib.suppress(ProcessLookupError):  # gone before this worker finished starting
+            select.select([os.pidfd_open(pid)], [], [])
+    else:
+        while _alive(pid):
+            time.sleep(1.0)
+    os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, under another user
+        return True
+    return True

@@ -1,0 +1,243 @@
+"""The upstream side over real sockets: pooled connections, per-recipient results, timeouts, fallbacks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relay import upstream as upstream_module
+from relay.upstream import (
+    FailoverUpstream,
+    OutboxUpstream,
+    SmtpEndpoint,
+    SmtpUpstream,
+    Timeouts,
+    smtp_data_block,
+    upstream_from_url,
+)
+from tests.conftest import free_port
+from tests.upstreams import FaultySink, RawUpstream, faulty_sink, self_signed_cert
+
+MESSAGE = b"From: app@example.com\r\nTo: a@example.com\r\nSubject: hi\r\n\r\nbody\r\n.leading dot\r\n"
+FAST = Timeouts(connect=1.0, command=1.0, data=1.0)
+
+
+@pytest.fixture
+def faulty() -> Iterator[FaultySink]:
+    with faulty_sink() as sink:
+        yield sink
+
+
+def smtp(port: int, *, scheme: str = "smtp+insecure", timeouts: Timeouts = FAST, pool_size: int = 2,
+         idle_seconds: float = 30.0) -> SmtpUpstream:
+    return SmtpUpstream(SmtpEndpoint(scheme, "127.0.0.1", port), timeouts=timeouts, pool_size=pool_size,
+                        idle_seconds=idle_seconds, local_hostname="relay.test")
+
+
+def codes(results: dict) -> dict[str, int]:
+    return {recipient: result.code for recipient, result in results.items()}
+
+
+def test_data_block_dot_stuffs_and_terminates() -> None:
+    assert smtp_data_block(b"a\n.b\r\n..c") == b"a\r\n..b\r\n...c\r\n.\r\n"
+
+
+def test_connections_are_reused_across_messages(faulty: FaultySink) -> None:
+    async def scenario() -> None:
+        upstream = smtp(faulty.port)
+        for n in range(5):
+            assert codes(await upstream.send("app@example.com", [f"r{n}@example.com"], MESSAGE)) == {f"r{n}@example.com": 250}
+        await upstream.close()
+
+    asyncio.run(scenario())
+    assert faulty.handler.ehlos == 1, "five messages, one connection"
+    assert len(faulty.handler.messages) == 5
+    assert faulty.handler.messages[0].data.endswith(b"body\r\n.leading dot\r\n")  # dot-stuffing undone by the server
+    assert faulty.handler.commands[-1] == "QUIT"
+
+
+def test_pool_is_bounded_and_shared_by_concurrent_sends(faulty: FaultySink) -> None:
+    faulty.handler.data_delay = 0.1
+
+    async def scenario() -> None:
+        upstream = smtp(faulty.port, pool_size=2)
+        sends = [upstream.send("app@example.com", [f"r{n}@example.com"], MESSAGE) for n in range(6)]
+        results = await asyncio.gather(*sends)
+        assert all(r.accepted for result in results for r in result.values())
+        await upstream.close()
+
+    asyncio.run(scenario())
+    assert faulty.handler.ehlos == 2, "six concurrent messages through at most two connections"
+    assert len(faulty.handler.messages) == 6
+
+
+def test_connection_closed_by_upstream_while_idle_is_replaced_without_losing_the_message(faulty: FaultySink) -> None:
+    async def scenario() -> None:
+        upstream = smtp(faulty.port)
+        await upstream.send("app@example.com", ["a@example.com"], MESSAGE)
+        faulty.drop_connections()
+        time.sleep(0.3)  # block our loop: the close has happened, but our side has not read the EOF yet
+        assert upstream._idle[0].client.is_connected
+        results = await upstream.send("app@example.com", ["b@example.com"], MESSAGE)
+        assert codes(results) == {"b@example.com": 250}
+        await upstream.close()
+
+    asyncio.run(scenario())
+    assert [m.recipients for m in faulty.handler.messages] == [["a@example.com"], ["b@example.com"]]
+    assert faulty.handler.ehlos == 2
+
+
+def test_idle_connections_get_noop_before_reuse_and_quit_after_idle_timeout(
+    faulty: FaultySink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(upstream_module, "HEALTH_CHECK_AFTER_SECONDS", 0.05)
+
+    async def scenario() -> None:
+        upstream = smtp(faulty.port, idle_seconds=0.3)
+        await upstream.send("app@example.com", ["a@example.com"], MESSAGE)
+        await asyncio.sleep(0.1)
+        await upstream.send("app@example.com", ["b@example.com"], MESSAGE)
+        assert faulty.handler.commands == ["NOOP"]
+        await asyncio.sleep(0.8)  # the reaper closes it
+        assert upstream._idle == []
+        await upstream.close()
+
+    asyncio.run(scenario())
+    assert faulty.handler.commands == ["NOOP", "QUIT"]
+    assert faulty.handler.ehlos == 1
+
+
+def test_partial_rcpt_refusals_are_reported_per_recipient_and_the_connection_is_reset(faulty: FaultySink) -> None:
+    faulty.handler.rcpt_replies = {"gone@example.com": "550 5.1.1 no such user", "full@example.com": "452 4.2.2 mailbox full"}
+
+    async def scenario() -> None:
+        upstream = smtp(faulty.port)
+        results = await upstream.send("app@example.com", ["a@example.com", "gone@example.com", "full@example.com"], MESSAGE)
+        assert codes(results) == {"a@example.com": 250, "gone@example.com": 550, "full@example.com": 452}
+        assert results["gone@example.com"].text == "5.1.1 no such user"
+        assert not results["gone@example.com"].temporary and results["full@example.com"].temporary
+        everyone_refused = await upstream.send("app@example.com", ["gone@example.com"], MESSAGE)
+        assert codes(everyone_refused) == {"gone@example.com": 550}
+        await upstream.close()
+
+    asyncio.run(scenario())
+    assert [m.recipients for m in faulty.handler.messages] == [["a@example.com"]]
+    assert faulty.handler.commands.count("RSET") == 2
+    assert faulty.handler.ehlos == 1
+
+
+@pytest.mark.parametrize(("reply", "code", "temporary"), [("451 4.3.0 try later", 451, True), ("550 5.7.1 spam", 550, False)])
+def test_data_refusals_apply_to_every_recipient_of_the_transaction(faulty: FaultySink, reply: str, code: int,
+                                                                    temporary: bool) -> None:
+    faulty.handler.data_reply = reply
+
+    async def scenario() -> None:
+        upstream = smtp(faulty.port)
+        results = await upstream.send("app@example.com", ["a@example.com", "b@example.com"], MESSAGE)
+        assert codes(results) == {"a@example.com": code, "b@example.com": code}
+        assert all(r.temporary is temporary and not r.unreachable for r in results.values())
+        await upstream.close()
+
+    asyncio.run(scenario())
+
+
+def test_refused_connection_is_unreachable() -> None:
+    async def scenario() -> None:
+        results = await smtp(free_port()).send("app@example.com", ["a@example.com"], MESSAGE)
+        [result] = results.values()
+        assert result.unreachable and result.code == 451 and "127.0.0.1" in result.text
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("mode", ["silent", "421"])
+def test_silent_or_421_greeting_is_unreachable_within_the_connect_timeout(mode: str) -> None:
+    async def scenario(port: int) -> float:
+        started = time.monotonic()
+        results = await smtp(port, timeouts=Timeouts(connect=0.5, command=1, data=1)).send("a@x.test", ["b@y.test"], MESSAGE)
+        assert all(r.unreachable for r in results.values())
+        return time.monotonic() - started
+
+    with RawUpstream(mode) as raw:
+        elapsed = asyncio.run(scenario(raw.port))
+    assert elapsed < 1.5
+
+
+def test_drop_mid_body_is_a_temporary_failure_not_unreachable() -> None:
+    async def scenario(port: int) -> None:
+        big = MESSAGE + b"x" * 500_000 + b"\r\n"
+        results = await smtp(port).send("app@example.com", ["a@example.com"], big)
+        [result] = results.values()
+        assert result.code == 451 and not result.unreachable and "connection lost" in result.text
+
+    with RawUpstream("drop-mid-data") as raw:
+        asyncio.run(scenario(raw.port))
+        assert raw.bodies_started == 1
+
+
+def test_hung_data_reply_times_out(faulty: FaultySink) -> None:
+    faulty.handler.data_delay = 5
+
+    async def scenario() -> float:
+        upstream = smtp(faulty.port, timeouts=Timeouts(connect=1, command=1, data=0.4))
+        started = time.monotonic()
+        results = await upstream.send("app@example.com", ["a@example.com"], MESSAGE)
+        assert codes(results) == {"a@example.com": 451} and not results["a@example.com"].unreachable
+        assert upstream._idle == [], "a connection whose reply is outstanding is never reused"
+        await upstream.close()
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 1.5
+
+
+def test_bad_certificate_on_starttls_is_unreachable(tmp_path: Path) -> None:
+    with faulty_sink(self_signed_cert(tmp_path)) as sink:
+        async def scenario(port: int = sink.port) -> None:
+            results = await smtp(port, scheme="smtp").send("app@example.com", ["a@example.com"], MESSAGE)
+            [result] = results.values()
+            assert result.unreachable and "CERTIFICATE_VERIFY_FAILED" in result.text
+
+        asyncio.run(scenario())
+        assert sink.handler.messages == []
+
+
+def test_failover_uses_fallbacks_in_order_only_when_unreachable(faulty: FaultySink, tmp_path: Path) -> None:
+    dead = free_port()
+
+    async def scenario() -> None:
+        outbox = OutboxUpstream(tmp_path / "outbox")
+        failover = FailoverUpstream([("dead", smtp(dead)), ("sink", smtp(faulty.port)), ("outbox", outbox)])
+        assert codes(await failover.send("app@example.com", ["a@example.com"], MESSAGE)) == {"a@example.com": 250}
+        # A refusal is an answer: the next upstream is not tried.
+        faulty.handler.data_reply = "550 5.7.1 no"
+        assert codes(await failover.send("app@example.com", ["b@example.com"], MESSAGE)) == {"b@example.com": 550}
+        await failover.close()
+
+    asyncio.run(scenario())
+    assert [m.recipients for m in faulty.handler.messages] == [["a@example.com"]]
+    assert not (tmp_path / "outbox").exists()
+
+
+def test_an_unreachable_primary_is_tried_last_for_a_while(faulty: FaultySink) -> None:
+    async def scenario(raw: RawUpstream) -> None:
+        failover = FailoverUpstream([("silent", smtp(raw.port, timeouts=Timeouts(0.3, 1, 1))), ("sink", smtp(faulty.port))])
+        for n in range(3):
+            await failover.send("app@example.com", [f"r{n}@example.com"], MESSAGE)
+        await failover.close()
+
+    with RawUpstream("silent") as raw:
+        asyncio.run(scenario(raw))
+        assert raw.connections == 1, "after one timeout the silent primary waits its turn"
+    assert len(faulty.handler.messages) == 3
+
+
+def test_upstream_from_url_parses_schemes_and_keeps_credentials_out_of_its_name() -> None:
+    upstream = upstream_from_url("smtp://user:p%40ss@mx.example.com:2587")
+    assert isinstance(upstream, SmtpUpstream)
+    assert upstream.endpoint.password == "p@ss" and upstream.endpoint.username == "user"
+    assert "p@ss" not in str(upstream.endpoint) and "p@ss" not in repr(upstream.endpoint)
+    assert isinstance(upstream_from_url("outbox:///var/outbox"), OutboxUpstream)
