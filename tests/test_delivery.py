@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import smtplib
 import threading
 import time
@@ -12,8 +13,12 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
+from relay.upstream import INLINE_BYTES
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, free_port, make_settings
+from tests.test_dkim import SELECTOR, verified
 from tests.upstreams import FaultySink, faulty_sink
 from tracker.store import SqliteEventStore
 
@@ -197,3 +202,30 @@ def test_ledger_rows_expire_and_are_purged(tmp_path: Path) -> None:
         await store.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("tracking", ["ENABLED", "DISABLED"])
+def test_a_large_message_is_prepared_in_the_worker_processes_and_signed_verifiably(
+    tmp_path: Path, faulty: FaultySink, tracking: str
+) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (tmp_path / "dkim.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    txt = b"v=DKIM1; k=rsa; p=" + base64.b64encode(key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+    settings = make_settings(tmp_path, faulty.url,
+                             dkim=[{"domain": "example.com", "selector": SELECTOR, "private_key_path": str(tmp_path / "dkim.pem")}],
+                             projects=[{"id": PROJECT, "secret": PROJECT_SECRET, "tracking": tracking}])
+    filler = "".join(f"<p>line {n} of a long newsletter .. with dots</p>\r\n.{n}\r\n" for n in range(12_000))
+    html = (f"From: app@example.com\r\nTo: list@example.com\r\nSubject: Big\r\nMessage-ID: <big@app.example>\r\n"
+            f"MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<html><body>{filler}"
+            f'<a href="https://example.com/offer">offer</a></body></html>\r\n').encode()
+    assert len(html) > INLINE_BYTES
+    with RunningService(settings) as service:
+        assert send(service.smtp_port, html, ["a@example.com", "b@example.com"])[0] == 250
+        assert service.service._workers is not None and service.service._workers._processes, "the CPU pool did the work"
+    records = {f"{SELECTOR}._domainkey.example.com": txt}
+    assert len(faulty.handler.messages) == (2 if tracking == "ENABLED" else 1)
+    for copy in faulty.handler.messages:
+        assert verified(copy.data, records)
+        assert (b"/c/" in copy.data) is (tracking == "ENABLED")

@@ -275,3 +275,21 @@ def test_engagement_keys_are_typed_and_checked() -> None:
     assert any(p.startswith("projects[0].webhook_secret: set webhook_url too") for p in lone)
     bad_whsec = problems({"projects": [{**hooked, "webhook_secret": "whsec_not*base64!!"}]})
     assert any("whsec_" in p for p in bad_whsec)
+
+
+def test_delivery_keys_take_numbers_and_are_checked() -> None:
+    settings = settings_from_mapping({**VALID, "upstream": {"connect_timeout_seconds": 2, "data_timeout_seconds": 0.5,
+                                                            "fallback_urls": ["smtp://u:pw@backup.example:587"]}},
+                                     {"INFLIGHT_UPSTREAM_SEND_TIMEOUT_SECONDS": "7.5", "INFLIGHT_RELAY_DRAIN_TIMEOUT_SECONDS": "3"})
+    assert settings.upstream.connect_timeout_seconds == 2.0 and settings.upstream.data_timeout_seconds == 0.5
+    assert settings.upstream.send_timeout_seconds == 7.5 and settings.relay.drain_timeout_seconds == 3.0
+    assert "pw" not in repr(settings.upstream)
+    assert any(p.startswith("upstream.ledger_ttl_hours: expected an integer")
+               for p in problems({**VALID, "upstream": {"ledger_ttl_hours": "1"}}))
+    found = problems({**VALID, "upstream": {"command_timeout_seconds": 0, "pool_size": 0, "fallback_urls": ["http://u:hunter2@x"]},
+                      "relay": {"drain_timeout_seconds": -1, "cpu_workers": 0}})
+    assert "upstream.command_timeout_seconds: must be a positive number of seconds" in found
+    assert "upstream.pool_size: must be at least 1" in found and "relay.cpu_workers: must be at least 1" in found
+    assert "relay.drain_timeout_seconds: must be zero or more seconds" in found
+    assert any(p.startswith("upstream.fallback_urls: scheme must be one of") for p in found)
+    assert not any("hunter2" in p for p in found)
