@@ -189,7 +189,7 @@ def test_shutdown_cuts_a_transaction_only_after_the_drain_timeout(tmp_path: Path
     assert faulty.handler.messages == []
 
 
-def test_ledger_rows_expire_and_are_purged(tmp_path: Path) -> None:
+def test_ledger_rows_expire_are_purged_and_forgotten(tmp_path: Path) -> None:
     async def scenario() -> None:
         store = SqliteEventStore(tmp_path / "ledger.db")
         await store.open()
@@ -199,6 +199,8 @@ def test_ledger_rows_expire_and_are_purged(tmp_path: Path) -> None:
         assert await store.delivered_recipients("other", "m@x", ["a@example.com"]) == set()
         assert await store.purge_deliveries() == 1
         assert await store.purge_deliveries() == 0
+        await store.forget("a@EXAMPLE.com")  # erasure covers the ledger, which names recipients
+        assert await store.delivered_recipients("p", "m@x", ["a@example.com"]) == set()
         await store.close()
 
     asyncio.run(scenario())

@@ -7,9 +7,9 @@ message with an attachment (`big`). Meanwhile this process sends small tracked m
 another connection and records each transaction's latency (MAIL to the DATA reply) until the
 big message got its reply. Budget: the slowest small message under 100 ms.
 
-Variants: `inline` (parse, rewrite and dot-stuffing on the event loop), `thread` (in a thread
-pool: the loop stays free only while the worker releases the GIL), `process` (in a process
-pool, what the service uses).
+Variants: `inline` (MIME parse, rewrite, DKIM signing and dot-stuffing on the event loop),
+`thread` (in a thread pool: the loop stays free only while the worker releases the GIL),
+`process` (in a process pool, what the service uses).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import email.policy
 import os
 import smtplib
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -65,13 +66,25 @@ def html_message(attachment_bytes: int = 0, subject: str = "small") -> bytes:
     return message.as_bytes(policy=email.policy.SMTP)
 
 
-def serve_sink(port: int) -> None:
-    """A minimal upstream: every command gets a 250 at once; a body is read in chunks up to its final dot."""
+def serve_sink(port: int, cert: str | None = None, key: str | None = None) -> None:
+    """A minimal upstream: every command gets a 250 at once; a body is read in chunks up to its final dot.
+
+    With a certificate it offers STARTTLS (bench/cases/upstream_pool.py).
+    """
+    tls = None
+    if cert is not None:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(cert, key)
 
     async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 sink ESMTP\r\n")
         while line := await reader.readline():
             verb = line[:4].upper()
+            if verb == b"STAR" and tls is not None:
+                writer.write(b"220 go ahead\r\n")
+                await writer.drain()
+                await writer.start_tls(tls)
+                continue
             if verb == b"DATA":
                 writer.write(b"354 go ahead\r\n")
                 tail = b"\r\n"  # the body's last bytes, so a dot line split across chunks is still found
@@ -84,7 +97,8 @@ def serve_sink(port: int) -> None:
                 writer.write(b"221 bye\r\n")
                 break
             else:
-                writer.write(b"250-sink\r\n250 SIZE 52428800\r\n" if verb == b"EHLO" else b"250 ok\r\n")
+                extensions = b"250-STARTTLS\r\n" if tls is not None else b""
+                writer.write(b"250-sink\r\n" + extensions + b"250 SIZE 52428800\r\n" if verb == b"EHLO" else b"250 ok\r\n")
             await writer.drain()
         writer.close()
 
@@ -97,6 +111,9 @@ def serve_sink(port: int) -> None:
 
 def serve_relay(variant: str, port: int, sink_port: int, db: str) -> None:
     """The relay process: the real pipeline and server, with the CPU work placed as `variant` says."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     from config.settings import settings_from_mapping
     from inflight.service import bind
     from relay.pipeline import Pipeline
@@ -106,8 +123,13 @@ def serve_relay(variant: str, port: int, sink_port: int, db: str) -> None:
     from tracker.store import SqliteEventStore
     from tracker.tokens import TokenSigner
 
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key_path = Path(db).with_name("dkim.pem")
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
     settings = settings_from_mapping({
         "relay": {"listen": f"127.0.0.1:{port}", "allow_plaintext_auth": True, "hostname": "bench.test"},
+        "dkim": [{"domain": "example.com", "selector": "bench", "private_key_path": str(key_path)}],
         "tracker": {"public_url": "http://t.example.com", "secrets": ["bench-key-123"]},
         "store": {"url": f"sqlite:///{db}"},
         "upstream": {"url": f"smtp+insecure://127.0.0.1:{sink_port}"},
@@ -209,6 +231,6 @@ if __name__ == "__main__":
     if sys.argv[1] == "relay":
         serve_relay(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
     elif sys.argv[1] == "sink":
-        serve_sink(int(sys.argv[2]))
+        serve_sink(int(sys.argv[2]), *sys.argv[3:5])
     elif sys.argv[1] == "big":
         send_big(int(sys.argv[2]))
