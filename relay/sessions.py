@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
+from typing import cast
 
 from aiosmtpd.smtp import SMTP
 
@@ -60,7 +61,7 @@ class Sessions:
 
 def _close(session: SMTP, reply: str) -> None:
     transport = session.transport
-    if not isinstance(transport, asyncio.WriteTransport) or transport.is_closing():
+    if transport is None or transport.is_closing():
         return
-    transport.write(f"{reply}\r\n".encode("ascii"))
+    cast(asyncio.WriteTransport, transport).write(f"{reply}\r\n".encode("ascii"))  # uvloop's are not asyncio subclasses
     transport.close()  # flushes what is buffered (a 250 just written included), then closes

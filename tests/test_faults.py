@@ -330,9 +330,17 @@ def shutdown_case(tmp_path: Path, tally: Tally) -> None:
             app = threading.Thread(target=lambda: codes.append(attempt(relay.port, message("sigterm"), RECIPIENTS[:1])))
             app.start()
             assert sink.handler.stalled.wait(20)
+            idle = smtplib.SMTP("127.0.0.1", relay.port, timeout=10)
+            idle.ehlo()
             relay.signal(signal.SIGTERM)
             time.sleep(0.3)
             refused_new = attempt(relay.port, message("after-sigterm"), RECIPIENTS[1:2]) is None
+            try:
+                idle_told = idle.noop()[0] == 421
+            except smtplib.SMTPServerDisconnected:
+                idle_told = True
+            if not idle_told:
+                tally.problems.append("SIGTERM: an idle session was neither told 421 nor closed")
             sink.handler.release.set()
             app.join(20)
             exit_code = relay.wait(10)

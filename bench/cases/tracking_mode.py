@@ -17,6 +17,7 @@ from bench.harness import Mode, row
 from config.settings import Settings, settings_from_mapping
 from config.tracking import TrackingSettings
 from relay.pipeline import Pipeline
+from relay.upstream import RecipientResult, Results
 from tracker.store import SqliteEventStore
 from tracker.tokens import TokenSigner
 
@@ -25,7 +26,10 @@ MESSAGE = (b"From: app@example.com\r\nTo: a@example.com\r\nSubject: bench\r\nMIM
 
 
 class AcceptingUpstream:
-    async def send(self, mail_from: str, recipients: list[str], data: bytes) -> None:
+    async def send(self, mail_from: str, recipients: list[str], data: bytes) -> Results:
+        return dict.fromkeys(recipients, RecipientResult(250, "2.0.0 ok"))
+
+    async def close(self) -> None:
         return None
 
 
