@@ -36,7 +36,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # aiosmtpd logs every SMTP command at INFO; our own one line per message is the useful record.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    smtp_log = logging.getLogger("mail.log")
+    smtp_log.setLevel(logging.WARNING)
+    # aiosmtpd itself sets the deprecated Session.login_data on every successful AUTH and warns
+    # about its own assignment: a warning per message that no operator can act on.
+    smtp_log.addFilter(lambda record: "login_data is deprecated" not in record.getMessage())
 
 
 def _run(args: argparse.Namespace, *, relay: bool, tracker: bool) -> int:

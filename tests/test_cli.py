@@ -85,6 +85,8 @@ secret = "demo-secret"
         output = process.communicate(timeout=15)[0].decode()
     assert process.returncode == 0, output
     assert "demo-secret" not in output and "walkthrough-secret" not in output
+    assert "outcome=queued project=demo" in output  # the one line per message an operator reads
+    assert "login_data is deprecated" not in output  # aiosmtpd's own noise on every AUTH
 
 
 def test_contacts_forget_erases_the_contact_and_its_pending_webhooks(tmp_path: Path) -> None:
