@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from urllib.parse import urlsplit
 
-from tracker.tokens import TokenSigner, TrackedSend, TrackingClaims, claims_to_dict, is_redirectable
+from tracker.tokens import TokenSigner, TrackedSend, TrackingClaims, claims_to_dict, compact_json, is_redirectable
 
 CLICK_PATH = "/c/"
 OPEN_PATH = "/o/"
@@ -25,6 +26,19 @@ def host_excluded(host: str, patterns: tuple[str, ...]) -> bool:
     return False
 
 
+@lru_cache(maxsize=4096)
+def trackable(destination: str, tracking_host: str, excluded: tuple[str, ...]) -> bool:
+    """Whether a link may be wrapped; cached because every copy of a message asks it for the same links."""
+    if not is_redirectable(destination):
+        return False  # the tracker would refuse to redirect there: leave the link as the app wrote it
+    try:
+        host = (urlsplit(destination).hostname or "").lower()
+    except ValueError:
+        return False  # not a URL a browser could follow either (e.g. a broken IPv6 literal): leave it alone
+    # A link to our own tracking host is left as is, never wrapped twice.
+    return host != tracking_host and not host_excluded(host, excluded)
+
+
 class TrackingLinks:
     def __init__(
         self,
@@ -41,19 +55,13 @@ class TrackingLinks:
         self._tracking_host = (urlsplit(public_url).hostname or "").lower()
         self._excluded = tuple(pattern.lower() for pattern in exclude_click_domains)
         self._send = send
+        # A click token's claims are this copy's claims plus the link, last: encode the common part once.
+        self._click_prefix = compact_json(claims_to_dict(TrackingClaims("click", send)))[:-1] + b',"u":'
 
     def click_url(self, destination: str) -> str | None:
-        if not is_redirectable(destination):
-            return None  # the tracker would refuse to redirect there: leave the link as the app wrote it
-        try:
-            host = (urlsplit(destination).hostname or "").lower()
-        except ValueError:
-            return None  # not a URL a browser could follow either (e.g. a broken IPv6 literal): leave it alone
-        if host == self._tracking_host:
-            return None  # a link to our own tracking host is left as is, never wrapped twice
-        if host_excluded(host, self._excluded):
+        if not trackable(destination, self._tracking_host, self._excluded):
             return None
-        token = self._signer.sign(claims_to_dict(TrackingClaims("click", self._send, destination)))
+        token = self._signer.sign_payload(self._click_prefix + compact_json(destination) + b"}")
         return f"{self._base}{CLICK_PATH}{token}"
 
     def pixel_url(self) -> str:

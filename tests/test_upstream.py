@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
 from relay import upstream as upstream_module
 from relay.upstream import (
@@ -44,6 +45,16 @@ def codes(results: dict) -> dict[str, int]:
 
 def test_data_block_dot_stuffs_and_terminates() -> None:
     assert smtp_data_block(b"a\n.b\r\n..c") == b"a\r\n..b\r\n...c\r\n.\r\n"
+
+
+@pytest.mark.parametrize("data", [
+    b"", b".", b"\r\n", b".a\r\n.b\r\n", b"a\r\n.\r\n..\r\nb", b"a.\r\n.b.", b"\r\n.\r\n",
+    b"a\rb\r\n.c", b"a\r\r\n.b", b"a\n\r.b", b".\n.\r.\r\n.", b"x\r", b"x\n",
+])
+def test_data_block_equals_aiosmtplib_transformation(data: bytes) -> None:
+    # The CRLF-only fast path must give exactly what aiosmtplib's regular expressions give.
+    expected = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data)) + b".\r\n"
+    assert smtp_data_block(data) == expected
 
 
 def test_connections_are_reused_across_messages(faulty: FaultySink) -> None:

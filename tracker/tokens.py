@@ -15,6 +15,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,10 @@ from urllib.parse import urlsplit
 
 TAG_BYTES = 16
 MAX_TOKEN_CHARS = 8192  # longer than any URL we mint; bounds work on hostile input
+
+
+# Visible ASCII except backslash, one or more: the relay checks every link of every copy against it.
+_VISIBLE_ASCII = re.compile(r"[\x21-\x5b\x5d-\x7e]+")
 
 
 def is_redirectable(link: str) -> bool:
@@ -32,7 +37,7 @@ def is_redirectable(link: str) -> bool:
     us and another to the browser. The minter leaves any other link untracked, and the tracker
     refuses it even if it was signed, so no input ever redirects elsewhere.
     """
-    if not link or len(link) > MAX_TOKEN_CHARS or any(not "\x21" <= ch <= "\x7e" or ch == "\\" for ch in link):
+    if len(link) > MAX_TOKEN_CHARS or not _VISIBLE_ASCII.fullmatch(link):
         return False
     try:
         parts = urlsplit(link)
@@ -50,6 +55,11 @@ def _b64decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def compact_json(value: Any) -> bytes:
+    """The JSON of token claims: no spaces, ASCII only, keys in insertion order."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
 class TokenSigner:
     def __init__(self, secrets: Sequence[str]) -> None:
         if not secrets:
@@ -57,10 +67,13 @@ class TokenSigner:
         self._keys = [s.encode("utf-8") for s in secrets]
 
     def _tag(self, key: bytes, payload: bytes) -> bytes:
-        return hmac.new(key, payload, hashlib.sha256).digest()[:TAG_BYTES]
+        return hmac.digest(key, payload, hashlib.sha256)[:TAG_BYTES]
 
     def sign(self, claims: dict[str, Any]) -> str:
-        payload = json.dumps(claims, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+        return self.sign_payload(compact_json(claims))
+
+    def sign_payload(self, payload: bytes) -> str:
+        """A token over claims already encoded with `compact_json` (the relay builds them from a per-copy prefix)."""
         return f"{_b64encode(payload)}.{_b64encode(self._tag(self._keys[0], payload))}"
 
     def verify(self, token: str) -> dict[str, Any] | None:
