@@ -27,16 +27,20 @@ def host_excluded(host: str, patterns: tuple[str, ...]) -> bool:
 
 
 @lru_cache(maxsize=4096)
-def trackable(destination: str, tracking_host: str, excluded: tuple[str, ...]) -> bool:
-    """Whether a link may be wrapped; cached because every copy of a message asks it for the same links."""
+def link_claim(destination: str, tracking_host: str, excluded: tuple[str, ...]) -> bytes | None:
+    """The end of a click token's claims for this link, or None when the link must stay as it is.
+
+    Cached: every copy of a message asks for the same links, and only the claims before it differ.
+    """
     if not is_redirectable(destination):
-        return False  # the tracker would refuse to redirect there: leave the link as the app wrote it
+        return None  # the tracker would refuse to redirect there: leave the link as the app wrote it
     try:
         host = (urlsplit(destination).hostname or "").lower()
     except ValueError:
-        return False  # not a URL a browser could follow either (e.g. a broken IPv6 literal): leave it alone
-    # A link to our own tracking host is left as is, never wrapped twice.
-    return host != tracking_host and not host_excluded(host, excluded)
+        return None  # not a URL a browser could follow either (e.g. a broken IPv6 literal): leave it alone
+    if host == tracking_host or host_excluded(host, excluded):
+        return None  # a link to our own tracking host is never wrapped twice
+    return b',"u":' + compact_json(destination) + b"}"
 
 
 class TrackingLinks:
@@ -55,13 +59,14 @@ class TrackingLinks:
         self._tracking_host = (urlsplit(public_url).hostname or "").lower()
         self._excluded = tuple(pattern.lower() for pattern in exclude_click_domains)
         self._send = send
-        # A click token's claims are this copy's claims plus the link, last: encode the common part once.
-        self._click_prefix = compact_json(claims_to_dict(TrackingClaims("click", send)))[:-1] + b',"u":'
+        # A click token's claims are this copy's claims, then the link (see link_claim): encode them once.
+        self._click_prefix = compact_json(claims_to_dict(TrackingClaims("click", send)))[:-1]
 
     def click_url(self, destination: str) -> str | None:
-        if not trackable(destination, self._tracking_host, self._excluded):
+        claim = link_claim(destination, self._tracking_host, self._excluded)
+        if claim is None:
             return None
-        token = self._signer.sign_payload(self._click_prefix + compact_json(destination) + b"}")
+        token = self._signer.sign_payload(self._click_prefix + claim)
         return f"{self._base}{CLICK_PATH}{token}"
 
     def pixel_url(self) -> str:

@@ -141,6 +141,10 @@ _QP_UNSAFE = re.compile(rb"[^ !-<>-~]")
 _QP_LINE = 76  # rule 5, including the '=' of a soft line break
 
 
+def _qp_escape(match: re.Match[bytes]) -> bytes:
+    return b"=%02X" % match[0][0]
+
+
 class QuotedPrintableBody:
     """quoted-printable, decoded exactly as binascii.a2b_qp (what the stdlib email package uses) does."""
 
@@ -155,6 +159,7 @@ class QuotedPrintableBody:
         self._decoded_starts = list(accumulate(map(len, self._decoded_lines), initial=0))
         self._encoded_starts = list(accumulate(map(len, self._lines), initial=0))
         self._eol = eol
+        self._soft_break = b"=" + eol
 
     def positions(self, offsets: list[int]) -> list[int]:
         last = len(self._lines) - 1
@@ -217,7 +222,7 @@ class QuotedPrintableBody:
             # Text followed by another edit on the same line must leave room for that edit's soft break.
             limit = _QP_LINE - 1 if newline < 0 and more else _QP_LINE
             if first and column + len(first) > limit:
-                out.append(b"=" + self._eol)
+                out.append(self._soft_break)
                 column = 0
             column = column + len(first) if newline < 0 else None
         out.append(segment)
@@ -225,22 +230,23 @@ class QuotedPrintableBody:
 
     def _wrap(self, out: list[bytes], data: bytes, column: int) -> int:
         """Append `data` quoted-printable encoded from `column`, with soft breaks; returns the end column."""
-        encoded = _QP_UNSAFE.sub(lambda m: b"=%02X" % m[0][0], data)
+        # Tracked URLs are plain ASCII: most edits need no escape, and a search is cheaper than a sub.
+        encoded = _QP_UNSAFE.sub(_qp_escape, data) if _QP_UNSAFE.search(data) else data
         if encoded.endswith(b" "):
             encoded = encoded[:-1] + b"=20"  # rule 3: no literal space at a line end
         start = 0
-        while len(encoded) - start > _QP_LINE - 1 - column:
-            cut = start + max(_QP_LINE - 1 - column, 0)
+        room = _QP_LINE - 1 - column
+        while len(encoded) - start > room:
+            cut = start + max(room, 0)
             if cut > start and encoded[cut - 1] == 0x3D:  # never split an "=XX" escape
                 cut -= 1
             elif cut - 2 >= start and encoded[cut - 2] == 0x3D:
                 cut -= 2
-            out.append(encoded[start:cut])
-            out.append(b"=" + self._eol)
+            out += (encoded[start:cut], self._soft_break)
             start = cut
-            column = 0
+            room = _QP_LINE - 1
         out.append(encoded[start:])
-        return column + len(encoded) - start
+        return _QP_LINE - 1 - room + len(encoded) - start
 
 
 _BASE64_TEXT = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n\t "

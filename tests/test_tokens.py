@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import base64
+import hmac
+import pickle
+
 from tracker.tokens import TokenSigner, TrackedSend, TrackingClaims, claims_from_dict, claims_to_dict
 
 SEND = TrackedSend(project="p", message_id="m@x", contact="c", recipient="c@x", sent_at=1, campaign="k")
@@ -10,6 +14,16 @@ def test_round_trip() -> None:
     claims = TrackingClaims("click", SEND, "https://example.com/a?b=1#f")
     data = signer.verify(signer.sign(claims_to_dict(claims)))
     assert data is not None and claims_from_dict(data) == claims
+
+
+def test_tag_is_hmac_sha256_of_the_payload_and_survives_pickling() -> None:
+    # Worker processes receive the signer pickled; the keyed HMAC it reuses must be rebuilt there, same key.
+    signer = pickle.loads(pickle.dumps(TokenSigner(["new-key-1234", "old-key-1234"])))
+    token = signer.sign({"k": "o"})
+    payload, _, tag = token.partition(".")
+    expected = hmac.digest(b"new-key-1234", base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)), "sha256")
+    assert base64.urlsafe_b64decode(tag + "=" * (-len(tag) % 4)) == expected[:16]
+    assert signer.verify(TokenSigner(["old-key-1234"]).sign({"k": "o"})) == {"k": "o"}
 
 
 def test_any_change_is_refused() -> None:

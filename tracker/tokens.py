@@ -64,17 +64,24 @@ class TokenSigner:
     def __init__(self, secrets: Sequence[str]) -> None:
         if not secrets:
             raise ValueError("TokenSigner needs at least one secret (tracker.secrets)")
-        self._keys = [s.encode("utf-8") for s in secrets]
+        self._secrets = tuple(secrets)
+        # Keyed once: copying a keyed HMAC skips the key schedule that every token would otherwise repeat.
+        self._macs = [hmac.new(s.encode("utf-8"), digestmod=hashlib.sha256) for s in secrets]
 
-    def _tag(self, key: bytes, payload: bytes) -> bytes:
-        return hmac.digest(key, payload, hashlib.sha256)[:TAG_BYTES]
+    def __reduce__(self) -> tuple[type[TokenSigner], tuple[tuple[str, ...]]]:
+        return TokenSigner, (self._secrets,)  # HMAC objects do not pickle; worker processes get the secrets
+
+    def _tag(self, mac: hmac.HMAC, payload: bytes) -> bytes:
+        mac = mac.copy()
+        mac.update(payload)
+        return mac.digest()[:TAG_BYTES]
 
     def sign(self, claims: dict[str, Any]) -> str:
         return self.sign_payload(compact_json(claims))
 
     def sign_payload(self, payload: bytes) -> str:
         """A token over claims already encoded with `compact_json` (the relay builds them from a per-copy prefix)."""
-        return f"{_b64encode(payload)}.{_b64encode(self._tag(self._keys[0], payload))}"
+        return f"{_b64encode(payload)}.{_b64encode(self._tag(self._macs[0], payload))}"
 
     def verify(self, token: str) -> dict[str, Any] | None:
         """The claims when some key signed exactly this token, else None (never raises)."""
@@ -90,7 +97,7 @@ class TokenSigner:
         # bytes (padding bits), and a token must have exactly one valid form.
         if _b64encode(payload) != encoded or _b64encode(tag) != tag_text:
             return None
-        if not any(hmac.compare_digest(self._tag(key, payload), tag) for key in self._keys):
+        if not any(hmac.compare_digest(self._tag(mac, payload), tag) for mac in self._macs):
             return None
         try:
             claims = json.loads(payload)
