@@ -133,11 +133,10 @@ class IdentityBody:
         return end - 1 if end > 0 and self.decoded[end - 1] == 0x0D else end
 
 
-# One physical line with its line ending (the last may have none).
-_LINES = re.compile(rb"[^\n]*\n|[^\n]+")
-_HEX_PAIR = re.compile(rb"[0-9A-Fa-f]{2}")
+_HEX_DIGITS = frozenset(b"0123456789ABCDEFabcdef")
 # RFC 2045 §6.7 rule 2: printable ASCII except '=' may stand for itself; space too, except at a line end.
 _QP_UNSAFE = re.compile(rb"[^ !-<>-~]")
+_QP_SAFE = bytes(byte for byte in range(256) if _QP_UNSAFE.match(bytes([byte])) is None)
 _QP_LINE = 76  # rule 5, including the '=' of a soft line break
 
 
@@ -152,7 +151,9 @@ class QuotedPrintableBody:
 
     def __init__(self, data: bytes, eol: bytes) -> None:
         self._data = data
-        self._lines = _LINES.findall(data)
+        # Physical lines with their line endings (the last may have none); split is quicker than a regex.
+        *lines, last = data.split(b"\n")
+        self._lines = [line + b"\n" for line in lines] + ([last] if last else [])
         self._decoded_lines = list(map(binascii.a2b_qp, self._lines))
         # Decoding line by line equals decoding the whole: a2b_qp never looks past a line feed.
         self.decoded = b"".join(self._decoded_lines)
@@ -192,7 +193,7 @@ class QuotedPrintableBody:
                 return pos
             if line[pos + 1 : pos + 2] == b"=":  # a2b_qp reads "==" as one '='
                 pos += 2
-            elif _HEX_PAIR.fullmatch(line, pos + 1, pos + 3):
+            elif len(pair := line[pos + 1 : pos + 3]) == 2 and pair[0] in _HEX_DIGITS and pair[1] in _HEX_DIGITS:
                 pos += 3
             else:
                 pos += 1
@@ -230,12 +231,20 @@ class QuotedPrintableBody:
 
     def _wrap(self, out: list[bytes], data: bytes, column: int) -> int:
         """Append `data` quoted-printable encoded from `column`, with soft breaks; returns the end column."""
-        # Tracked URLs are plain ASCII: most edits need no escape, and a search is cheaper than a sub.
-        encoded = _QP_UNSAFE.sub(_qp_escape, data) if _QP_UNSAFE.search(data) else data
+        # Tracked URLs need no escape: deleting the safe bytes finds that ~6x quicker than the regex's search.
+        encoded = _QP_UNSAFE.sub(_qp_escape, data) if data.translate(None, _QP_SAFE) else data
         if encoded.endswith(b" "):
             encoded = encoded[:-1] + b"=20"  # rule 3: no literal space at a line end
-        start = 0
         room = _QP_LINE - 1 - column
+        if len(encoded) <= room:
+            out.append(encoded)
+            return column + len(encoded)
+        if encoded and b"=" not in encoded:  # no escape to keep whole (a tracked URL): cut at fixed widths
+            first = max(room, 0)
+            lines = [encoded[:first], *(encoded[i : i + _QP_LINE - 1] for i in range(first, len(encoded), _QP_LINE - 1))]
+            out.append(self._soft_break.join(lines))
+            return len(lines[-1])
+        start = 0
         while len(encoded) - start > room:
             cut = start + max(room, 0)
             if cut > start and encoded[cut - 1] == 0x3D:  # never split an "=XX" escape

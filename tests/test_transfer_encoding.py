@@ -1,0 +1,27 @@
+"""Quoted-printable edits: soft line breaks around inserted text, whatever its length and column."""
+
+from __future__ import annotations
+
+import binascii
+
+import pytest
+
+from relay.transfer_encoding import Edit, QuotedPrintableBody
+
+
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n"])
+@pytest.mark.parametrize("column", [0, 1, 40, 74, 75])
+@pytest.mark.parametrize("inserted", [
+    b"https://t.example/c/" + b"A" * 300,  # no '=' to keep whole: the fixed-width path
+    b"https://t.example/c/?v=1&s=" + b"B" * 150,  # '=' escaped as =3D, never split
+    b"x", b"",
+])
+def test_inserted_text_is_wrapped_within_76_and_decodes_back(eol: bytes, column: int, inserted: bytes) -> None:
+    before, after = b"p" * column, b"tail"
+    data = before + b"OLD" + after + eol + b"next line" + eol
+    body = QuotedPrintableBody(data, eol)
+    start, end = body.positions([column, column + 3])
+    out = b"".join(body.render([Edit(start, end, inserted, None, None)]))
+    assert all(len(line) <= 76 for line in out.split(eol))
+    assert binascii.a2b_qp(out) == before + inserted + after + eol + b"next line" + eol
+    assert out.endswith(eol + b"next line" + eol)  # lines after the edit are copied as they were
