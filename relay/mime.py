@@ -15,6 +15,7 @@ from __future__ import annotations
 import email.message
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 __all__ = ["Entity", "Fields", "MalformedMessage", "header_block", "walk"]
 
@@ -93,20 +94,25 @@ def _first(fields: Fields, name: str) -> str | None:
     return values[0] if values else None
 
 
+@lru_cache(maxsize=1024)
+def _content_type(value: str, default_type: str) -> tuple[str, str | None, str | None]:
+    """Type, charset and boundary of a Content-Type value; cached, as leaf parts of every message repeat theirs.
+
+    The stdlib's parameter parser handles quoting, comments and RFC 2231 continuations for us.
+    """
+    probe = email.message.Message()
+    probe["Content-Type"] = value
+    probe.set_default_type(default_type)
+    return probe.get_content_type(), (probe.get_content_charset() or "").strip() or None, probe.get_boundary()
+
+
 def _entity(raw: bytes, start: int, end: int, depth: int, default_type: str) -> Entity:
     fields, body_start = header_block(raw, start, end)
     content_type = _first(fields, "content-type")
-    charset = boundary = None
     if content_type is None:
-        ctype = default_type
+        ctype, charset, boundary = default_type, None, None
     else:
-        # The stdlib's parameter parser handles quoting, comments and RFC 2231 continuations for us.
-        probe = email.message.Message()
-        probe["Content-Type"] = content_type
-        probe.set_default_type(default_type)
-        ctype = probe.get_content_type()
-        charset = (probe.get_content_charset() or "").strip() or None
-        boundary = probe.get_boundary()
+        ctype, charset, boundary = _content_type(content_type, default_type)
     disposition = _first(fields, "content-disposition")
     return Entity(
         body_start=body_start,
