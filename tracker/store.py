@@ -10,7 +10,7 @@ import asyncio
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -96,17 +96,32 @@ class WebhookJob:
     event: dict[str, Any]
 
 
+# A verdict's decision: the hit's (agent, reason) and the earlier events it exposes, id -> (agent, reason).
+Decision = tuple[str, str, dict[int, tuple[str, str]]]
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """How to label a hit from its message's recent hits, inside the transaction that stores it.
+
+    Made there rather than before queueing the write, the verdict sees every hit stored before
+    its own (two hits of one message arriving together see each other), and reading the history,
+    labelling, counting, inserting and re-labelling cost no extra trip to the store.
+    """
+
+    since: str  # the history read: opens and clicks of the message at or after this time
+    decide: Callable[[list[Mapping[str, Any]]], Decision]  # runs in the store's thread: pure, quick
+
+
 class EventStore(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def ping(self) -> bool: ...
     async def record(self, events: list[NewEvent]) -> list[int]: ...
-    async def record_engagement(self, event: NewEvent) -> list[int]: ...
+    async def record_engagement(self, event: NewEvent, judgement: Judgement | None = None) -> list[int]: ...
     async def events(self, query: EventQuery) -> list[dict[str, Any]]: ...
     async def tracking_mode(self, project: str) -> str | None: ...
     async def set_tracking_mode(self, project: str, mode: str) -> None: ...
-    async def recent_hits(self, project: str, message_id: str, since: str) -> list[dict[str, Any]]: ...
-    async def relabel(self, changes: dict[int, tuple[str, str]]) -> None: ...
     async def stats(self, query: StatsQuery) -> dict[str, Any]: ...
     async def delivered_recipients(self, project: str, message_id: str, recipients: list[str]) -> set[str]: ...
     async def record_delivered(self, project: str, message_id: str, recipients: list[str], ttl_seconds: int) -> None: ...
@@ -184,8 +199,23 @@ _ENGAGEMENT_STATE = """SELECT
     (SELECT count(*) FROM events WHERE project = ? AND message_id = ? AND contact = ? AND name = 'email.click')"""
 _values = attrgetter(*COLUMNS)  # an event's values in COLUMNS order
 WRITE_BATCH = 1000  # queued writes per transaction: bounds one transaction's time under a flood
-# One queued write, run inside the writer's transaction: (ids stored, events stored).
-_Write = Callable[[aiosqlite.Connection], Awaitable[tuple[list[int], list[NewEvent]]]]
+# One queued write, run in the connection's thread inside the writer's transaction: (ids stored, events stored).
+_Write = Callable[[sqlite3.Connection], tuple[list[int], list[NewEvent]]]
+# Opens and clicks of one message at or after a time: the history a verdict looks at. Implied
+# opens are left out: no request made them, their click stands for them. `+at` keeps SQLite off
+# events_project_at: that plan walked every recent hit of the whole project (a cost growing with
+# traffic; bench/ tracker case); events_message_contact finds this message's few rows.
+_RECENT_HITS = (
+    "SELECT id, name, at, ip, user_agent, link, agent, agent_reason FROM events "
+    "WHERE project = ? AND message_id = ? AND name IN ('email.open', 'email.click') AND +at >= ? "
+    "AND implied IS NOT 1 ORDER BY +at, id"
+)
+# Set `agent` on events a later hit exposed; the new reason is appended to the old one. A
+# re-labelled click takes its implied open along (same message, contact and time), so a
+# scanner's click does not leave a human open behind in the stats.
+_LABEL = "UPDATE events SET agent = ?, agent_reason = TRIM(COALESCE(agent_reason, '') || ' ' || ?) WHERE "
+_IMPLIED_OF = ("implied = 1 AND (project, message_id, contact, at) = "
+               "(SELECT project, message_id, contact, at FROM events WHERE id = ? AND name = 'email.click')")
 _BOOLEANS = ("tracked", "first", "implied")
 # Counters belong to the event they count; a sent event has neither, an open no `clicks`.
 _ENGAGEMENT = {"email.open": ("opens", "first", "implied"), "email.click": ("clicks", "first")}
@@ -254,6 +284,11 @@ async def add_missing_columns(db: aiosqlite.Connection) -> None:
                     await db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declared}{suffix}")
     finally:
         reference.close()
+
+
+def _begin_and_write(db: sqlite3.Connection, writes: list[_Write]) -> list[tuple[list[int], list[NewEvent]]]:
+    db.execute("BEGIN IMMEDIATE")
+    return [write(db) for write in writes]
 
 
 class SqliteEventStore:
@@ -329,16 +364,16 @@ class SqliteEventStore:
                 raise
             await self.db.commit()
 
-    async def _insert(self, db: aiosqlite.Connection, event: NewEvent) -> int:
+    def _insert(self, db: sqlite3.Connection, event: NewEvent) -> int:
         """Insert one event and, when its project has a webhook, its outbox row: both or neither."""
-        cursor = await db.execute(_INSERT, _values(event))
+        cursor = db.execute(_INSERT, _values(event))
         event_id = cursor.lastrowid or 0
         if event.project in self.webhook_projects:
             now = time.time()
             # The idempotency key is random rather than the row id: ids restart with a new
             # database file, and a receiver must never drop a new event as a duplicate.
-            await db.execute("INSERT INTO webhook_outbox (event_id, project, key, created, due) VALUES (?, ?, ?, ?, ?)",
-                             (event_id, event.project, f"evt_{uuid.uuid4().hex}", now, now))
+            db.execute("INSERT INTO webhook_outbox (event_id, project, key, created, due) VALUES (?, ?, ?, ?, ?)",
+                       (event_id, event.project, f"evt_{uuid.uuid4().hex}", now, now))
         return event_id
 
     def _notify(self, events: list[NewEvent]) -> None:
@@ -351,10 +386,11 @@ class SqliteEventStore:
             return []
         return await self._queue(lambda db: self._record_in(db, events))
 
-    async def record_engagement(self, event: NewEvent) -> list[int]:
-        """Record an open or a click with its counters; a click on a message never opened first
-        records an implied open before it. Returns the ids stored, in order, once committed."""
-        return await self._queue(lambda db: self._engagement_in(db, event))
+    async def record_engagement(self, event: NewEvent, judgement: Judgement | None = None) -> list[int]:
+        """Record an open or a click with its counters (and its verdict, when judged); a click on a
+        message never opened first records an implied open before it. Returns the ids stored, in
+        order, once committed."""
+        return await self._queue(lambda db: self._engagement_in(db, event, judgement))
 
     async def _queue(self, write: _Write) -> list[int]:
         done: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
@@ -373,9 +409,18 @@ class SqliteEventStore:
             self._writer = None
 
     async def _commit(self, batch: list[tuple[_Write, asyncio.Future[list[int]]]]) -> None:
+        # The whole batch is one function run in aiosqlite's thread (its `_execute`, which every
+        # aiosqlite call goes through): one trip there per batch instead of several per event,
+        # which cost more than the writes themselves.
+        writes = [write for write, _ in batch]
         try:
-            async with self._transaction() as db:
-                results = [await write(db) for write, _ in batch]
+            async with self._write_lock:
+                try:
+                    results = await self.db._execute(_begin_and_write, self.db._conn, writes)
+                except BaseException:
+                    await self.db.rollback()
+                    raise
+                await self.db.commit()
         except Exception as exc:
             if len(batch) > 1:  # one caller's bad event must not fail the others: retry them one by one
                 for item in batch:
@@ -389,14 +434,20 @@ class SqliteEventStore:
             if not done.done():  # a cancelled caller's events are stored all the same
                 done.set_result(ids)
 
-    async def _record_in(self, db: aiosqlite.Connection, events: list[NewEvent]) -> tuple[list[int], list[NewEvent]]:
-        return [await self._insert(db, event) for event in events], events
+    def _record_in(self, db: sqlite3.Connection, events: list[NewEvent]) -> tuple[list[int], list[NewEvent]]:
+        return [self._insert(db, event) for event in events], events
 
-    async def _engagement_in(self, db: aiosqlite.Connection, event: NewEvent) -> tuple[list[int], list[NewEvent]]:
+    def _engagement_in(
+        self, db: sqlite3.Connection, event: NewEvent, judgement: Judgement | None
+    ) -> tuple[list[int], list[NewEvent]]:
+        changes: dict[int, tuple[str, str]] = {}
+        if judgement is not None:
+            history = db.execute(_RECENT_HITS, (event.project, event.message_id, judgement.since)).fetchall()
+            agent, reason, changes = judgement.decide(history)
+            event = replace(event, agent=agent, agent_reason=reason)
         # Subject and From are not in the tokens (URLs stay short); the relay recorded them.
-        # The sent event and both counters in one statement: one trip to the worker thread, not nine.
         key, pair = (event.project, event.message_id), (event.project, event.message_id, event.contact)
-        (subject, sender, opens, clicks), = await db.execute_fetchall(_ENGAGEMENT_STATE, key * 2 + pair * 2)
+        (subject, sender, opens, clicks), = db.execute(_ENGAGEMENT_STATE, key * 2 + pair * 2).fetchall()
         if subject is not None or sender is not None:
             event = replace(event, subject=subject, sender=sender)
         stored = []
@@ -407,7 +458,12 @@ class SqliteEventStore:
                 # Images are often blocked: a click proves the message was opened.
                 stored.append(replace(event, name="email.open", link=None, opens=1, first=True, implied=True))
             stored.append(replace(event, clicks=clicks + 1, first=clicks == 0))
-        return [await self._insert(db, new) for new in stored], stored
+        ids = [self._insert(db, new) for new in stored]
+        if changes:
+            rows = [(agent, reason, event_id) for event_id, (agent, reason) in changes.items()]
+            db.executemany(_LABEL + "id = ?", rows)
+            db.executemany(_LABEL + _IMPLIED_OF, rows)
+        return ids, stored
 
     async def events(self, query: EventQuery) -> list[dict[str, Any]]:
         where, args = _filters(query, ("contact", "name", "campaign", "message_id"))
@@ -432,33 +488,6 @@ class SqliteEventStore:
         async with self._write_lock:
             await self.db.execute(sql, (project, mode, now_rfc3339()))
             await self.db.commit()
-
-    async def recent_hits(self, project: str, message_id: str, since: str) -> list[dict[str, Any]]:
-        """Opens and clicks of one message at or after `since`: the history a verdict looks at.
-        Implied opens are left out: no request made them, their click stands for them."""
-        # `+at` keeps SQLite off events_project_at: read on every pixel and click, that plan walked
-        # every recent hit of the whole project (a cost growing with traffic; bench/ tracker case);
-        # events_message_contact finds this message's few rows, sorted in memory.
-        sql = (
-            "SELECT id, name, at, ip, user_agent, link, agent, agent_reason FROM events "
-            "WHERE project = ? AND message_id = ? AND name IN ('email.open', 'email.click') AND +at >= ? "
-            "AND implied IS NOT 1 ORDER BY +at, id"
-        )
-        return [dict(row) for row in await self.db.execute_fetchall(sql, (project, message_id, since))]
-
-    async def relabel(self, changes: dict[int, tuple[str, str]]) -> None:
-        """Set `agent` on events a later hit exposed; the new reason is appended to the old one.
-        A re-labelled click takes its implied open along (same message, contact and time), so a
-        scanner's click does not leave a human open behind in the stats."""
-        if not changes:
-            return
-        label = "UPDATE events SET agent = ?, agent_reason = TRIM(COALESCE(agent_reason, '') || ' ' || ?) WHERE "
-        implied_of = ("implied = 1 AND (project, message_id, contact, at) = "
-                      "(SELECT project, message_id, contact, at FROM events WHERE id = ? AND name = 'email.click')")
-        rows = [(agent, reason, event_id) for event_id, (agent, reason) in changes.items()]
-        async with self._transaction() as db:
-            await db.executemany(label + "id = ?", rows)
-            await db.executemany(label + implied_of, rows)
 
     async def stats(self, query: StatsQuery) -> dict[str, Any]:
         """Sends, opens and clicks of a campaign, a template or a whole project, in two indexed scans."""
