@@ -10,9 +10,9 @@ import asyncio
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from operator import attrgetter
 from pathlib import Path
@@ -199,8 +199,11 @@ _ENGAGEMENT_STATE = """SELECT
     (SELECT count(*) FROM events WHERE project = ? AND message_id = ? AND contact = ? AND name = 'email.click')"""
 _values = attrgetter(*COLUMNS)  # an event's values in COLUMNS order
 WRITE_BATCH = 1000  # queued writes per transaction: bounds one transaction's time under a flood
-# One queued write, run in the connection's thread inside the writer's transaction: (ids stored, events stored).
-_Write = Callable[[sqlite3.Connection], tuple[list[int], list[NewEvent]]]
+_COLUMN = {name: index for index, name in enumerate(COLUMNS)}  # a column's place in an insert row
+_PROJECT = _COLUMN["project"]
+# One queued write, run in the connection's thread inside the writer's transaction:
+# (ids stored, whether it queued a webhook).
+_Write = Callable[[sqlite3.Connection], tuple[list[int], bool]]
 # Opens and clicks of one message at or after a time: the history a verdict looks at. Implied
 # opens are left out: no request made them, their click stands for them. `+at` keeps SQLite off
 # events_project_at: that plan walked every recent hit of the whole project (a cost growing with
@@ -286,7 +289,15 @@ async def add_missing_columns(db: aiosqlite.Connection) -> None:
         reference.close()
 
 
-def _begin_and_write(db: sqlite3.Connection, writes: list[_Write]) -> list[tuple[list[int], list[NewEvent]]]:
+def _with(row: list[Any], **values: Any) -> list[Any]:
+    """A copy of an insert row with some columns set."""
+    copy = row.copy()
+    for name, value in values.items():
+        copy[_COLUMN[name]] = value
+    return copy
+
+
+def _begin_and_write(db: sqlite3.Connection, writes: list[_Write]) -> list[tuple[list[int], bool]]:
     db.execute("BEGIN IMMEDIATE")
     return [write(db) for write in writes]
 
@@ -364,21 +375,19 @@ class SqliteEventStore:
                 raise
             await self.db.commit()
 
-    def _insert(self, db: sqlite3.Connection, event: NewEvent) -> int:
-        """Insert one event and, when its project has a webhook, its outbox row: both or neither."""
-        cursor = db.execute(_INSERT, _values(event))
+    def _insert(self, db: sqlite3.Connection, row: Sequence[Any]) -> int:
+        """Insert one event (its values in COLUMNS order) and, when its project has a webhook, its
+        outbox row: both or neither."""
+        cursor = db.execute(_INSERT, row)
         event_id = cursor.lastrowid or 0
-        if event.project in self.webhook_projects:
+        project = row[_PROJECT]
+        if project in self.webhook_projects:
             now = time.time()
             # The idempotency key is random rather than the row id: ids restart with a new
             # database file, and a receiver must never drop a new event as a duplicate.
             db.execute("INSERT INTO webhook_outbox (event_id, project, key, created, due) VALUES (?, ?, ?, ?, ?)",
-                       (event_id, event.project, f"evt_{uuid.uuid4().hex}", now, now))
+                       (event_id, project, f"evt_{uuid.uuid4().hex}", now, now))
         return event_id
-
-    def _notify(self, events: list[NewEvent]) -> None:
-        if any(e.project in self.webhook_projects for e in events):
-            self.outbox_added.set()
 
     async def record(self, events: list[NewEvent]) -> list[int]:
         """Store `events` (in order); their ids once committed."""
@@ -429,41 +438,42 @@ class SqliteEventStore:
             if not batch[0][1].done():
                 batch[0][1].set_exception(exc)
             return
-        self._notify([event for _, stored in results for event in stored])
+        if any(queued for _, queued in results):
+            self.outbox_added.set()
         for (_, done), (ids, _) in zip(batch, results, strict=True):
             if not done.done():  # a cancelled caller's events are stored all the same
                 done.set_result(ids)
 
-    def _record_in(self, db: sqlite3.Connection, events: list[NewEvent]) -> tuple[list[int], list[NewEvent]]:
-        return [self._insert(db, event) for event in events], events
+    def _record_in(self, db: sqlite3.Connection, events: list[NewEvent]) -> tuple[list[int], bool]:
+        return [self._insert(db, _values(event)) for event in events], any(e.project in self.webhook_projects for e in events)
 
-    def _engagement_in(
-        self, db: sqlite3.Connection, event: NewEvent, judgement: Judgement | None
-    ) -> tuple[list[int], list[NewEvent]]:
+    def _engagement_in(self, db: sqlite3.Connection, event: NewEvent, judgement: Judgement | None) -> tuple[list[int], bool]:
+        # Rows are built as lists, not with dataclasses.replace: one hit took three copies of a
+        # 24-field frozen dataclass, slower than its insert, while holding the GIL.
+        row = list(_values(event))
         changes: dict[int, tuple[str, str]] = {}
         if judgement is not None:
             history = db.execute(_RECENT_HITS, (event.project, event.message_id, judgement.since)).fetchall()
-            agent, reason, changes = judgement.decide(history)
-            event = replace(event, agent=agent, agent_reason=reason)
+            row[_COLUMN["agent"]], row[_COLUMN["agent_reason"]], changes = judgement.decide(history)
         # Subject and From are not in the tokens (URLs stay short); the relay recorded them.
         key, pair = (event.project, event.message_id), (event.project, event.message_id, event.contact)
         (subject, sender, opens, clicks), = db.execute(_ENGAGEMENT_STATE, key * 2 + pair * 2).fetchall()
         if subject is not None or sender is not None:
-            event = replace(event, subject=subject, sender=sender)
-        stored = []
+            row[_COLUMN["subject"]], row[_COLUMN["sender"]] = subject, sender
+        rows = []
         if event.name == "email.open":
-            stored.append(replace(event, opens=opens + 1, first=opens == 0, implied=False))
+            rows.append(_with(row, opens=opens + 1, first=opens == 0, implied=False))
         else:
             if opens == 0:
                 # Images are often blocked: a click proves the message was opened.
-                stored.append(replace(event, name="email.open", link=None, opens=1, first=True, implied=True))
-            stored.append(replace(event, clicks=clicks + 1, first=clicks == 0))
-        ids = [self._insert(db, new) for new in stored]
+                rows.append(_with(row, name="email.open", link=None, opens=1, first=True, implied=True))
+            rows.append(_with(row, clicks=clicks + 1, first=clicks == 0))
+        ids = [self._insert(db, values) for values in rows]
         if changes:
-            rows = [(agent, reason, event_id) for event_id, (agent, reason) in changes.items()]
-            db.executemany(_LABEL + "id = ?", rows)
-            db.executemany(_LABEL + _IMPLIED_OF, rows)
-        return ids, stored
+            labels = [(agent, reason, event_id) for event_id, (agent, reason) in changes.items()]
+            db.executemany(_LABEL + "id = ?", labels)
+            db.executemany(_LABEL + _IMPLIED_OF, labels)
+        return ids, event.project in self.webhook_projects
 
     async def events(self, query: EventQuery) -> list[dict[str, Any]]:
         where, args = _filters(query, ("contact", "name", "campaign", "message_id"))

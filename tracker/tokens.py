@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import json
 from collections.abc import Sequence
@@ -57,7 +56,7 @@ class TokenSigner:
         self._keys = [s.encode("utf-8") for s in secrets]
 
     def _tag(self, key: bytes, payload: bytes) -> bytes:
-        return hmac.new(key, payload, hashlib.sha256).digest()[:TAG_BYTES]
+        return hmac.digest(key, payload, "sha256")[:TAG_BYTES]  # one-shot: C fast path, no HMAC object
 
     def sign(self, claims: dict[str, Any]) -> str:
         payload = json.dumps(claims, separators=(",", ":"), ensure_ascii=True).encode("ascii")
