@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tracker.store import EventQuery, NewEvent, SqliteEventStore, StatsQuery, now_rfc3339, rfc3339
+from tracker.store import CHECKPOINT_COMMITS, EventQuery, NewEvent, SqliteEventStore, StatsQuery, now_rfc3339, rfc3339
 
 AT = "2026-03-01T10:00:00.000000Z"
 
@@ -221,6 +221,29 @@ def event(contact: str, name: str = "email.open") -> NewEvent:
 def stored(path: Path) -> list[tuple[int, str]]:
     with sqlite3.connect(path) as db:
         return db.execute("SELECT id, contact FROM events ORDER BY id").fetchall()
+
+
+def test_the_wal_is_copied_back_by_the_background_checkpointer(tmp_path: Path) -> None:
+    """The writer never checkpoints (autocheckpoint is off): after CHECKPOINT_COMMITS transactions,
+    far fewer than the 1000 WAL pages SQLite would wait for, the store's own checkpointer has copied
+    the WAL into the database file, while the store stays open."""
+    path = tmp_path / "e.db"
+
+    async def scenario() -> tuple[int, int]:
+        async with opened(path) as store:
+            before = path.stat().st_size
+            for index in range(CHECKPOINT_COMMITS):
+                await store.record([sent(f"m{index}", "a@x.test")])
+            for _ in range(100):  # bounded: 5 s
+                if path.stat().st_size > before:
+                    break
+                await asyncio.sleep(0.05)
+            return before, path.stat().st_size
+
+    before, after = run(scenario())
+    assert after > before
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM events").fetchone() == (CHECKPOINT_COMMITS,)
 
 
 def test_concurrent_records_are_grouped_and_each_caller_gets_its_own_ids(tmp_path: Path) -> None:
