@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tracker.store import EventQuery, NewEvent, SqliteEventStore, StatsQuery, now_rfc3339, rfc3339
+from tracker.store import CHECKPOINT_COMMITS, Decision, EventQuery, Judgement, NewEvent, SqliteEventStore, StatsQuery, now_rfc3339, rfc3339
 
 AT = "2026-03-01T10:00:00.000000Z"
 
@@ -81,6 +81,29 @@ def test_first_click_without_open_records_an_implied_open_once(tmp_path: Path) -
     assert click2["link"] == "https://x.test/2" and "opens" not in click1 and "implied" not in click1
     assert (real_open["opens"], real_open["first"], real_open["implied"]) == (2, False, False)
     assert "opens" not in sent_event and "first" not in sent_event
+
+
+def test_a_verdict_sees_the_hits_stored_before_it_in_its_batch_and_relabels_them(tmp_path: Path) -> None:
+    """Three opens queued at once go in one transaction; each verdict reads the history as stored so
+    far, and a re-label it asks for is applied to the earlier event."""
+    histories: list[list[int]] = []
+
+    def decide(rows: list) -> Decision:  # type: ignore[type-arg]
+        ids = [row["id"] for row in rows]
+        histories.append(ids)
+        return "scanner", f"seen={len(ids)}", {event_id: ("scanner", "proximity") for event_id in ids[-1:]}
+
+    async def scenario() -> tuple[list[list[int]], list[dict]]:
+        async with opened(tmp_path / "e.db") as store:
+            judged = Judgement(since="2026-03-01T00:00:00.000000Z", decide=decide)
+            ids = await asyncio.gather(*(store.record_engagement(hit("email.open", "m1", "a"), judged) for _ in range(3)))
+            return ids, list(reversed(await store.events(_query())))
+
+    ids, events = run(scenario())
+    first, second, _ = (i for (i,) in ids)
+    assert histories == [[], [first], [first, second]]
+    assert [(e["agent"], e["agent_reason"]) for e in events] == [
+        ("scanner", "seen=0 proximity"), ("scanner", "seen=1 proximity"), ("scanner", "seen=2")]
 
 
 def test_counters_are_per_message_and_contact(tmp_path: Path) -> None:
@@ -221,6 +244,29 @@ def event(contact: str, name: str = "email.open") -> NewEvent:
 def stored(path: Path) -> list[tuple[int, str]]:
     with sqlite3.connect(path) as db:
         return db.execute("SELECT id, contact FROM events ORDER BY id").fetchall()
+
+
+def test_the_wal_is_copied_back_by_the_background_checkpointer(tmp_path: Path) -> None:
+    """The writer never checkpoints (autocheckpoint is off): after CHECKPOINT_COMMITS transactions,
+    far fewer than the 1000 WAL pages SQLite would wait for, the store's own checkpointer has copied
+    the WAL into the database file, while the store stays open."""
+    path = tmp_path / "e.db"
+
+    async def scenario() -> tuple[int, int]:
+        async with opened(path) as store:
+            before = path.stat().st_size
+            for index in range(CHECKPOINT_COMMITS):
+                await store.record([sent(f"m{index}", "a@x.test")])
+            for _ in range(100):  # bounded: 5 s
+                if path.stat().st_size > before:
+                    break
+                await asyncio.sleep(0.05)
+            return before, path.stat().st_size
+
+    before, after = run(scenario())
+    assert after > before
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM events").fetchone() == (CHECKPOINT_COMMITS,)
 
 
 def test_concurrent_records_are_grouped_and_each_caller_gets_its_own_ids(tmp_path: Path) -> None:

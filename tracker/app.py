@@ -22,11 +22,21 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from config.settings import ProjectSettings, Settings
 from config.tracking import ModeRefused, TrackingSettings
-from tracker.agents import AgentPolicy, Hit, PriorHit, Verdict, classify, relabel
+from tracker.agents import AgentPolicy, Hit, PriorHit, classify, relabel
 from tracker.netdata import NetworkLists, network_specs
 from tracker.privacy import IpMode, stored_ip
-from tracker.store import EVENT_NAMES, MAX_LIMIT, EventQuery, EventStore, NewEvent, StatsQuery, rfc3339
-from tracker.tokens import MAX_TOKEN_CHARS, TokenSigner, TrackedSend, TrackingClaims, claims_from_dict, is_redirectable
+from tracker.store import (
+    EVENT_NAMES,
+    MAX_LIMIT,
+    Decision,
+    EventQuery,
+    EventStore,
+    Judgement,
+    NewEvent,
+    StatsQuery,
+    rfc3339,
+)
+from tracker.tokens import MAX_TOKEN_CHARS, TokenSigner, TrackingClaims, claims_from_dict, is_redirectable
 
 log = logging.getLogger("inflight.tracker")
 
@@ -157,13 +167,17 @@ class Tracker:
         claims = claims_from_dict(data) if data is not None else None
         return claims if claims is not None and claims.kind == kind else None
 
-    async def _verdict(self, send: TrackedSend, hit: Hit) -> tuple[Verdict, dict[int, Verdict]]:
-        """The verdict on `hit` and the earlier events of its message that it exposes."""
-        since = rfc3339(datetime.fromtimestamp(hit.at - self.policy.lookback_seconds, UTC))
-        rows = await self.store.recent_hits(send.project, send.message_id, since)
-        recent = [prior_hit(row) for row in rows]
-        verdict = classify(hit, networks=self.networks, recent=recent, policy=self.policy)
-        return verdict, relabel(hit, verdict, recent=recent, policy=self.policy)
+    def _judgement(self, hit: Hit) -> Judgement:
+        """The verdict on `hit` and the earlier events of its message that it exposes, made by the
+        store from the message's recent hits in the transaction that records it."""
+
+        def decide(rows: list[Mapping[str, Any]]) -> Decision:
+            recent = [prior_hit(row) for row in rows]
+            verdict = classify(hit, networks=self.networks, recent=recent, policy=self.policy)
+            exposed = relabel(hit, verdict, recent=recent, policy=self.policy)
+            return verdict.agent, verdict.reason, {event_id: (v.agent, v.reason) for event_id, v in exposed.items()}
+
+        return Judgement(rfc3339(datetime.fromtimestamp(hit.at - self.policy.lookback_seconds, UTC)), decide)
 
     async def _record(self, request: Request, claims: TrackingClaims) -> None:
         send = claims.send
@@ -179,7 +193,6 @@ class Tracker:
             link=claims.link,
             honeypot=claims.honeypot,
         )
-        verdict, exposed = await self._verdict(send, hit)
         event = NewEvent(
             name=f"email.{claims.kind}",
             project=send.project,
@@ -197,11 +210,8 @@ class Tracker:
             ip=stored_ip(hit.ip, self._ip_modes.get(send.project, IpMode.NONE)),
             user_agent=hit.user_agent,
             tracked=True,
-            agent=verdict.agent,
-            agent_reason=verdict.reason,
         )
-        await self.store.record_engagement(event)
-        await self.store.relabel({event_id: (v.agent, v.reason) for event_id, v in exposed.items()})
+        await self.store.record_engagement(event, self._judgement(hit))
 
     async def pixel(self, request: Request) -> Response:
         claims = self._claims(request.path_params["token"].removesuffix(".gif"), "open")

@@ -13,6 +13,7 @@ family and searched with `bisect`, O(log n) per list instead of a scan.
 from __future__ import annotations
 
 import bisect
+import functools
 import ipaddress
 import json
 import logging
@@ -246,18 +247,27 @@ class NetworkLists:
         """Every list containing `ip`; empty for an unparsable address."""
         if self._clock() - self._checked_at >= self._check_interval:
             self.reload_if_changed()
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
+        parsed = _address(ip)
+        if parsed is None:
             return ()
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        value = int(address)
+        version, value = parsed
         return tuple(
             NetworkMatch(loaded.spec.name, loaded.spec.agent)
             for loaded in self._lists
-            if (loaded.v4 if address.version == 4 else loaded.v6).contains(value)
+            if (loaded.v4 if version == 4 else loaded.v6).contains(value)
         )
+
+
+@functools.lru_cache(maxsize=4096)  # parsing costs more than the lookup; clients repeat; bounded: client input
+def _address(ip: str) -> tuple[int, int] | None:
+    """(IP version, integer value) of an address, an IPv4-mapped IPv6 one as IPv4; None if unparsable."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.version, int(address)
 
 
 @dataclass
