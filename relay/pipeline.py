@@ -42,6 +42,20 @@ class Copy:
     data: bytes
 
 
+def recipient_fields(project: ProjectSettings, message_id: str, hints: AppHints, recipient: str) -> dict[str, Any]:
+    """What a recipient's tokens and events both carry: one definition, so they can never disagree."""
+    return {
+        "project": project.id,
+        "message_id": message_id,
+        "contact": hints.contact or recipient.lower(),
+        "recipient": recipient,
+        "campaign": hints.campaign,
+        "template": hints.template,
+        "template_type": hints.send.template_type,
+        "campaign_type": hints.send.campaign_type,
+    }
+
+
 class Pipeline:
     def __init__(
         self, *, settings: Settings, upstream: Upstream, store: EventStore, signer: TokenSigner, executor: Executor | None = None
@@ -239,17 +253,7 @@ class Pipeline:
             TrackingLinks(
                 signer=self.signer,
                 public_url=self.settings.tracker.public_url,
-                send=TrackedSend(
-                    project=project.id,
-                    message_id=message_id,
-                    contact=hints.contact or recipient.lower(),
-                    recipient=recipient,
-                    sent_at=sent_at,
-                    campaign=hints.campaign,
-                    template=hints.template,
-                    template_type=hints.send.template_type,
-                    campaign_type=hints.send.campaign_type,
-                ),
+                send=TrackedSend(sent_at=sent_at, **recipient_fields(project, message_id, hints, recipient)),
                 honeypot=project.honeypot_link,
                 exclude_click_domains=project.exclude_click_domains,
             )
@@ -300,15 +304,8 @@ class Pipeline:
         events = [
             NewEvent(
                 name=name,
-                project=project.id,
-                contact=hints.contact or recipient.lower(),
-                recipient=recipient,
-                message_id=message_id,
                 at=at,
-                campaign=hints.campaign,
-                template=hints.template,
-                template_type=hints.send.template_type,
-                campaign_type=hints.send.campaign_type,
+                **recipient_fields(project, message_id, hints, recipient),
                 subject=subject,
                 sender=sender,
                 tracked=decision.tracked,
