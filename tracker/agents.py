@@ -23,7 +23,6 @@ need history (proximity, honeypot) and applies `relabel` to events a later hit e
 from __future__ import annotations
 
 import functools
-import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import Literal
 from crawleruseragents import CRAWLER_USER_AGENTS_DATA, is_crawler
 
 from tracker.netdata import NetworkLists
+from tracker.privacy import client_network
 
 Agent = Literal["human", "apple_mpp", "image_proxy", "scanner", "prefetch"]
 AGENTS: tuple[Agent, ...] = ("human", "apple_mpp", "image_proxy", "scanner", "prefetch")
@@ -186,24 +186,12 @@ def _token(pattern: str) -> str:
 # --- history patterns -----------------------------------------------------------------
 
 
-def _client_network(ip: str) -> str | None:
-    # Compare clients by /24 (IPv4) or /48 (IPv6): scanners spread a crawl over
-    # neighbouring addresses, and it is also the granularity stored when a project
-    # truncates IPs, so history comparisons work on stored events alike.
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return None
-    prefix = 24 if address.version == 4 else 48
-    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
-
-
 def _same_client(hit: Hit, prior: PriorHit) -> bool:
     if (hit.user_agent or "") != (prior.user_agent or ""):
         return False
     if hit.ip is None or prior.ip is None:
         return True  # the project stores no IPs: the user agent within one message decides
-    return _client_network(hit.ip) == _client_network(prior.ip)
+    return client_network(hit.ip) == client_network(prior.ip)
 
 
 def _burst(hit: Hit, recent: Sequence[PriorHit], policy: AgentPolicy) -> list[PriorHit]:

@@ -32,6 +32,16 @@ def stored_ip(ip: str | None, mode: IpMode) -> str | None:
         return ip
     if mode is IpMode.NONE:
         return None
+    network = client_network(ip)
+    return str(network.network_address) if network is not None else None
+
+
+def client_network(ip: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """The /24 (IPv4) or /48 (IPv6) a client address belongs to; None when it is not an address.
+
+    The one definition of the truncated granularity: what `ip_mode = "truncated"` stores, and
+    what the verdict compares clients by, so history comparisons work on stored events alike.
+    """
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
@@ -39,7 +49,7 @@ def stored_ip(ip: str | None, mode: IpMode) -> str | None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped  # ::ffff:a.b.c.d is an IPv4 client behind a dual-stack socket
     prefix = 24 if address.version == 4 else 48
-    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)
+    return ipaddress.ip_network(f"{address}/{prefix}", strict=False)
 
 
 class PurgeableStore(Protocol):
