@@ -25,8 +25,8 @@ from relay.pipeline import Pipeline
 from relay.server import COMMAND_LIMITS, RelayHandler, RelaySMTP
 from relay.throttle import RateLimiter
 from relay.upstream import upstream_from_url
-from tracker.store import SqliteEventStore
-from tracker.tokens import TokenSigner
+from store.sqlite import SqliteEventStore
+from tracking.tokens import TokenSigner
 
 
 class ProjectBoundHandler(RelayHandler):

@@ -17,7 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from tracker.store import COLUMNS, HUMAN, SqliteEventStore, StatsQuery
+from store.model import StatsQuery
+from store.sqlite import COLUMNS, HUMAN, SqliteEventStore
 
 AGENTS = (None, "human", "image_proxy", "apple_mpp", "scanner", "prefetch")
 HUMAN_AGENTS = (None, "human", "image_proxy")

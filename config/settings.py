@@ -25,17 +25,32 @@ import tomllib
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from relay.dkim import load_key
-from relay.policy import TrackingMode
-from tracker.netdata import NETWORK_CLASSES
-from tracker.privacy import IpMode
+from config.dkim_keys import load_key
 
 DEFAULT_CONFIG = "config/dev.toml"
 _T = typing.TypeVar("_T")
 
+
+class TrackingMode(StrEnum):
+    ENABLED = "ENABLED"
+    DISABLED = "DISABLED"
+    MARKETING_ONLY = "MARKETING_ONLY"
+
+
+class IpMode(StrEnum):
+    """How much of a client address the store keeps (tracker/privacy.py says why)."""
+
+    FULL = "full"
+    TRUNCATED = "truncated"
+    NONE = "none"
+
+
+# The machine classes a network list can name (tracker/netdata.py reads the lists).
+NETWORK_CLASSES = ("apple_mpp", "image_proxy", "scanner")
 
 # Field metadata of a secret: readable from `<key>_file`, left out of repr and error messages.
 SECRET = {"secret": True}
@@ -588,8 +603,3 @@ def _check_network_lists(tracker: TrackerSettings) -> list[str]:
             if urlsplit(url).scheme not in ("http", "https"):
                 problems.append(f"{where}.upstream: expected http(s) URLs, got {url!r}")
     return problems
-
-
-def sqlite_path(url: str) -> Path:
-    """sqlite:///var/x.db → var/x.db (relative); sqlite:////srv/x.db → /srv/x.db (SQLAlchemy's convention)."""
-    return Path(url.removeprefix("sqlite:///"))

@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from config.settings import ProjectSettings, Settings
-from relay.policy import TrackingMode
-from tracker.store import EventStore, SqliteEventStore
+from config.settings import ProjectSettings, Settings, TrackingMode
+from store import open_store
+from store.model import EventStore
 
 log = logging.getLogger("inflight.settings")
 
@@ -43,7 +43,7 @@ class TrackingSettings:
     @asynccontextmanager
     async def opened(cls, settings: Settings) -> AsyncIterator[TrackingSettings]:
         """For a one-off command (the CLI): the configured store, open only for the duration."""
-        store = SqliteEventStore.from_url(settings.store.url)
+        store = open_store(settings.store.url)
         await store.open()
         try:
             yield cls(settings, store)

@@ -12,11 +12,12 @@ from typing import Any
 
 import uvloop
 
-from config.settings import ConfigError, Settings, load_settings, resolve_config_path, sqlite_path
+from config.settings import ConfigError, Settings, load_settings, resolve_config_path
 from config.tracking import ModeRefused, TrackingSettings
 from inflight.service import Service
+from store import open_store
+from store.sqlite import sqlite_path
 from tracker.netdata import network_specs, refresh
-from tracker.store import SqliteEventStore
 
 
 def _fail(exc: ConfigError) -> SystemExit:
@@ -117,7 +118,7 @@ def _forget(args: argparse.Namespace) -> int:
         return 2
 
     async def forget() -> tuple[int, int]:
-        store = SqliteEventStore.from_url(settings.store.url)
+        store = open_store(settings.store.url)
         await store.open()
         try:
             return await store.forget(args.address, project=args.project)

@@ -26,11 +26,11 @@ from relay.pipeline import Pipeline
 from relay.server import Relay
 from relay.upstream import Upstream, upstream_from_settings
 from relay.workers import cpu_pool
+from store import open_store
 from tracker.app import MAX_REQUEST_HEAD_BYTES, Tracker, create_app
 from tracker.privacy import RetentionPurge
-from tracker.store import SqliteEventStore
-from tracker.tokens import TokenSigner
 from tracker.webhooks import WebhookWorker
+from tracking.tokens import TokenSigner
 
 log = logging.getLogger("inflight")
 
@@ -105,7 +105,7 @@ class Service:
         self.run_relay = relay
         self.run_tracker = tracker
         projects = {p.id: p for p in settings.projects}
-        self.store = SqliteEventStore.from_url(settings.store.url,
+        self.store = open_store(settings.store.url,
                                                webhook_projects=[p.id for p in settings.projects if p.webhook_url])
         self.webhooks = WebhookWorker(self.store, projects, settings.webhooks)
         self.purge = RetentionPurge(self.store, {p.id: p.retention_days for p in settings.projects},

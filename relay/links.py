@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from urllib.parse import urlsplit
 
-from tracker.tokens import TokenSigner, TrackedSend, TrackingClaims, claims_to_dict, compact_json, is_redirectable
+from tracking.tokens import TokenSigner, TrackedSend, TrackingClaims, claims_to_dict, compact_json, is_redirectable
 
 CLICK_PATH = "/c/"
 OPEN_PATH = "/o/"

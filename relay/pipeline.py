@@ -16,10 +16,11 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+from config.dkim_keys import DkimError, load_key
 from config.settings import ProjectSettings, Settings, TrackingEngine
 from config.tracking import TrackingSettings
 from relay import replies
-from relay.dkim import DkimError, DkimSigner, load_key
+from relay.dkim import DkimSigner
 from relay.headers import SplitMessage, decoded_header, split_message
 from relay.hints import AppHints, Refusal, read_hints, strip_hints
 from relay.instrument import Instrumented, plan_instrumentation
@@ -27,8 +28,8 @@ from relay.links import TrackingLinks
 from relay.policy import Decision, decide
 from relay.senders import from_allowed
 from relay.upstream import INLINE_BYTES, RecipientResult, Results, Upstream
-from tracker.store import EventStore, NewEvent, now_rfc3339
-from tracker.tokens import TokenSigner, TrackedSend
+from store.model import EventStore, NewEvent, now_rfc3339
+from tracking.tokens import TokenSigner, TrackedSend
 
 log = logging.getLogger("inflight.relay")
 T = TypeVar("T")

@@ -10,11 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-
-class TrackingMode(StrEnum):
-    ENABLED = "ENABLED"
-    DISABLED = "DISABLED"
-    MARKETING_ONLY = "MARKETING_ONLY"
+from config.settings import TrackingMode
 
 
 class TemplateType(StrEnum):

@@ -22,6 +22,7 @@ import pytest
 import uvicorn
 
 from relay.links import TrackingLinks
+from store.sqlite import SqliteEventStore
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, free_port, make_settings
 from tests.test_flow import events, fetch, html_message, send, tracked_urls
 from tracker.agents import (
@@ -36,8 +37,7 @@ from tracker.agents import (
 )
 from tracker.app import Tracker, create_app
 from tracker.netdata import NetworkLists, NetworkListSpec
-from tracker.store import SqliteEventStore
-from tracker.tokens import TokenSigner, TrackedSend
+from tracking.tokens import TokenSigner, TrackedSend
 
 DATA = Path(__file__).parent / "data"
 TRACES = [json.loads(line) for line in (DATA / "agent_traces.jsonl").read_text().splitlines()]

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from relay.links import TrackingLinks
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, make_settings
 from tests.test_flow import events, fetch, html_message, send, tracked_urls
-from tracker.tokens import TokenSigner, TrackedSend, TrackingClaims, claims_to_dict, is_redirectable
+from tracking.tokens import TokenSigner, TrackedSend, TrackingClaims, claims_to_dict, is_redirectable
 
 SECRET = "test-secret-1"
 SEND = TrackedSend(project="demo", message_id="m@x", contact="c@x", recipient="c@x", sent_at=1)

@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from relay.upstream import INLINE_BYTES
+from store.sqlite import SqliteEventStore
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, free_port, make_settings
 from tests.test_dkim import SELECTOR, verified
 from tests.upstreams import FaultySink, faulty_sink
-from tracker.store import SqliteEventStore
 
 HTML = '<html><body><a href="https://example.com/x">x</a></body></html>'
 

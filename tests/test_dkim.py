@@ -14,8 +14,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from config.dkim_keys import ED25519, RSA, load_key
 from config.settings import ConfigError
-from relay.dkim import ED25519, RSA, DkimSigner, load_key
+from relay.dkim import DkimSigner
 from relay.headers import split_message
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, make_settings
 

@@ -6,7 +6,7 @@ import pytest
 
 from config.settings import ConfigError, settings_from_mapping
 from relay.links import TrackingLinks, host_excluded
-from tracker.tokens import TokenSigner, TrackedSend, TrackingClaims, claims_to_dict
+from tracking.tokens import TokenSigner, TrackedSend, TrackingClaims, claims_to_dict
 
 SEND = TrackedSend(project="p", message_id="m@x", contact="c@x", recipient="c@x", sent_at=1)
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.policy import Send, TemplateType, TrackingMode, decide
+from config.settings import TrackingMode
+from relay.policy import Send, TemplateType, decide
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, make_settings
 from tests.test_flow import events, html_message, send, tracked_urls
 

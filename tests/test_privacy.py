@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from config.settings import IpMode
+from store.model import EventQuery, rfc3339
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, make_settings
 from tests.test_flow import events
 from tests.test_store import opened, sent
-from tracker.privacy import IpMode, stored_ip
-from tracker.store import EventQuery, rfc3339
+from tracker.privacy import stored_ip
 
 
 @pytest.mark.parametrize(

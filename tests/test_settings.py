@@ -9,12 +9,12 @@ import pytest
 from config.settings import (
     ConfigError,
     TrackingEngine,
+    TrackingMode,
     UpstreamSettings,
     load_settings,
     resolve_config_path,
     settings_from_mapping,
 )
-from relay.policy import TrackingMode
 
 ROOT = Path(__file__).resolve().parents[1]
 VALID = {"projects": [{"id": "p", "secret": "secret-123"}]}

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tracker.store import CHECKPOINT_COMMITS, Decision, EventQuery, Judgement, NewEvent, SqliteEventStore, StatsQuery, now_rfc3339, rfc3339
+from store.model import Decision, EventQuery, Judgement, NewEvent, StatsQuery, now_rfc3339, rfc3339
+from store.sqlite import CHECKPOINT_COMMITS, SqliteEventStore
 
 AT = "2026-03-01T10:00:00.000000Z"
 

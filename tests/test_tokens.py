@@ -4,7 +4,7 @@ import base64
 import hmac
 import pickle
 
-from tracker.tokens import TokenSigner, TrackedSend, TrackingClaims, claims_from_dict, claims_to_dict
+from tracking.tokens import TokenSigner, TrackedSend, TrackingClaims, claims_from_dict, claims_to_dict
 
 SEND = TrackedSend(project="p", message_id="m@x", contact="c", recipient="c@x", sent_at=1, campaign="k")
 

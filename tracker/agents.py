@@ -36,14 +36,6 @@ from tracker.privacy import client_network
 Agent = Literal["human", "apple_mpp", "image_proxy", "scanner", "prefetch"]
 AGENTS: tuple[Agent, ...] = ("human", "apple_mpp", "image_proxy", "scanner", "prefetch")
 
-# Agents whose opens count in human-only stats. A Gmail/Yahoo image-proxy fetch happens
-# when the person opens the message (Google fetches images on open, not on delivery:
-# "Images are only loaded when you open a message", Gmail proxy announcement, 2013), so it
-# is a human open seen through a proxy; it stays labelled `image_proxy` so the operator
-# can still tell it carries no client IP or user agent.
-HUMAN_OPEN_AGENTS: frozenset[str] = frozenset({"human", "image_proxy"})
-
-
 @dataclass(frozen=True)
 class Verdict:
     agent: Agent

@@ -20,23 +20,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from config.settings import ProjectSettings, Settings
+from config.settings import IpMode, ProjectSettings, Settings
 from config.tracking import ModeRefused, TrackingSettings
+from store.model import EVENT_NAMES, MAX_LIMIT, Decision, EventQuery, EventStore, Judgement, NewEvent, StatsQuery, rfc3339
 from tracker.agents import AgentPolicy, Hit, PriorHit, classify, relabel
 from tracker.netdata import NetworkLists, network_specs
-from tracker.privacy import IpMode, stored_ip
-from tracker.store import (
-    EVENT_NAMES,
-    MAX_LIMIT,
-    Decision,
-    EventQuery,
-    EventStore,
-    Judgement,
-    NewEvent,
-    StatsQuery,
-    rfc3339,
-)
-from tracker.tokens import MAX_TOKEN_CHARS, TokenSigner, TrackingClaims, claims_from_dict, is_redirectable
+from tracker.privacy import stored_ip
+from tracking.tokens import MAX_TOKEN_CHARS, TokenSigner, TrackingClaims, claims_from_dict, is_redirectable
 
 log = logging.getLogger("inflight.tracker")
 

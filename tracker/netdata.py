@@ -25,14 +25,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from config.settings import NetworkListSettings
+from config.settings import NETWORK_CLASSES, NetworkListSettings
 
 log = logging.getLogger("inflight.netdata")
-
-NETWORK_CLASSES = ("apple_mpp", "image_proxy", "scanner")
 
 # Official upstream sources, used by `refresh` for a list of this name unless its config
 # gives `upstream` URLs of its own. Barracuda, Proofpoint and Mimecast publish theirs only

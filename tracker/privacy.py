@@ -14,16 +14,11 @@ import ipaddress
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from typing import Protocol
 
+from config.settings import IpMode
+
 log = logging.getLogger("inflight.privacy")
-
-
-class IpMode(StrEnum):
-    FULL = "full"
-    TRUNCATED = "truncated"
-    NONE = "none"
 
 
 def stored_ip(ip: str | None, mode: IpMode) -> str | None:

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import httpx
 
 from config.settings import ProjectSettings, WebhookSettings
-from tracker.store import WebhookJob
+from store.model import WebhookJob
 
 log = logging.getLogger("inflight.webhooks")
 

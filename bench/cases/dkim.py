@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from bench.harness import Mode, row
-from relay.dkim import DkimSigner, load_key
+from config.dkim_keys import load_key
+from relay.dkim import DkimSigner
 
 
 def message(size: int) -> bytes:

@@ -58,8 +58,8 @@ def serve_relay(variant: str, port: int, sink_port: int, work: str) -> None:
     from relay.server import Relay
     from relay.upstream import upstream_from_settings
     from relay.workers import cpu_pool
-    from tracker.store import SqliteEventStore
-    from tracker.tokens import TokenSigner
+    from store.sqlite import SqliteEventStore
+    from tracking.tokens import TokenSigner
 
     key = Path(work) / "dkim.pem"
     key.write_bytes(rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(

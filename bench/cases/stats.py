@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import SHOP, Child, Mode, free_port, project_secret, python, row, skipped, write_config
-from tracker.store import SqliteEventStore
+from store.sqlite import SqliteEventStore
 
 CASE = "stats"
 PROJECT = "bench"

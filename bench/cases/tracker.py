@@ -28,7 +28,7 @@ from bench.harness import (
     write_config,
 )
 from relay.links import TrackingLinks
-from tracker.tokens import TokenSigner, TrackedSend
+from tracking.tokens import TokenSigner, TrackedSend
 
 CASE = "tracker"
 CONNECTIONS = 16

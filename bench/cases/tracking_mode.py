@@ -18,8 +18,8 @@ from config.settings import Settings, settings_from_mapping
 from config.tracking import TrackingSettings
 from relay.pipeline import Pipeline
 from relay.upstream import RecipientResult, Results
-from tracker.store import SqliteEventStore
-from tracker.tokens import TokenSigner
+from store.sqlite import SqliteEventStore
+from tracking.tokens import TokenSigner
 
 MESSAGE = (b"From: app@example.com\r\nTo: a@example.com\r\nSubject: bench\r\nMIME-Version: 1.0\r\n"
            b"Content-Type: text/html; charset=utf-8\r\n\r\n" + b"<p>" + b"x" * 3000 + b"</p>\r\n")

@@ -1,0 +1,125 @@
+"""What the store holds, whatever the backend: events and the queries over them.
+
+The relay writes `email.sent`, the tracker opens and clicks; both go through these types, so
+neither side imports the other and every backend (store/sqlite.py, store/postgresql.py)
+answers the same contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+# Agents whose opens count in human-only stats. A Gmail/Yahoo image-proxy fetch happens
+# when the person opens the message (Google fetches images on open, not on delivery:
+# "Images are only loaded when you open a message", Gmail proxy announcement, 2013), so it
+# is a human open seen through a proxy; it stays labelled `image_proxy` so the operator
+# can still tell it carries no client IP or user agent.
+HUMAN_OPEN_AGENTS: frozenset[str] = frozenset({"human", "image_proxy"})
+
+EVENT_NAMES = ("email.sent", "email.open", "email.click", "email.bounce")
+MAX_LIMIT = 1000
+
+
+def rfc3339(moment: datetime) -> str:
+    """UTC with microseconds and a Z: sorts lexicographically in the same order as time."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")[:26] + "Z"  # isoformat: C-fast, same text
+
+
+def now_rfc3339() -> str:
+    return rfc3339(datetime.now(UTC))
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    name: str
+    project: str
+    contact: str
+    recipient: str
+    message_id: str
+    at: str
+    campaign: str | None = None
+    template: str | None = None
+    template_type: str | None = None
+    campaign_type: str | None = None
+    subject: str | None = None
+    sender: str | None = None  # the From header; `from` in the API
+    link: str | None = None
+    ip: str | None = None
+    user_agent: str | None = None
+    tracked: bool | None = None
+    reason: str | None = None
+    agent: str | None = None  # opens and clicks: human | apple_mpp | image_proxy | scanner | prefetch
+    agent_reason: str | None = None  # the signals behind `agent` (tracker/agents.py)
+    # Set by the store when it records an open or a click (record_engagement), never by callers:
+    # they are counts over the events already stored, exact only inside the write transaction.
+    opens: int | None = None
+    clicks: int | None = None
+    first: bool | None = None
+    implied: bool | None = None
+
+
+@dataclass(frozen=True)
+class EventQuery:
+    project: str
+    contact: str | None = None
+    name: str | None = None
+    campaign: str | None = None
+    message_id: str | None = None
+    since: str | None = None
+    limit: int = 100
+
+
+@dataclass(frozen=True)
+class StatsQuery:
+    project: str
+    campaign: str | None = None
+    template: str | None = None
+    since: str | None = None
+
+
+@dataclass(frozen=True)
+class WebhookJob:
+    """One claimed outbox row: the event to POST and how often it was tried already."""
+
+    outbox_id: int
+    key: str  # the idempotency key: the same on every attempt
+    attempts: int
+    created: float  # epoch seconds the event was recorded
+    event: dict[str, Any]
+
+
+# A verdict's decision: the hit's (agent, reason) and the earlier events it exposes, id -> (agent, reason).
+Decision = tuple[str, str, dict[int, tuple[str, str]]]
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """How to label a hit from its message's recent hits, inside the transaction that stores it.
+
+    Made there rather than before queueing the write, the verdict sees every hit stored before
+    its own (two hits of one message arriving together see each other), and reading the history,
+    labelling, counting, inserting and re-labelling cost no extra trip to the store.
+    """
+
+    since: str  # the history read: opens and clicks of the message at or after this time
+    decide: Callable[[list[Mapping[str, Any]]], Decision]  # runs in the store's thread: pure, quick
+
+
+class EventStore(Protocol):
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> bool: ...
+    async def record(self, events: list[NewEvent]) -> list[int]: ...
+    async def record_engagement(self, event: NewEvent, judgement: Judgement | None = None) -> list[int]: ...
+    async def events(self, query: EventQuery) -> list[dict[str, Any]]: ...
+    async def tracking_mode(self, project: str) -> str | None: ...
+    async def set_tracking_mode(self, project: str, mode: str) -> None: ...
+    async def stats(self, query: StatsQuery) -> dict[str, Any]: ...
+    async def delivered_recipients(self, project: str, message_id: str, recipients: list[str]) -> set[str]: ...
+    async def record_delivered(self, project: str, message_id: str, recipients: list[str], ttl_seconds: int) -> None: ...
+    async def purge_deliveries(self) -> int: ...
+
+
