@@ -7,8 +7,10 @@ answers the same contract.
 
 from __future__ import annotations
 
+import hashlib
+import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -59,6 +61,15 @@ class NewEvent:
     clicks: int | None = None
     first: bool | None = None
     implied: bool | None = None
+    # Made by the caller, once per event: recording an event whose uid is already stored stores,
+    # counts and queues nothing again and returns the ids stored the first time, so a caller that
+    # lost the answer (a spool replay, a retry through another node) may simply record it again.
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+def implied_uid(uid: str) -> str:
+    """The uid of the implied open a first click records: derived, so a replayed click finds it too."""
+    return hashlib.blake2b(uid.encode(), digest_size=16, person=b"implied-open").hexdigest()
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from store.model import (
     NewEvent,
     StatsQuery,
     WebhookJob,
+    implied_uid,
     now_rfc3339,
     rfc3339,
 )
@@ -59,8 +60,11 @@ CREATE TABLE IF NOT EXISTS events (
     first INTEGER,
     implied INTEGER,
     agent TEXT,
-    agent_reason TEXT
+    agent_reason TEXT,
+    uid TEXT
 );
+-- Recording is idempotent on the caller's uid (NULL on rows older than it, which UNIQUE allows).
+CREATE UNIQUE INDEX IF NOT EXISTS events_uid ON events (uid);
 CREATE INDEX IF NOT EXISTS events_project_at ON events (project, at);
 CREATE INDEX IF NOT EXISTS events_project_contact ON events (project, contact, at);
 CREATE INDEX IF NOT EXISTS events_message_contact ON events (project, message_id, contact, name);
@@ -97,7 +101,8 @@ CREATE INDEX IF NOT EXISTS deliveries_expires ON deliveries (expires_at);
 """
 
 COLUMNS = tuple(NewEvent.__dataclass_fields__)
-_INSERT = f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
+_INSERT = (f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)}) "
+           "ON CONFLICT (uid) DO NOTHING")
 _ENGAGEMENT_STATE = """SELECT
     (SELECT subject FROM events WHERE project = ? AND message_id = ? AND name = 'email.sent' LIMIT 1),
     (SELECT sender FROM events WHERE project = ? AND message_id = ? AND name = 'email.sent' LIMIT 1),
@@ -108,6 +113,7 @@ CHECKPOINT_COMMITS = 100  # write transactions between two checkpoints (SQLite's
 WRITE_BATCH = 1000  # queued writes per transaction: bounds one transaction's time under a flood
 _COLUMN = {name: index for index, name in enumerate(COLUMNS)}  # a column's place in an insert row
 _PROJECT = _COLUMN["project"]
+_UID = _COLUMN["uid"]
 # One queued write, run in the connection's thread inside the writer's transaction:
 # (ids stored, whether it queued a webhook).
 _Write = Callable[[sqlite3.Connection], tuple[list[int], bool]]
@@ -140,6 +146,7 @@ def event_json(row: aiosqlite.Row | Mapping[str, Any]) -> dict[str, Any]:
     """A stored row in the public shape shared by the events API and webhooks."""
     event = dict(row)
     event["from"] = event.pop("sender")
+    event.pop("uid", None)  # the caller's retry key, not part of the public event
     applicable = _ENGAGEMENT.get(event["name"], ())
     for key in ("opens", "clicks", "first", "implied"):
         value = event.pop(key)
@@ -328,8 +335,11 @@ class SqliteEventStore:
 
     def _insert(self, db: sqlite3.Connection, row: Sequence[Any]) -> int:
         """Insert one event (its values in COLUMNS order) and, when its project has a webhook, its
-        outbox row: both or neither."""
+        outbox row: both or neither. An event whose uid is stored already adds nothing: its id."""
         cursor = db.execute(_INSERT, row)
+        if cursor.rowcount == 0:
+            (event_id,), = db.execute("SELECT id FROM events WHERE uid = ?", (row[_UID],)).fetchall()
+            return int(event_id)
         event_id = cursor.lastrowid or 0
         project = row[_PROJECT]
         if project in self.webhook_projects:
@@ -402,6 +412,10 @@ class SqliteEventStore:
     def _engagement_in(self, db: sqlite3.Connection, event: NewEvent, judgement: Judgement | None) -> tuple[list[int], bool]:
         # Rows are built as lists, not with dataclasses.replace: one hit took three copies of a
         # 24-field frozen dataclass, slower than its insert, while holding the GIL.
+        uids = (event.uid, implied_uid(event.uid))
+        stored = db.execute("SELECT id FROM events WHERE uid IN (?, ?) ORDER BY id", uids).fetchall()
+        if stored:  # recorded before (a replay): counted once, its webhook queued once
+            return [int(event_id) for event_id, in stored], False
         row = list(_values(event))
         changes: dict[int, tuple[str, str]] = {}
         if judgement is not None:
@@ -418,7 +432,7 @@ class SqliteEventStore:
         else:
             if opens == 0:
                 # Images are often blocked: a click proves the message was opened.
-                rows.append(_with(row, name="email.open", link=None, opens=1, first=True, implied=True))
+                rows.append(_with(row, name="email.open", link=None, opens=1, first=True, implied=True, uid=uids[1]))
             rows.append(_with(row, clicks=clicks + 1, first=clicks == 0))
         ids = [self._insert(db, values) for values in rows]
         if changes:

@@ -232,7 +232,32 @@ def test_a_database_from_the_first_release_gains_the_new_columns(tmp_path: Path)
     [event] = asyncio.run(run())
     assert event["name"] == "email.sent" and event["agent"] is None
     columns = {row[1] for row in sqlite3.connect(path).execute("PRAGMA table_info(events)")}
-    assert {"agent", "agent_reason", "opens", "clicks", "first", "implied"} <= columns
+    assert {"agent", "agent_reason", "opens", "clicks", "first", "implied", "uid"} <= columns
+
+
+def test_recording_an_event_again_by_its_uid_stores_counts_and_queues_nothing_new(tmp_path: Path) -> None:
+    """A caller that lost the answer records the same events again (a spool replay, another node):
+    it gets the ids stored the first time, counters stay exact and no second webhook is queued."""
+
+    async def scenario() -> None:
+        async with opened(tmp_path / "e.db", webhook_projects=("p",)) as store:
+            sends = [sent("m1", "a"), sent("m2", "a")]
+            first_ids = await store.record(sends)
+            again = await store.record([sends[1], sent("m3", "a"), sends[0]])
+            assert (again[0], again[2]) == (first_ids[1], first_ids[0]) and again[1] > max(first_ids)
+            click = hit("email.click", "m1", "a", "https://x.test/1")
+            click_ids = await store.record_engagement(click)  # the implied open, then the click
+            replays = await asyncio.gather(*(store.record_engagement(click) for _ in range(3)))
+            assert replays == [click_ids] * 3
+            opened_ = hit("email.open", "m1", "a")
+            assert await store.record_engagement(opened_) == await store.record_engagement(opened_)
+            events = await store.events(_query())
+            assert len(events) == 3 + 2 + 1 and all("uid" not in e for e in events)
+            assert sorted(e["opens"] for e in events if e["name"] == "email.open") == [1, 2]
+            assert [e["clicks"] for e in events if e["name"] == "email.click"] == [1]
+            assert await store.pending_webhooks() == 6
+
+    run(scenario())
 
 
 # -- group commit: concurrent writers share transactions, each sees its own ids --------------------
