@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from store.model import StatsQuery
+from store.model import StatsCounts, StatsQuery
 from store.sqlite import COLUMNS, HUMAN, SqliteEventStore
 
 AGENTS = (None, "human", "image_proxy", "apple_mpp", "scanner", "prefetch")
@@ -67,12 +67,12 @@ def expected(rows: list[dict[str, Any]], campaign: str) -> dict[str, Any]:
     return out
 
 
-def observed(stats: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"delivered": stats["delivered"]}
+def observed(stats: StatsCounts) -> dict[str, Any]:
+    out: dict[str, Any] = {"delivered": stats.delivered}
     for kind in ("opens", "clicks"):
-        s = stats[kind]
-        out[kind] = (s["unique"], s["total"], s["unique_human"], s["total_human"])
-    out["links"] = {link["link"]: [link["total"], link["total_human"]] for link in stats["links"]}
+        s = getattr(stats, kind)
+        out[kind] = (s.unique, s.total, s.unique_human, s.total_human)
+    out["links"] = {link.link: [link.total, link.total_human] for link in stats.links}
     return out
 
 

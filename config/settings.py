@@ -54,6 +54,7 @@ NETWORK_CLASSES = ("apple_mpp", "image_proxy", "scanner")
 
 # Field metadata of a secret: readable from `<key>_file`, left out of repr and error messages.
 SECRET = {"secret": True}
+STORE_URL_PREFIXES = ("sqlite:///", "postgresql://", "postgres://")
 
 
 class ConfigError(Exception):
@@ -115,7 +116,9 @@ class TrackerSettings:
 
 @dataclass(frozen=True)
 class StoreSettings:
-    url: str = "sqlite:///var/inflight.db"
+    # sqlite:///path (one box) or postgresql://user:password@host:port/db (several nodes); may carry
+    # a password, hence `url_file` and never logged.
+    url: str = field(default="sqlite:///var/inflight.db", repr=False, metadata=SECRET)
     purge_interval_seconds: float = 3600.0  # how often events past a project's retention_days are deleted
 
 
@@ -490,8 +493,10 @@ def _check(s: Settings) -> list[str]:
         except ValueError:
             problems.append(f"tracker.trusted_proxies: {proxy!r} is not an IP address or CIDR")
     problems.extend(_check_network_lists(s.tracker))
-    if not s.store.url.startswith("sqlite:///"):
-        problems.append(f"store.url: expected sqlite:///relative/path.db or sqlite:////absolute/path.db, got {s.store.url!r}")
+    if not s.store.url.startswith(STORE_URL_PREFIXES):
+        scheme = urlsplit(s.store.url).scheme  # never the URL itself: it may carry a password
+        problems.append("store.url: expected sqlite:///relative/path.db, sqlite:////absolute/path.db or "
+                        f"postgresql://user:password@host:port/database, got scheme {scheme or 'none'!r}")
     for key, url in (("upstream.url", s.upstream.url), *(("upstream.fallback_urls", u) for u in s.upstream.fallback_urls)):
         scheme = urlsplit(url).scheme  # never the URL itself: it may carry a password
         if scheme not in UPSTREAM_SCHEMES:

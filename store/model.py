@@ -7,6 +7,7 @@ answers the same contract.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import uuid
 from collections.abc import Callable, Mapping
@@ -91,6 +92,11 @@ class StatsQuery:
     since: str | None = None
 
 
+# A stored event: `id` and the columns of NewEvent, as the backend holds them (booleans may be
+# 0/1). The tracker's API layer (tracker/shapes.py) turns it into the public JSON.
+StoredEvent = dict[str, Any]
+
+
 @dataclass(frozen=True)
 class WebhookJob:
     """One claimed outbox row: the event to POST and how often it was tried already."""
@@ -99,7 +105,7 @@ class WebhookJob:
     key: str  # the idempotency key: the same on every attempt
     attempts: int
     created: float  # epoch seconds the event was recorded
-    event: dict[str, Any]
+    event: StoredEvent
 
 
 # A verdict's decision: the hit's (agent, reason) and the earlier events it exposes, id -> (agent, reason).
@@ -119,18 +125,88 @@ class Judgement:
     decide: Callable[[list[Mapping[str, Any]]], Decision]  # runs in the store's thread: pure, quick
 
 
-class EventStore(Protocol):
+@dataclass(frozen=True)
+class EngagementCounts:
+    """Opens or clicks of a selection: every hit, and one per message and contact (unique);
+    the `_human` pair counts only agents in HUMAN_OPEN_AGENTS (or none recorded)."""
+
+    unique: int
+    total: int
+    unique_human: int
+    total_human: int
+
+
+@dataclass(frozen=True)
+class LinkCounts:
+    link: str
+    unique: int
+    total: int
+    unique_human: int
+    total_human: int
+
+
+@dataclass(frozen=True)
+class StatsCounts:
+    """What `stats` counts; the tracker's API turns it into its response (rates included)."""
+
+    sent: int  # distinct messages
+    delivered: int  # email.sent events: one per recipient
+    tracked: int  # of those, the ones carrying a pixel or tracked links
+    opens: EngagementCounts
+    clicks: EngagementCounts
+    links: list[LinkCounts]  # clicks per link, most clicked first
+
+
+class Lifecycle(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def ping(self) -> bool: ...
+
+
+class Events(Protocol):
+    """Events and their engagement counters: exact however many nodes record at once."""
+
     async def record(self, events: list[NewEvent]) -> list[int]: ...
     async def record_engagement(self, event: NewEvent, judgement: Judgement | None = None) -> list[int]: ...
-    async def events(self, query: EventQuery) -> list[dict[str, Any]]: ...
+    async def events(self, query: EventQuery) -> list[StoredEvent]: ...
+    async def stats(self, query: StatsQuery) -> StatsCounts: ...
+
+
+class TrackingModes(Protocol):
+    """Settings -> Tracking changed at runtime: read per message, so a change made on any node
+    applies to the next message on every node."""
+
     async def tracking_mode(self, project: str) -> str | None: ...
     async def set_tracking_mode(self, project: str, mode: str) -> None: ...
-    async def stats(self, query: StatsQuery) -> dict[str, Any]: ...
+
+
+class WebhookOutbox(Protocol):
+    """Rows written with their events; claimed under a lease, so any node delivers and a dead
+    node's rows come back to another. `outbox_added` is set when rows may be due (this
+    process queued some, or another node announced some)."""
+
+    outbox_added: asyncio.Event
+
+    async def claim_webhooks(self, *, now: float, lease: float, limit: int) -> list[WebhookJob]: ...
+    async def finish_webhook(self, outbox_id: int) -> None: ...
+    async def retry_webhook(self, outbox_id: int, *, due: float, error: str) -> None: ...
+    async def pending_webhooks(self) -> int: ...
+
+
+class DeliveryLedger(Protocol):
+    """Which recipients of a message the upstream accepted already (the idempotency ledger)."""
+
     async def delivered_recipients(self, project: str, message_id: str, recipients: list[str]) -> set[str]: ...
     async def record_delivered(self, project: str, message_id: str, recipients: list[str], ttl_seconds: int) -> None: ...
     async def purge_deliveries(self) -> int: ...
 
 
+class Erasure(Protocol):
+    """Retention and the right to erasure."""
+
+    async def purge(self, project: str, before: datetime) -> int: ...
+    async def forget(self, address: str, *, project: str | None = None) -> tuple[int, int]: ...
+
+
+class EventStore(Lifecycle, Events, TrackingModes, WebhookOutbox, DeliveryLedger, Erasure, Protocol):
+    """Every aggregate of one backend; code that needs only one takes that one's protocol."""

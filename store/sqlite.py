@@ -7,7 +7,7 @@ import logging
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -20,10 +20,14 @@ import aiosqlite
 from store.model import (
     HUMAN_OPEN_AGENTS,
     MAX_LIMIT,
+    EngagementCounts,
     EventQuery,
     Judgement,
+    LinkCounts,
     NewEvent,
+    StatsCounts,
     StatsQuery,
+    StoredEvent,
     WebhookJob,
     implied_uid,
     now_rfc3339,
@@ -132,30 +136,11 @@ _RECENT_HITS = (
 _LABEL = "UPDATE events SET agent = ?, agent_reason = TRIM(COALESCE(agent_reason, '') || ' ' || ?) WHERE "
 _IMPLIED_OF = ("implied = 1 AND (project, message_id, contact, at) = "
                "(SELECT project, message_id, contact, at FROM events WHERE id = ? AND name = 'email.click')")
-_BOOLEANS = ("tracked", "first", "implied")
-# Counters belong to the event they count; a sent event has neither, an open no `clicks`.
-_ENGAGEMENT = {"email.open": ("opens", "first", "implied"), "email.click": ("clicks", "first")}
 
 # Human-only stats count the agents tracker/agents.py says a person is behind (a Gmail or Yahoo
 # proxy fetches when the person opens the mail); NULL (no verdict recorded) counts as human.
 HUMAN = f"(agent IS NULL OR agent IN ({', '.join(repr(a) for a in sorted(HUMAN_OPEN_AGENTS))}))"
 _PAIR = "message_id || char(0) || contact"  # one message to one contact: the unit of "unique"
-
-
-def event_json(row: aiosqlite.Row | Mapping[str, Any]) -> dict[str, Any]:
-    """A stored row in the public shape shared by the events API and webhooks."""
-    event = dict(row)
-    event["from"] = event.pop("sender")
-    event.pop("uid", None)  # the caller's retry key, not part of the public event
-    applicable = _ENGAGEMENT.get(event["name"], ())
-    for key in ("opens", "clicks", "first", "implied"):
-        value = event.pop(key)
-        if key in applicable:
-            event[key] = value
-    for key in _BOOLEANS:
-        if event.get(key) is not None:
-            event[key] = bool(event[key])
-    return event
 
 
 def _filters(query: EventQuery | StatsQuery, columns: tuple[str, ...]) -> tuple[str, list[Any]]:
@@ -171,10 +156,6 @@ def _filters(query: EventQuery | StatsQuery, columns: tuple[str, ...]) -> tuple[
         where.append("at >= ?")
         args.append(query.since)
     return " AND ".join(where), args
-
-
-def _rate(part: int, whole: int) -> float | None:
-    return round(part / whole, 4) if whole else None
 
 
 async def add_missing_columns(db: aiosqlite.Connection) -> None:
@@ -441,12 +422,12 @@ class SqliteEventStore:
             db.executemany(_LABEL + _IMPLIED_OF, labels)
         return ids, event.project in self.webhook_projects
 
-    async def events(self, query: EventQuery) -> list[dict[str, Any]]:
+    async def events(self, query: EventQuery) -> list[StoredEvent]:
         where, args = _filters(query, ("contact", "name", "campaign", "message_id"))
         args.append(max(1, min(query.limit, MAX_LIMIT)))
         sql = f"SELECT * FROM events WHERE {where} ORDER BY at DESC, id DESC LIMIT ?"
         async with self.db.execute(sql, args) as cursor:
-            return [event_json(row) for row in await cursor.fetchall()]
+            return [dict(row) for row in await cursor.fetchall()]
 
     async def tracking_mode(self, project: str) -> str | None:
         """The mode set at runtime, or None when the project still follows its TOML value.
@@ -465,7 +446,7 @@ class SqliteEventStore:
             await self.db.execute(sql, (project, mode, now_rfc3339()))
             await self.db.commit()
 
-    async def stats(self, query: StatsQuery) -> dict[str, Any]:
+    async def stats(self, query: StatsQuery) -> StatsCounts:
         """Sends, opens and clicks of a campaign, a template or a whole project, in two indexed scans."""
         condition, args = _filters(query, ("campaign", "template"))
         totals_sql = f"""
@@ -496,32 +477,16 @@ class SqliteEventStore:
             links = await cursor.fetchall()
         assert t is not None  # an aggregate without GROUP BY always yields one row
 
-        def engagement(kind: str) -> dict[str, Any]:
-            return {
-                "unique": t[f"{kind}_unique"],
-                "total": t[f"{kind}_total"],
-                "unique_human": t[f"{kind}_unique_human"],
-                "total_human": t[f"{kind}_total_human"],
-                "rate": _rate(t[f"{kind}_unique"], t["tracked"]),
-                "rate_human": _rate(t[f"{kind}_unique_human"], t["tracked"]),
-            }
+        def engagement(kind: str) -> EngagementCounts:
+            return EngagementCounts(unique=t[f"{kind}_unique"], total=t[f"{kind}_total"],
+                                    unique_human=t[f"{kind}_unique_human"], total_human=t[f"{kind}_total_human"])
 
-        return {
-            "project": query.project,
-            "campaign": query.campaign,
-            "template": query.template,
-            "since": query.since,
-            "sent": t["sent"],
-            "delivered": t["delivered"],
-            "tracked": t["tracked"],
-            "opens": engagement("opens"),
-            "clicks": engagement("clicks"),
-            "links": [
-                {"link": r["link"], "unique": r["unique_"], "total": r["total"],
-                 "unique_human": r["unique_human"], "total_human": r["total_human"]}
-                for r in links
-            ],
-        }
+        return StatsCounts(
+            sent=t["sent"], delivered=t["delivered"], tracked=t["tracked"],
+            opens=engagement("opens"), clicks=engagement("clicks"),
+            links=[LinkCounts(link=r["link"], unique=r["unique_"], total=r["total"],
+                              unique_human=r["unique_human"], total_human=r["total_human"]) for r in links],
+        )
 
     # --- webhook outbox --------------------------------------------------------------
 
@@ -545,7 +510,7 @@ class SqliteEventStore:
                     continue
                 data = dict(row)
                 jobs.append(WebhookJob(outbox_id=data.pop("outbox_id"), key=data.pop("outbox_key"),
-                                       attempts=data.pop("attempts"), created=data.pop("created"), event=event_json(data)))
+                                       attempts=data.pop("attempts"), created=data.pop("created"), event=data))
             if gone:
                 await db.execute(f"DELETE FROM webhook_outbox WHERE id IN ({', '.join('?' for _ in gone)})", gone)
             if jobs:

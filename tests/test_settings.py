@@ -200,11 +200,15 @@ def test_secrets_can_come_from_files(tmp_path: Path) -> None:
     (tmp_path / "project").write_text("file-secret-123\n")
     (tmp_path / "hmac").write_text("new-hmac-key-1\n\nold-hmac-key-1\n")
     (tmp_path / "upstream").write_text("smtp://user:p%40ss@mx.example.com:587\n")
+    (tmp_path / "store").write_text("postgresql://inflight:pg-pass-42@db:5432/inflight\n")
     settings = settings_from_mapping({
         "projects": [{"id": "p", "secret_file": str(tmp_path / "project")}],
         "tracker": {"secrets_file": str(tmp_path / "hmac")},
         "upstream": {"url_file": str(tmp_path / "upstream")},
+        "store": {"url_file": str(tmp_path / "store")},
     }, {})
+    assert settings.store.url == "postgresql://inflight:pg-pass-42@db:5432/inflight"
+    assert "pg-pass-42" not in repr(settings)
     assert settings.projects[0].secret == "file-secret-123"
     assert settings.tracker.secrets == ("new-hmac-key-1", "old-hmac-key-1")
     assert settings.upstream.url == "smtp://user:p%40ss@mx.example.com:587"
@@ -229,6 +233,8 @@ def test_secret_file_problems_are_named_and_never_echo_a_secret(tmp_path: Path) 
                                    {"id": "r", "secret": 12345678}],
                       "relay": {"bogus_file": "x"}})
     found += problems({**VALID, "upstream": {"url": "http://user:hunter2-secret@mx.example.com"}})
+    found += problems({**VALID, "store": {"url": "mysql://user:hunter2-store@db/x"}})
+    assert any(p.startswith("store.url: expected sqlite:///") and p.endswith("got scheme 'mysql'") for p in found)
     assert "projects[0].secret / projects[0].secret_file: give one or the other" in found
     assert any(p.startswith("projects[1].secret_file: cannot read") for p in found)
     assert "projects[2].secret: expected a string, got a value of type int" in found

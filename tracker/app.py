@@ -26,6 +26,7 @@ from store.model import EVENT_NAMES, MAX_LIMIT, Decision, EventQuery, EventStore
 from tracker.agents import AgentPolicy, Hit, PriorHit, classify, relabel
 from tracker.netdata import NetworkLists, network_specs
 from tracker.privacy import stored_ip
+from tracker.shapes import event_json, stats_json
 from tracking.tokens import MAX_TOKEN_CHARS, TokenSigner, TrackingClaims, claims_from_dict, is_redirectable
 
 log = logging.getLogger("inflight.tracker")
@@ -238,7 +239,7 @@ class Tracker:
         query = parse_event_query(project.id, request.query_params)
         if isinstance(query, list):
             return JSONResponse({"error": "; ".join(query)}, status_code=422)
-        return JSONResponse({"events": await self.store.events(query)})
+        return JSONResponse({"events": [event_json(row) for row in await self.store.events(query)]})
 
     async def tracking_settings(self, request: Request) -> Response:
         """GET or PUT /v1/settings/tracking: the project's mode, changed for the next message relayed."""
@@ -268,7 +269,7 @@ class Tracker:
         if isinstance(since, list):
             return JSONResponse({"error": "; ".join(since)}, status_code=422)
         query = StatsQuery(project=project.id, campaign=params.get("campaign"), template=params.get("template"), since=since)
-        return JSONResponse(await self.store.stats(query))
+        return JSONResponse(stats_json(query, await self.store.stats(query)))
 
     async def health(self, request: Request) -> Response:
         ok = await self.store.ping()

@@ -30,6 +30,7 @@ import httpx
 
 from config.settings import ProjectSettings, WebhookSettings
 from store.model import WebhookJob
+from tracker.shapes import event_json
 
 log = logging.getLogger("inflight.webhooks")
 
@@ -115,7 +116,7 @@ class WebhookWorker:
             log.warning("webhook-dropped project=%s event=%s reason=no-webhook_url", job.event["project"], job.event["id"])
             await self.store.finish_webhook(job.outbox_id)
             return
-        body = event_body(job.event)
+        body = event_body(event_json(job.event))
         timestamp = int(time.time())
         headers = {
             "Content-Type": "application/json",
