@@ -7,6 +7,14 @@ tracker/agents.py (MPP's bare "Mozilla/5.0", GoogleImageProxy, YahooMailProxy, S
 HEAD requests with no user agent from EOP ranges, gateway scans at delivery, crawls about
 a second per link); client addresses of people are documentation ranges (RFC 5737/3849)
 or Apple Private Relay egress, the case a person must not be mistaken for MPP.
+
+Families added for issue 13 (m50-m94): people whose mail client is open and who open or
+click within 0.6-4.6 s of the send (Apple Mail with MPP off, Thunderbird, Outlook desktop,
+Windows Mail, a link tapped from a notification); Gmail's delivery-time fetch with its fixed
+"... Edge/12.246 Mozilla/5.0" agent from Google's networks (SparkPost/Bird 2022, GMass,
+mautic/mautic#10245), then the person's GoogleImageProxy open; YahooMailProxy fetching at
+delivery with up to 4 retries (Litmus 2018), then the person's open; MPP preloads within
+seconds, with the bare agent, Mail's own agent, or any agent from Apple's network.
 """
 
 import collections
@@ -55,6 +63,15 @@ SAFARI_IOS = (
     "(KHTML, like Gecko) Version/17.4 Mobile/15E148 Safari/604.1"
 )
 CHROME = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36"
+THUNDERBIRD = "Mozilla/5.0 (X11; Linux x86_64; rv:115.0) Gecko/20100101 Thunderbird/115.10.1"
+OUTLOOK = "Microsoft Office/16.0 (Windows NT 10.0; Microsoft Outlook 16.0.17531; Pro)"
+APPLE_MAIL_MAC = "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko)"
+GMAIL_BOT = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/42.0.2311.135 "
+    "Safari/537.36 Edge/12.246 Mozilla/5.0"
+)
+GIP = "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)"
+YAHOO = "YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.html"
 
 
 def network_lists(directory: Path) -> NetworkLists:
@@ -111,13 +128,22 @@ def replay(traces: list[dict], networks: NetworkLists, policy: AgentPolicy = POL
     return verdicts
 
 
+MACHINE = "machine"  # every class but human, pooled: the issue's "machine precision"
+
+
+def _as(label: str, pooled: str | None) -> str:
+    """A label as scored: every machine class as `pooled` when pooling."""
+    return pooled if pooled is not None and label != "human" else label
+
+
 def score(traces: list[dict], verdicts: list[Verdict]) -> dict[str, tuple[float, float, int]]:
-    """Per class `(precision, recall, support)`, printed as a table."""
+    """Per class, and for all machine classes pooled, `(precision, recall, support)`, printed as a table."""
     table = {}
     lines = [f"{'agent':<12} {'precision':>9} {'recall':>7} {'support':>8}"]
-    for agent in AGENTS:
-        predicted = [t["label"] for t, v in zip(traces, verdicts, strict=True) if v.agent == agent]
-        support = sum(t["label"] == agent for t in traces)
+    for agent in (*AGENTS, MACHINE):
+        pooled = MACHINE if agent == MACHINE else None
+        predicted = [_as(t["label"], pooled) for t, v in zip(traces, verdicts, strict=True) if _as(v.agent, pooled) == agent]
+        support = sum(_as(t["label"], pooled) == agent for t in traces)
         hits = predicted.count(agent)
         precision = hits / len(predicted) if predicted else 1.0
         recall = hits / support if support else 1.0
@@ -136,6 +162,8 @@ def assert_quality(traces: list[dict], verdicts: list[Verdict]) -> None:
     ]
     humans_as_machines = [w for w in wrong if w[2] == "human"]
     assert humans_as_machines == []
+    # Issue 13's goals: machine precision >= 0.97, human recall >= 0.98.
+    assert table[MACHINE][0] >= 0.97 and table["human"][1] >= 0.98, (table, wrong)
     assert table["human"][0] >= 0.98, wrong
     for agent in ("apple_mpp", "image_proxy", "scanner", "prefetch"):
         precision, recall, _ = table[agent]
@@ -174,13 +202,71 @@ def test_gmail_proxy_reason_names_both_signals(fixture_lists):
     assert verdict == Verdict("image_proxy", "ua=GoogleImageProxy net=google-fetchers")
 
 
-def test_sent_window_edge(fixture_lists):
+def test_timing_alone_never_makes_a_machine(fixture_lists):
+    # A person with the mail client open opens within seconds; `sent+` is kept as a signal.
     policy = AgentPolicy(sent_window_seconds=5)
-    early = classify(Hit("open", SENT + 4.9, "192.0.2.1", CHROME, sent_at=SENT), networks=fixture_lists, policy=policy)
-    late = classify(Hit("open", SENT + 5.0, "192.0.2.1", CHROME, sent_at=SENT), networks=fixture_lists, policy=policy)
-    unknown = classify(Hit("open", SENT + 1, "192.0.2.1", CHROME), networks=fixture_lists, policy=policy)
-    assert early == Verdict("scanner", "sent+4.9s")
-    assert late.agent == unknown.agent == "human"
+    for ua in (CHROME, THUNDERBIRD, OUTLOOK, APPLE_MAIL_MAC):
+        early = classify(Hit("open", SENT + 1.2, "192.0.2.1", ua, sent_at=SENT), networks=fixture_lists, policy=policy)
+        assert early.agent == "human" and "sent+1.2s" in early.reason.split(), (ua, early)
+    click = classify(Hit("click", SENT + 2.0, "192.0.2.1", CHROME, sent_at=SENT, link="l1"), networks=fixture_lists)
+    assert click == Verdict("human", "sent+2.0s")
+
+
+def test_timing_adds_weight_to_apples_network_at_the_window_edge(fixture_lists):
+    # A Safari agent from Apple's network is a Private Relay person, unless it comes at delivery: MPP.
+    policy = AgentPolicy(sent_window_seconds=5)
+    early = classify(Hit("open", SENT + 4.9, "172.225.46.5", SAFARI_IOS, sent_at=SENT), networks=fixture_lists, policy=policy)
+    late = classify(Hit("open", SENT + 5.0, "172.225.46.5", SAFARI_IOS, sent_at=SENT), networks=fixture_lists, policy=policy)
+    click = classify(Hit("click", SENT + 1.0, "172.225.46.5", SAFARI_IOS, sent_at=SENT, link="l1"), networks=fixture_lists)
+    assert early == Verdict("apple_mpp", "net=apple-private-relay sent+4.9s")
+    assert late == Verdict("human", "net=apple-private-relay")
+    assert click.agent == "human"  # MPP never clicks
+
+
+def test_apple_network_wins_over_timing_for_mpp_agents(fixture_lists):
+    for ua, token in ((MPP, "generic"), (APPLE_MAIL_MAC, "apple-mail")):
+        for at in (0.5, 86400):
+            verdict = classify(Hit("open", SENT + at, "172.224.226.3", ua, sent_at=SENT), networks=fixture_lists)
+            assert verdict.agent == "apple_mpp" and f"ua={token}" in verdict.reason, verdict
+    # Mail's agent outside Apple's network is Apple Mail with MPP off: a person.
+    assert classify(Hit("open", SENT + 2.0, "203.0.113.77", APPLE_MAIL_MAC, sent_at=SENT), networks=fixture_lists).agent == "human"
+
+
+def test_gmail_delivery_fetch_is_prefetch_whatever_the_network(fixture_lists):
+    listed = classify(Hit("open", SENT + 2.0, "66.249.84.20", GMAIL_BOT, sent_at=SENT), networks=fixture_lists)
+    unlisted = classify(Hit("open", SENT + 40.0, "209.85.238.10", GMAIL_BOT, sent_at=SENT), networks=fixture_lists)
+    assert listed == Verdict("prefetch", "ua=gmail-prefetch net=google-fetchers sent+2.0s")
+    assert unlisted == Verdict("prefetch", "ua=gmail-prefetch")
+    # The person's own open through Gmail's image proxy, even right after, stays image_proxy.
+    person = classify(Hit("open", SENT + 3.0, "66.249.84.9", GIP, sent_at=SENT), networks=fixture_lists)
+    assert person.agent == "image_proxy"
+
+
+def test_yahoo_proxy_at_delivery_is_prefetch_later_the_person(fixture_lists):
+    policy = AgentPolicy(proxy_prefetch_seconds=60)
+    at_delivery = classify(Hit("open", SENT + 59.9, "74.6.231.21", YAHOO, sent_at=SENT), networks=fixture_lists, policy=policy)
+    opened = classify(Hit("open", SENT + 60.0, "74.6.231.21", YAHOO, sent_at=SENT), networks=fixture_lists, policy=policy)
+    unknown_send = classify(Hit("open", SENT + 1, "74.6.231.21", YAHOO), networks=fixture_lists, policy=policy)
+    assert at_delivery == Verdict("prefetch", "ua=YahooMailProxy sent+59.9s")
+    assert opened == unknown_send == Verdict("image_proxy", "ua=YahooMailProxy")
+
+
+@pytest.mark.parametrize(
+    ("family", "messages"),
+    [
+        ("people opening within seconds", [f"m{n}" for n in (*range(50, 72), 92, 93, 94)]),
+        ("Gmail delivery-time fetch", [f"m{n}" for n in range(72, 79)]),
+        ("YahooMailProxy at delivery", [f"m{n}" for n in range(80, 85)]),
+        ("MPP soon after the send", [f"m{n}" for n in range(85, 92)]),
+    ],
+)
+def test_issue_13_families_are_all_labelled_right(fixture_lists, family, messages):
+    selected = [t for t in TRACES if t["msg"] in messages]
+    assert {t["msg"] for t in selected} == set(messages), family
+    verdicts = replay(selected, fixture_lists)
+    score(selected, verdicts)
+    assert [(t["msg"], t["t"], t["label"], v.agent, v.reason) for t, v in zip(selected, verdicts, strict=True)
+            if t["label"] != v.agent] == []
 
 
 def test_gateway_network_counts_only_near_delivery(fixture_lists):
@@ -259,6 +345,11 @@ def test_history_without_stored_ips_compares_user_agents(fixture_lists):
         ("python-requests/2.31.0", ("bot", "python-requests")),
         ("Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)", ("bot", "Googlebot")),
         (CHROME, ("browser", "")),
+        (GMAIL_BOT, ("prefetch", "gmail-prefetch")),
+        (APPLE_MAIL_MAC, ("apple_mail", "apple-mail")),
+        ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148",
+         ("apple_mail", "apple-mail")),
+        (SAFARI_IOS, ("browser", "")),
         ("Mozilla/4.0 (compatible; ms-office; MSOffice 16)", ("browser", "")),
     ],
 )
@@ -269,6 +360,8 @@ def test_user_agent_kind(ua, expected):
 def test_policy_validation():
     with pytest.raises(ValueError, match="sent_window_seconds"):
         AgentPolicy(sent_window_seconds=-1)
+    with pytest.raises(ValueError, match="proxy_prefetch_seconds"):
+        AgentPolicy(proxy_prefetch_seconds=-1)
     with pytest.raises(ValueError, match="proximity_links"):
         AgentPolicy(proximity_links=1)
 

@@ -9,11 +9,13 @@ classified, recorded and flagged, never dropped:
     apple_mpp    Apple Mail Privacy Protection preloaded the pixel
     image_proxy  a webmail image proxy fetched the pixel when the person opened the mail
     scanner      a security gateway, bot or script
-    prefetch     a fetch ahead of a person's action: link previews, browser prefetch
+    prefetch     a fetch ahead of a person's action: link previews, browser prefetch,
+                 Gmail's and Yahoo's fetches at delivery
 
 Precision over recall: a person must not be labelled a machine, so every rule that can
 see a real person (a Safari user on iCloud Private Relay, a click through a gateway's
-browser isolation hours after delivery) needs a second signal before it says machine.
+browser isolation hours after delivery, a person opening a password reset two seconds
+after it was sent) needs a second signal before it says machine.
 
 `classify` is pure: no clock, no I/O besides the in-memory network lists. The tracker
 passes the client's recent events of the same message (`recent`) for the patterns that
@@ -73,10 +75,17 @@ class PriorHit:
 
 @dataclass(frozen=True)
 class AgentPolicy:
-    # Within this many seconds of email.sent no person has had the message yet; Mautic's
-    # bot filter uses 2 s after send (mautic/mautic#16263, BotRatioHelper
-    # timeFromEmailThreshold); a little more covers relay-to-inbox delivery time.
+    # Within this many seconds of email.sent, a fetch coincides with delivery. Mautic's bot
+    # filter uses 2 s after send (mautic/mautic#16263, BotRatioHelper timeFromEmailThreshold);
+    # a little more covers relay-to-inbox delivery time. Timing is weight, never proof: a
+    # person with the mail client open (a password reset, Apple Mail, Thunderbird, Outlook)
+    # opens within 2-3 s, so an early hit is a machine only with another signal (a listed
+    # network, a proxy's user agent).
     sent_window_seconds: float = 5.0
+    # YahooMailProxy fetches the pixel at delivery, and retries it up to 4 times (Litmus,
+    # "Why do I see a spike in Yahoo! Mail opens?", 2018): its fetches this soon after the
+    # send are that delivery-time prefetch, later ones the person opening the mail.
+    proxy_prefetch_seconds: float = 60.0
     # A gateway network alone is not proof: Proofpoint and Mimecast browser isolation route
     # a person's click through the vendor (shared/netdata/README.md); gateways scan at
     # delivery, so only hits this soon after sending count as the scanner. Short, because
@@ -92,7 +101,8 @@ class AgentPolicy:
     honeypot_window_seconds: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("sent_window_seconds", "gateway_window_seconds", "proximity_seconds", "honeypot_window_seconds"):
+        for name in ("sent_window_seconds", "proxy_prefetch_seconds", "gateway_window_seconds", "proximity_seconds",
+                     "honeypot_window_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.proximity_links < 2:
@@ -117,6 +127,23 @@ _GENERIC_UA = "Mozilla/5.0"
 #   GoogleImageProxy)" (Gmail image proxy, 2013; darkvisitors.com/agents/googleimageproxy).
 # - Yahoo: "YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.html".
 _MAIL_PROXY = re.compile(r"GoogleImageProxy|YahooMailProxy")
+# Proxies that also fetch at delivery, before anyone opened the mail (see proxy_prefetch_seconds).
+_DELIVERY_FETCHING_PROXIES = frozenset({"YahooMailProxy"})
+
+# Gmail's delivery-time bot: when the recipient has Gmail open, Google fetches every image
+# of a new message from its own networks, seconds after delivery, with one fixed, years-old
+# user agent "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like
+# Gecko) Chrome/42.0.2311.135 Safari/537.36 Edge/12.246 Mozilla/5.0" (SparkPost/Bird,
+# "Gmail is prefetching images", 2022; GMass, "False opens in Gmail"; mautic/mautic#10245).
+# The trailing second "Mozilla/5.0" is in no browser's user agent.
+_GMAIL_PREFETCH = re.compile(r"Edge/12\.246 Mozilla/5\.0$")
+
+# Apple Mail's own WebKit user agent: AppleWebKit and "(KHTML, like Gecko)", with no
+# Version/ or Safari/ token (those are Safari's). From Apple's egress networks it is Mail
+# loading images through Mail Privacy Protection's relay, like MPP's bare "Mozilla/5.0":
+# Private Relay carries Mail's image loads only when "Protect Mail Activity" is on
+# (wordtothewise.com, "Apple MPP reporting and geolocation", 2021).
+_APPLE_MAIL = re.compile(r"AppleWebKit/[\d.]+ \(KHTML, like Gecko\)(?: Mobile/\w+)?$")
 
 # Fetches a client makes ahead of handing a clicked link to the browser: Office's HEAD
 # "Microsoft Office Existence Discovery" (Microsoft, "Description of the Microsoft Office
@@ -129,7 +156,7 @@ _CLIENT_PREFETCH = re.compile(r"^Microsoft Office (Existence|Protocol) Discovery
 _PREFETCH_TAGS = frozenset({"social-preview"})
 _PREFETCH_PATTERNS = frozenset({"Chrome Privacy Preserving Prefetch Proxy", "CloudFlare-Prefetch"})
 
-UaKind = Literal["missing", "generic", "mail_proxy", "prefetch", "bot", "browser"]
+UaKind = Literal["missing", "generic", "mail_proxy", "prefetch", "bot", "apple_mail", "browser"]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -148,8 +175,10 @@ def user_agent_kind(user_agent: str | None) -> tuple[UaKind, str]:
         return "mail_proxy", match.group(0)
     if _CLIENT_PREFETCH.search(ua):
         return "prefetch", "office-discovery"
+    if _GMAIL_PREFETCH.search(ua):
+        return "prefetch", "gmail-prefetch"
     if not is_crawler(ua):
-        return "browser", ""
+        return ("apple_mail", "apple-mail") if _APPLE_MAIL.search(ua) else ("browser", "")
     for pattern, name, prefetch in _crawler_patterns():
         if pattern.search(ua):
             return ("prefetch" if prefetch else "bot"), name
@@ -231,7 +260,11 @@ def classify(hit: Hit, *, networks: NetworkLists, recent: Sequence[PriorHit] = (
         reasons.append("purpose=prefetch")
     early = since_sent is not None and since_sent < policy.sent_window_seconds
     gateway_early = since_sent is not None and since_sent < policy.gateway_window_seconds
-    if early or ("scanner" in classes and gateway_early):
+    proxy_early = (
+        ua_kind == "mail_proxy" and ua_name in _DELIVERY_FETCHING_PROXIES and hit.kind == "open"
+        and since_sent is not None and since_sent < policy.proxy_prefetch_seconds
+    )
+    if early or ("scanner" in classes and gateway_early) or proxy_early:
         reasons.append(f"sent+{since_sent:.1f}s")
     burst = _burst(hit, recent, policy)
     if burst:
@@ -252,11 +285,15 @@ def classify(hit: Hit, *, networks: NetworkLists, recent: Sequence[PriorHit] = (
         return verdict("prefetch")
     if ua_kind == "mail_proxy":
         # On a click, a mail proxy fetches the link for the person (Yahoo fetches linked
-        # pages for previews and safety), not the person themself.
-        return verdict("image_proxy" if hit.kind == "open" else "prefetch")
-    if ua_kind == "generic" and "apple_mpp" in classes and hit.kind == "open":
-        # Both signals: MPP's bare user agent from Apple's published egress ranges. Apple's
-        # ranges alone are ordinary Private Relay users (Safari with a full user agent).
+        # pages for previews and safety), not the person themself; at delivery, a proxy
+        # that prefetches has fetched for nobody yet.
+        return verdict("image_proxy" if hit.kind == "open" and not proxy_early else "prefetch")
+    if "apple_mpp" in classes and hit.kind == "open" and (
+        ua_kind in ("generic", "apple_mail") or (early and ua_kind == "browser")
+    ):
+        # Apple's network plus MPP's bare user agent or Mail's own, or plus delivery timing: MPP
+        # preloading. Apple's ranges alone are ordinary Private Relay users (Safari, full user
+        # agent, any time), and Apple's network wins over timing: an MPP preload is no scanner.
         return verdict("apple_mpp")
     if ua_kind == "prefetch":
         return verdict("prefetch")
@@ -266,8 +303,10 @@ def classify(hit: Hit, *, networks: NetworkLists, recent: Sequence[PriorHit] = (
         # Google's fetcher ranges serve no people; an open there is the Gmail proxy, a click
         # a user-triggered fetcher (Read Aloud, link previews).
         return verdict("image_proxy" if hit.kind == "open" else "prefetch")
-    if ("scanner" in classes and gateway_early) or early or burst:
+    if ("scanner" in classes and gateway_early) or burst:
         return verdict("scanner")
+    # Timing alone never makes a machine: a client's user agent from no listed network
+    # within seconds of sending is a person with the mail open (`sent+` stays in the reason).
     return verdict("human")
 
 
