@@ -12,6 +12,8 @@ from __future__ import annotations
 import codecs
 from dataclasses import dataclass
 
+from relay.prescan import declared_charsets
+
 __all__ = ["Charset", "CharsetError"]
 
 # WHATWG Encoding Standard: browsers read these labels as a superset, so that is what a link "is" to a reader.
@@ -20,6 +22,7 @@ _LABEL_ALIASES = {"iso-8859-8-i": "iso-8859-8"}
 # Everything HTML syntax and our URLs are made of must be plain ASCII bytes for a line break or an edit to be
 # placed by byte arithmetic (UTF-16 and EBCDIC are handled, but only through verified offsets).
 _SYNTAX_PROBE = "<a href=\"https://x.y/?q=1&amp;r='2'#f\">\r\n</a>"
+_SNIFF_MIN_UNITS = 4  # ASCII code units needed before their zero bytes tell the byte order
 
 
 class CharsetError(ValueError):
@@ -38,29 +41,14 @@ class Charset:
     def resolve(cls, label: str | None, data: bytes) -> Charset:
         """The charset for `label` (the part's charset parameter) and its data.
 
-        Without a label (RFC 2045 says US-ASCII, real mail says otherwise) we read UTF-8 when the bytes are
-        valid UTF-8 and windows-1252 (the browser default) otherwise; only the links' text depends on it.
+        Without a label (RFC 2045 says US-ASCII, real mail says otherwise) we read what a browser would: a
+        byte-order mark, else the `<meta>` charset the HTML5 prescan finds, else UTF-8 when the bytes are valid
+        UTF-8 and windows-1252 (the browser default) otherwise.
         """
-        if label is None:
-            try:
-                data.decode("utf-8")
-                name = "utf-8"
-            except UnicodeDecodeError:
-                name = "cp1252"
-        else:
-            name = cls._lookup(label)
+        name = (_bom_charset(data) or _declared(data) or _utf8_or_windows_1252(data)) if label is None else cls._lookup(label)
         bom = 0
-        if name in ("utf-16", "utf-32"):
-            # RFC 2781 §4.3: a BOM gives the byte order, without one UTF-16 is big-endian.
-            width = 2 if name == "utf-16" else 4
-            little = codecs.BOM_UTF16_LE if width == 2 else codecs.BOM_UTF32_LE
-            big = codecs.BOM_UTF16_BE if width == 2 else codecs.BOM_UTF32_BE
-            if data.startswith(little):
-                name, bom = f"{name}-le", width
-            elif data.startswith(big):
-                name, bom = f"{name}-be", width
-            else:
-                name = f"{name}-be"
+        if name.startswith(("utf-16", "utf-32")):
+            name, bom = _byte_order(name, data)
         try:
             ascii_compatible = _SYNTAX_PROBE.encode(name) == _SYNTAX_PROBE.encode("ascii")
         except UnicodeError:
@@ -119,3 +107,57 @@ class Charset:
         if b"".join(pieces) != payload:
             raise CharsetError(f"{self.codec} bytes do not round-trip exactly")
         return offsets
+
+
+def _bom_charset(data: bytes) -> str | None:
+    if data.startswith(codecs.BOM_UTF8):
+        return "utf-8"
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    return None
+
+
+def _declared(data: bytes) -> str | None:
+    """The first charset the HTML5 prescan finds that we know; a UTF-16 one means UTF-8 (WHATWG HTML §13.2.3.2)."""
+    for label in declared_charsets(data):
+        try:
+            name = Charset._lookup(label)
+        except CharsetError:
+            continue
+        return "utf-8" if name.startswith("utf-16") else name
+    return None
+
+
+def _utf8_or_windows_1252(data: bytes) -> str:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "cp1252"
+    return "utf-8"
+
+
+def _byte_order(name: str, data: bytes) -> tuple[str, int]:
+    """The UTF-16/32 codec with its byte order fixed, and the length of the byte-order mark kept as it is.
+
+    A BOM decides (browsers let it beat even the label). Without one, a label that names the order decides.
+    A bare `utf-16` label is where RFC 2781 §4.3 says big-endian but real mail (Outlook Express) is
+    little-endian: the order is read from the zero bytes, as browsers sniff it. HTML is mostly ASCII, whose
+    code units have their zero byte(s) on the high side. When the zeros do not tell, the part is left alone
+    rather than written in an order that may not be the document's.
+    """
+    family, width = ("utf-16", 2) if name.startswith("utf-16") else ("utf-32", 4)
+    little, big = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) if width == 2 else (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)
+    if width == 2 and data.startswith(codecs.BOM_UTF32_LE):
+        raise CharsetError("utf-16 label on UTF-32 data")  # FF FE 00 00 is both BOMs: do not guess
+    if data.startswith(little):
+        return f"{family}-le", width
+    if data.startswith(big):
+        return f"{family}-be", width
+    if name.endswith(("-le", "-be")):
+        return name, 0
+    sample = data[: 4096 - 4096 % width]
+    little_endian = sample[width - 1 :: width].count(0)  # high byte of an ASCII unit, little-endian
+    big_endian = sample[0::width].count(0)
+    if max(little_endian, big_endian) >= _SNIFF_MIN_UNITS and min(little_endian, big_endian) * 4 <= max(little_endian, big_endian):
+        return f"{family}-{'le' if little_endian > big_endian else 'be'}", 0
+    raise CharsetError(f"{family} without a byte-order mark whose byte order cannot be told")

@@ -7,6 +7,7 @@ whole fields, leaving every other byte (folding, order, line endings) as the app
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.errors import HeaderParseError
@@ -51,6 +52,22 @@ class SplitMessage:
         return b"".join(f.raw for f in self.fields) + self.body
 
 
+_HEADER_NAMED_FROM = re.compile(rb"From[ \t]*:")
+
+
+def without_envelope_line(raw: bytes) -> bytes:
+    """The message without a leading mbox `From sender date` line, as MTAs read a file submitted as it is.
+
+    That line is the envelope of a mailbox file, not a header field: left in place it would sit under our
+    `Received:` field, and a strict parser ends the header block at it (every later field becomes body).
+    A `From :` header field (obsolete syntax, RFC 5322 §4.5.3) is kept.
+    """
+    if not raw.startswith(b"From ") or _HEADER_NAMED_FROM.match(raw):
+        return raw
+    end = raw.find(b"\n")
+    return b"" if end < 0 else raw[end + 1 :]
+
+
 def split_message(raw: bytes) -> SplitMessage:
     """Split the header block into raw fields (RFC 5322 §2.2.3 folding) and keep the rest verbatim."""
     newline = b"\r\n" if b"\r\n" in raw[:4096] or not raw else b"\n"
@@ -73,9 +90,18 @@ def split_message(raw: bytes) -> SplitMessage:
 
 
 def decoded_header(value: str | None) -> str | None:
-    """RFC 2047 encoded-words decoded for display in events (Subject, From)."""
+    """RFC 2047 encoded-words decoded, for what events record (Subject, From, the X-Inflight-* ids).
+
+    Mail libraries encode any non-ASCII value by themselves (`=?utf-8?q?caf=C3=A9?=`); raw 8-bit values
+    (RFC 6532, read as Latin-1 by `RawField.value`) are UTF-8 when they decode as such.
+    """
     if value is None:
         return None
+    if not value.isascii():
+        try:
+            return value.encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            return value
     try:
         return str(make_header(decode_header(value)))
     except (HeaderParseError, LookupError, UnicodeDecodeError):

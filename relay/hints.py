@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from relay import replies
-from relay.headers import SplitMessage
+from relay.headers import SplitMessage, decoded_header
 from relay.policy import Send, TemplateType
 
 PREFIX = "x-inflight-"
@@ -50,7 +50,8 @@ def _override(message: SplitMessage) -> bool | None:
 
 
 def _optional(message: SplitMessage, name: str) -> str | None:
-    value = message.get(name)
+    """A free-text id, decoded as Subject is: apps' mail libraries RFC 2047-encode non-ASCII values."""
+    value = decoded_header(message.get(name))
     return value.strip() or None if value is not None else None
 
 

@@ -40,6 +40,7 @@ class Instrumented:
     outcome: Outcome
     reason: str  # "instrumented" / why untouched ("signed", "no html part", "already instrumented", ...) / failure reason
     links: int  # links rewritten
+    untrackable: tuple[str, ...] = ()  # why links were left untracked although a reader could follow them
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +102,8 @@ class InstrumentationPlan:
             pieces.extend(part.body.render(edits))
             done = part.entity.body_end
         pieces.append(raw[done:])
-        return Instrumented(b"".join(pieces), "instrumented", "instrumented", links)
+        untrackable = tuple(reason for part in self._parts for reason in part.html.untrackable)
+        return Instrumented(b"".join(pieces), "instrumented", "instrumented", links, untrackable)
 
 
 def plan_instrumentation(raw: bytes) -> InstrumentationPlan:

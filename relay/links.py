@@ -5,7 +5,8 @@ from __future__ import annotations
 from functools import lru_cache
 from urllib.parse import urlsplit
 
-from tracking.tokens import TokenSigner, TrackedSend, TrackingClaims, claims_to_dict, compact_json, is_redirectable
+from tracking.tokens import TokenSigner, TrackedSend, TrackingClaims, claims_to_dict, compact_json
+from tracking.urls import redirect_location
 
 CLICK_PATH = "/c/"
 OPEN_PATH = "/o/"
@@ -32,10 +33,11 @@ def link_claim(destination: str, tracking_host: str, excluded: tuple[str, ...]) 
 
     Cached: every copy of a message asks for the same links, and only the claims before it differ.
     """
-    if not is_redirectable(destination):
+    location = redirect_location(destination)
+    if location is None:
         return None  # the tracker would refuse to redirect there: leave the link as the app wrote it
     try:
-        host = (urlsplit(destination).hostname or "").lower()
+        host = (urlsplit(location).hostname or "").lower()  # punycode, as a browser asks DNS
     except ValueError:
         return None  # not a URL a browser could follow either (e.g. a broken IPv6 literal): leave it alone
     if host == tracking_host or host_excluded(host, excluded):

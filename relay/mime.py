@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from relay.transfer_encoding import canonical_encoding
+
 __all__ = ["Entity", "Fields", "MalformedMessage", "header_block", "walk"]
 
 Fields = dict[str, list[str]]  # unfolded header field values by lowercase name, in order of appearance
@@ -40,7 +42,7 @@ class Entity:
     content_type: str  # lowercase "type/subtype"; RFC 2045 §5.2 default when missing or invalid
     charset: str | None  # lowercase label as written, None when absent
     boundary: str | None
-    transfer_encoding: str  # lowercase; "7bit" when absent (RFC 2045 §6.1)
+    transfer_encoding: str  # canonical_encoding of the field: "7bit" when absent (RFC 2045 §6.1), aliases mapped
     disposition: str | None  # lowercase disposition type ("inline", "attachment") or None
     depth: int
 
@@ -120,7 +122,7 @@ def _entity(raw: bytes, start: int, end: int, depth: int, default_type: str) -> 
         content_type=ctype,
         charset=charset,
         boundary=boundary,
-        transfer_encoding=(_first(fields, "content-transfer-encoding") or "7bit").strip().lower(),
+        transfer_encoding=canonical_encoding(_first(fields, "content-transfer-encoding")),
         disposition=disposition.split(";", 1)[0].strip().lower() if disposition else None,
         depth=depth,
     )

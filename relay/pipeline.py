@@ -41,6 +41,9 @@ class Copy:
 
     recipients: list[str]
     data: bytes
+    # A pixel went out in it (or the provider adds one): what `tracked` means on events and in stats. A tracked
+    # send whose HTML could not be instrumented (none, or it failed) goes without one, and is not counted opened.
+    pixel: bool
 
 
 def recipient_fields(project: ProjectSettings, message_id: str, hints: AppHints, recipient: str) -> dict[str, Any]:
@@ -102,11 +105,12 @@ class Pipeline:
             decision = replace(decision, reason=f"{decision.reason} engine=provider")
         message, message_id = self._prepare_headers(strip_hints(message), decision)
         notes: list[str] = []
+        pixels: set[str] = set()  # recipients whose copy carried a pixel
         async with self._one_attempt_at_a_time(project.id, message_id):
             sent_before = await self._delivered_before(project.id, message_id, recipients)
             pending = [r for r in recipients if r.lower() not in sent_before]
             try:
-                results = await self._send(mail_from, pending, message, hints, project, message_id, decision, notes)
+                results = await self._send(mail_from, pending, message, hints, project, message_id, decision, notes, pixels)
             except DkimError as exc:
                 reply = replies.unsignable(str(exc))
                 self._log("refused", project.id, message_id, recipients, decision, len(raw), started, reply)
@@ -115,7 +119,7 @@ class Pipeline:
         sent = len(recipients) - len(pending) + len(accepted)
         failed = {r: (results[r].code, results[r].text) for r in pending if not results[r].accepted}
         temporary = {r: verdict for r, verdict in failed.items() if 400 <= verdict[0] < 500}
-        await self._record("email.sent", accepted, message, message_id, project, hints, decision, results)
+        await self._record("email.sent", accepted, message, message_id, project, hints, decision, results, pixels)
         if temporary:
             # Some recipient may still get it: the app must retry; the ledger keeps the retry from resending.
             if all(results[r].unreachable for r in temporary):
@@ -124,7 +128,7 @@ class Pipeline:
                 reply = replies.upstream_failures(temporary, len(recipients), temporary=True, sent=sent)
             outcome = "deferred"
         elif failed:
-            await self._record("email.bounce", list(failed), message, message_id, project, hints, decision, results)
+            await self._record("email.bounce", list(failed), message, message_id, project, hints, decision, results, pixels)
             if sent:
                 reply = replies.partially_accepted(message_id, sent, len(recipients), failed)
                 outcome = "partial"
@@ -134,6 +138,8 @@ class Pipeline:
         else:
             reply = replies.accepted(message_id, len(recipients))
             outcome = "queued" if pending else "already-sent"
+        if decision.tracked and pending and not pixels:
+            decision = replace(decision, tracked=False, reason=self._sent_reason(decision, pixel=False))
         self._log(outcome, project.id, message_id, recipients, decision, len(raw), started,
                   f"{reply} sent_before={len(sent_before)} {' '.join(notes)}".strip())
         return reply
@@ -172,6 +178,7 @@ class Pipeline:
         message_id: str,
         decision: Decision,
         notes: list[str],
+        pixels: set[str],
     ) -> Results:
         """Every copy upstream, each accepted recipient written to the ledger before the next copy goes.
 
@@ -188,6 +195,8 @@ class Pipeline:
                     async for copy in copies:
                         outcome = await self.upstream.send(mail_from, copy.recipients, copy.data)
                         results.update(outcome)
+                        if copy.pixel:
+                            pixels.update(copy.recipients)
                         await self._remember(project.id, message_id, [r for r, v in outcome.items() if v.accepted])
                         if all(v.unreachable for v in outcome.values()):
                             # The remaining copies would meet the same closed door: they wait for the retry.
@@ -247,7 +256,7 @@ class Pipeline:
         if not decision.tracked or self.settings.upstream.tracking_engine is TrackingEngine.PROVIDER:
             # The provider's configuration set adds pixel and links when it tracks.
             notes.append("untracked" if not decision.tracked else "provider-tracks")
-            yield Copy(recipients, await self._offload(data, self.dkim.sign, data))
+            yield Copy(recipients, await self._offload(data, self.dkim.sign, data), pixel=decision.tracked)
             return
         sent_at = int(time.time())
         minters = [
@@ -269,15 +278,17 @@ class Pipeline:
                     if result.outcome == "failed":
                         log.warning("instrument-failed message_id=%s reason=%s", message_id, result.reason)
                     notes.append(f"instrument={result.outcome} ({result.reason})")
-                    yield Copy(recipients[start + offset:], await self._offload(data, self.dkim.sign, data))
+                    yield Copy(recipients[start + offset:], await self._offload(data, self.dkim.sign, data), pixel=False)
                     return
                 if start + offset == 0:
                     notes.append("instrumented")
+                    for why in result.untrackable:
+                        log.warning("link-untracked message_id=%s reason=%r", message_id, why)
                     for domain in self.dkim.foreign_signatures(message):
                         log.warning("dkim-broken message_id=%s domain=%s detail='tracking rewrote a message the app "
                                     "signed; configure [[dkim]] for this domain or turn tracking off for these sends'",
                                     message_id, domain)
-                yield Copy([recipients[start + offset]], result.data)
+                yield Copy([recipients[start + offset]], result.data, pixel=True)
 
     async def _offload(self, data: bytes, work: Callable[..., T], *args: Any) -> T:
         """Run `work` in the CPU pool when `data` is large; small messages cost a few ms, done in place."""
@@ -295,6 +306,7 @@ class Pipeline:
         hints: AppHints,
         decision: Decision,
         results: Results,
+        pixels: set[str],
     ) -> None:
         """`email.sent` per recipient the upstream accepted; `email.bounce` per recipient it refused for good."""
         if not recipients:
@@ -309,8 +321,9 @@ class Pipeline:
                 **recipient_fields(project, message_id, hints, recipient),
                 subject=subject,
                 sender=sender,
-                tracked=decision.tracked,
-                reason=decision.reason if name == "email.sent" else f"{results[recipient].code} {results[recipient].text}",
+                tracked=recipient in pixels,
+                reason=self._sent_reason(decision, pixel=recipient in pixels) if name == "email.sent"
+                else f"{results[recipient].code} {results[recipient].text}",
             )
             for recipient in recipients
         ]
@@ -318,6 +331,11 @@ class Pipeline:
             await self.store.record(events)
         except Exception:
             log.exception("event-store-failed message_id=%s events=%d", message_id, len(events))
+
+    @staticmethod
+    def _sent_reason(decision: Decision, pixel: bool) -> str:
+        """The decision's reason; `pixel=none` when it said tracked but the copy had nothing to put a pixel in."""
+        return f"{decision.reason} pixel=none" if decision.tracked and not pixel else decision.reason
 
     @staticmethod
     def _log(

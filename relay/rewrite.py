@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from html.entities import html5 as _NAMED_REFERENCES
 from typing import NamedTuple, Protocol
 
+from tracking.urls import UnserialisableUrl, browser_url
+
 __all__ = [
     "HtmlPlan",
     "LinkMinter",
@@ -225,6 +227,7 @@ class HtmlPlan:
 
     slots: tuple[Slot, ...]  # in document order, non-overlapping; the pixel slot is one of them
     seen_urls: frozenset[str]  # every absolute http(s) link and our-pixel URL: the idempotency check
+    untrackable: tuple[str, ...] = ()  # why links a browser follows could not be tracked (no redirect can name them)
 
     def already_instrumented(self, minter: LinkMinter) -> bool:
         return any(minter.is_tracking_url(url) for url in self.seen_urls)
@@ -261,7 +264,7 @@ def _value_span(attribute: re.Match[str]) -> tuple[int, int, str]:
     return attribute.start("value"), attribute.end("value"), ""
 
 
-def _link_slot(html: str, tag: re.Match[str], skip_urls: frozenset[str], seen: set[str]) -> Slot | None:
+def _link_slot(html: str, tag: re.Match[str], skip_urls: frozenset[str], seen: set[str], untrackable: list[str]) -> Slot | None:
     href = opt_out = None
     for attribute in _ATTR_RE.finditer(html, tag.start("attrs"), tag.end("attrs")):
         name = attribute["name"].lower()
@@ -285,6 +288,11 @@ def _link_slot(html: str, tag: re.Match[str], skip_urls: frozenset[str], seen: s
         return None
     if _UNDECODED.search(destination):
         return None  # bytes the charset could not decode: we cannot know the URL the reader would follow
+    try:
+        browser_url(destination)
+    except UnserialisableUrl as exc:
+        untrackable.append(str(exc))  # e.g. a host IDNA refuses: no Location could name it
+        return None
     return Slot(start, end, destination, quote, href.start("name"), href.end("value"))
 
 
@@ -297,15 +305,18 @@ def plan_html(html: str, *, skip_urls: frozenset[str] = frozenset()) -> HtmlPlan
     """
     slots: list[Slot] = []
     seen: set[str] = set()
-    body_end = _scan(html, 0, len(html), slots, skip_urls, seen)
+    untrackable: list[str] = []
+    body_end = _scan(html, 0, len(html), slots, skip_urls, seen, untrackable)
     pixel_at = len(html) if body_end is None else body_end
     slots.append(Slot(pixel_at, pixel_at, None, "", pixel_at, pixel_at))
     slots.sort(key=lambda slot: slot.start)
     seen.update(link_destination(match["src"]) for match in _OWN_PIXEL.finditer(html))
-    return HtmlPlan(tuple(slots), frozenset(seen))
+    return HtmlPlan(tuple(slots), frozenset(seen), tuple(untrackable))
 
 
-def _scan(html: str, pos: int, end: int, slots: list[Slot], skip_urls: frozenset[str], seen: set[str]) -> int | None:
+def _scan(
+    html: str, pos: int, end: int, slots: list[Slot], skip_urls: frozenset[str], seen: set[str], untrackable: list[str]
+) -> int | None:
     """Tokenize html[pos:end], appending link slots; returns where the last `</body>` starts."""
     body_end: int | None = None
     while True:
@@ -319,7 +330,7 @@ def _scan(html: str, pos: int, end: int, slots: list[Slot], skip_urls: frozenset
             conditional = _CONDITIONAL.match(html, pos + 4, close.start())
             if conditional is not None:
                 # Outlook's markup inside: its links count, its `</body>` does not place the pixel.
-                _scan(html, conditional.start("inner"), conditional.end("inner"), slots, skip_urls, seen)
+                _scan(html, conditional.start("inner"), conditional.end("inner"), slots, skip_urls, seen, untrackable)
             pos = close.end()
         elif html.startswith("</", pos):
             tag = _END_TAG.match(html, pos, end)
@@ -340,7 +351,7 @@ def _scan(html: str, pos: int, end: int, slots: list[Slot], skip_urls: frozenset
                     return body_end
                 pos = close.start()
             elif name in ("a", "area") or name.startswith("v:"):
-                slot = _link_slot(html, tag, skip_urls, seen)
+                slot = _link_slot(html, tag, skip_urls, seen, untrackable)
                 if slot is not None:
                     slots.append(slot)
 

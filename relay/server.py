@@ -14,6 +14,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, sy
 
 from config.settings import ProjectSettings, Settings
 from relay import replies
+from relay.headers import without_envelope_line
 from relay.pipeline import Pipeline
 from relay.receive import ChunkedDataSMTP
 from relay.senders import domain_allowed
@@ -161,7 +162,7 @@ class RelayHandler:
             authenticated=bool(session.authenticated),
             recipients=recipients,
         )
-        content = trace + (envelope.original_content or b"")
+        content = trace + without_envelope_line(envelope.original_content or b"")
         return await self.pipeline.relay(project, envelope.mail_from or "", recipients, content)
 
     async def handle_exception(self, error: Exception) -> str:

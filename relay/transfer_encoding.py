@@ -22,7 +22,38 @@ from bisect import bisect_right
 from itertools import accumulate
 from typing import NamedTuple, Protocol
 
-__all__ = ["Base64Body", "Body", "Edit", "IdentityBody", "QuotedPrintableBody", "UnsupportedEncoding", "body_for"]
+__all__ = [
+    "Base64Body",
+    "Body",
+    "Edit",
+    "IdentityBody",
+    "QuotedPrintableBody",
+    "UnsupportedEncoding",
+    "body_for",
+    "canonical_encoding",
+]
+
+
+# Spellings real mail carries (`8bits`, `7-bit`, `quoted_printable`, `Quoted-Printable `), keyed without case,
+# whitespace, '-' or '_': clients decode these as the encoding they obviously mean, so a part written that way is
+# read, and must be tracked, like one spelled right. Anything else stays unknown (RFC 2045 §6.4: opaque).
+_SPELLINGS = {
+    "7bit": "7bit",
+    "7bits": "7bit",
+    "8bit": "8bit",
+    "8bits": "8bit",
+    "binary": "binary",
+    "quotedprintable": "quoted-printable",
+    "base64": "base64",
+}
+_SEPARATORS = re.compile(r"[\s_\-\"]+")
+
+
+def canonical_encoding(value: str | None) -> str:
+    """The RFC 2045 name of a Content-Transfer-Encoding value ("7bit" when absent or empty); an unknown one lowercased."""
+    if value is None or not value.strip():
+        return "7bit"
+    return _SPELLINGS.get(_SEPARATORS.sub("", value.lower()), value.strip().lower())
 
 
 class UnsupportedEncoding(ValueError):
@@ -52,7 +83,7 @@ class Body(Protocol):
 
 
 def body_for(encoding: str, data: bytes, eol: bytes) -> Body:
-    """The body codec for a (lowercase) Content-Transfer-Encoding value; `eol` is the message's line ending,
+    """The body codec for a Content-Transfer-Encoding value (as `canonical_encoding` gives it); `eol` is the message's line ending,
     used for line breaks we add when the body itself has none to copy."""
     eol = _line_ending(data, eol)
     if encoding in ("7bit", "8bit", "binary"):

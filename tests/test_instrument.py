@@ -359,7 +359,7 @@ def test_headers_preamble_and_epilogue_are_byte_identical(minter):
             "transfer encoding",
         ),
         (
-            b'Content-Type: text/html\r\nContent-Transfer-Encoding: 8bits\r\n\r\n<a href="https://e.com/">x</a>',
+            b'Content-Type: text/html\r\nContent-Transfer-Encoding: x-uuencode\r\n\r\n<a href="https://e.com/">x</a>',
             "unsupported transfer encoding",
         ),
         (b"Content-Type: text/html\r\nContent-Transfer-Encoding: base64\r\n\r\nPGE+!!!", "base64"),

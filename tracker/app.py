@@ -27,7 +27,8 @@ from tracker.agents import AgentPolicy, Hit, PriorHit, classify, relabel
 from tracker.netdata import NetworkLists, network_specs
 from tracker.privacy import stored_ip
 from tracker.shapes import event_json, stats_json
-from tracking.tokens import MAX_TOKEN_CHARS, TokenSigner, TrackingClaims, claims_from_dict, is_redirectable
+from tracking.tokens import MAX_TOKEN_CHARS, TokenSigner, TrackingClaims, claims_from_dict
+from tracking.urls import redirect_location
 
 log = logging.getLogger("inflight.tracker")
 
@@ -217,11 +218,13 @@ class Tracker:
             # The invisible trap link goes nowhere; only machines follow it.
             await self._record(request, claims)
             return Response(b"", media_type="text/html", headers={**NO_CACHE, "X-Robots-Tag": "noindex"})
-        if claims is None or claims.link is None or not is_redirectable(claims.link):
+        location = redirect_location(claims.link) if claims is not None and claims.link is not None else None
+        if claims is None or location is None:
             return NOT_FOUND  # only signed http(s) destinations are ever redirected to: no open redirect
         await self._record(request, claims)
-        # Location is the signed link byte for byte (RedirectResponse would re-quote it).
-        return Response(status_code=302, headers={**NO_CACHE, "Location": claims.link})
+        # The signed link as a browser requests it: byte for byte when it is visible ASCII, else its WHATWG
+        # serialisation (the event keeps the link as written). RedirectResponse would re-quote it.
+        return Response(status_code=302, headers={**NO_CACHE, "Location": location})
 
     def _project(self, request: Request) -> ProjectSettings | None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
