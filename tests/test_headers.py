@@ -1,7 +1,9 @@
 from __future__ import annotations
 
-from relay.headers import decoded_header, split_message
-from relay.hints import strip_hints
+import pytest
+
+from relay.headers import decoded_header, split_message, without_envelope_line
+from relay.hints import read_hints, strip_hints
 
 RAW = (
     b"From: a@example.com\r\n"
@@ -49,3 +51,28 @@ def test_with_field_replaces_and_uses_the_message_line_ending() -> None:
 
 def test_encoded_words_are_decoded_for_events() -> None:
     assert decoded_header("=?utf-8?q?Gr=C3=BC=C3=9Fe?=") == "Grüße"
+
+
+def test_raw_utf8_values_are_read_as_utf8() -> None:
+    value = split_message("Subject: Grüße\r\n\r\n".encode()).get("Subject")
+    assert decoded_header(value) == "Grüße"
+    assert decoded_header(split_message(b"Subject: Gr\xfc\xdfe\r\n\r\n").get("Subject")) == "Grüße"  # Latin-1 stays
+
+
+def test_encoded_inflight_ids_are_decoded_like_the_subject() -> None:
+    raw = (b"X-Inflight-Campaign: =?utf-8?q?caf=C3=A9?=\r\nX-Inflight-Template: =?utf-8?b?w6l0w6k=?=\r\n"
+           b"X-Inflight-Contact: =?iso-8859-1?q?Zo=EB?=\r\nX-Inflight-Project: demo\r\n\r\n")
+    hints = read_hints(split_message(raw))
+    assert (hints.campaign, hints.template, hints.contact, hints.project) == ("café", "été", "Zoë", "demo")
+
+
+@pytest.mark.parametrize(("raw", "kept"), [
+    (b"From sender@example.com Fri Dec  4 09:15:02 2026\r\nFrom: a@example.com\r\n\r\nx", b"From: a@example.com\r\n\r\nx"),
+    (b"From MAILER-DAEMON\nSubject: s\n\nx", b"Subject: s\n\nx"),
+    (b"From : a@example.com\r\n\r\nx", None),  # obsolete syntax: a header field, kept
+    (b"From: a@example.com\r\n\r\nFrom b\r\n", None),
+    (b"Subject: s\r\n\r\nx", None),
+    (b"From x", b""),
+])
+def test_a_leading_mbox_from_line_is_removed(raw: bytes, kept: bytes | None) -> None:
+    assert without_envelope_line(raw) == (raw if kept is None else kept)

@@ -264,3 +264,17 @@ def test_body_end_tags_inside_conditional_comments_do_not_place_the_pixel(minter
     html = '<body><p>a</p></body><!--[if mso]><a href="https://e.com/x">x</a></body><![endif]-->'
     result = rewrite_html(html, minter).html
     assert PIXEL.search(result).end() == result.index("</body>") and minter.destinations == ["https://e.com/x"]
+
+
+def test_non_ascii_links_reach_the_minter_as_written(minter):
+    html = '<a href="https://ex.test/ü/">a</a><a href="https://例え.jp/パス">b</a><a href=" https://ex.test/a b ">c</a>'
+    result = rewrite_html(html, minter)
+    assert result.links == 3
+    assert minter.destinations == ["https://ex.test/ü/", "https://例え.jp/パス", "https://ex.test/a b"]
+
+
+def test_links_no_location_can_name_are_left_with_the_reason():
+    plan = plan_html('<a href="https://☃.example/">a</a><a href="https://ex.test:99999/ü">b</a><a href="https://e.com/">c</a>')
+    assert [slot.destination for slot in plan.slots] == ["https://e.com/", None]
+    assert len(plan.untrackable) == 2
+    assert "☃" in plan.untrackable[0] and "port" in plan.untrackable[1]

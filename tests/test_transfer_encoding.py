@@ -6,7 +6,7 @@ import binascii
 
 import pytest
 
-from relay.transfer_encoding import Edit, QuotedPrintableBody
+from relay.transfer_encoding import Edit, QuotedPrintableBody, UnsupportedEncoding, body_for, canonical_encoding
 
 
 @pytest.mark.parametrize("eol", [b"\r\n", b"\n"])
@@ -25,3 +25,18 @@ def test_inserted_text_is_wrapped_within_76_and_decodes_back(eol: bytes, column:
     assert all(len(line) <= 76 for line in out.split(eol))
     assert binascii.a2b_qp(out) == before + inserted + after + eol + b"next line" + eol
     assert out.endswith(eol + b"next line" + eol)  # lines after the edit are copied as they were
+
+
+@pytest.mark.parametrize(("value", "canonical"), [
+    (None, "7bit"), ("", "7bit"), ("  ", "7bit"), ("7BIT", "7bit"), ("7-bit", "7bit"), ("7bits", "7bit"),
+    ("8bits", "8bit"), ("8-Bit", "8bit"), ("Binary", "binary"), ("Quoted-Printable ", "quoted-printable"),
+    ("quoted_printable", "quoted-printable"), ("QUOTED-PRINTABLE", "quoted-printable"), (' "base64"', "base64"),
+    ("x-uuencode", "x-uuencode"), ("X-Gzip ", "x-gzip"),
+])
+def test_transfer_encoding_spellings_of_real_mail(value: str | None, canonical: str) -> None:
+    assert canonical_encoding(value) == canonical
+
+
+def test_unknown_transfer_encoding_stays_unsupported() -> None:
+    with pytest.raises(UnsupportedEncoding, match="x-gzip"):
+        body_for(canonical_encoding("X-Gzip"), b"data", b"\r\n")
