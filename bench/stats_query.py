@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from store.model import StatsCounts, StatsQuery
-from store.sqlite import COLUMNS, HUMAN, SqliteEventStore
+from store.sql import COLUMNS, HUMAN
+from store.sqlite import SqliteEventStore
 
 AGENTS = (None, "human", "image_proxy", "apple_mpp", "scanner", "prefetch")
 HUMAN_AGENTS = (None, "human", "image_proxy")

@@ -1,4 +1,4 @@
-"""The store both sides share: events, settings, the webhook outbox and the delivery ledger.
+"""The store both sides share: events, settings, the webhook outbox, the delivery ledger, throttles.
 
 `open_store(url)` picks the backend from the URL's scheme; callers hold the protocol types of
 store/model.py, never a backend class.
@@ -7,12 +7,29 @@ store/model.py, never a backend class.
 from __future__ import annotations
 
 from collections.abc import Collection
+from urllib.parse import urlsplit
 
-from store.sqlite import SqliteEventStore
+from store.model import EventStore
+
+POSTGRESQL_SCHEMES = ("postgresql", "postgres")
 
 
-def open_store(url: str, *, webhook_projects: Collection[str] = ()) -> SqliteEventStore:
-    """The store named by `url`: `sqlite:///path` (the embedded default)."""
+def open_store(url: str, *, webhook_projects: Collection[str] = ()) -> EventStore:
+    """The store named by `url`: `sqlite:///path` (the embedded default) or `postgresql://…` (several nodes).
+
+    Opening it (`await store.open()`) brings its schema up to date; the URL is never logged.
+    """
     if url.startswith("sqlite:///"):
+        from store.sqlite import SqliteEventStore
+
         return SqliteEventStore.from_url(url, webhook_projects=webhook_projects)
-    raise ValueError(f"store.url: unsupported scheme in {url.split(':', 1)[0]!r}; use sqlite:///path")
+    if urlsplit(url).scheme in POSTGRESQL_SCHEMES:
+        from store.postgresql import PostgresEventStore  # asyncpg is loaded only when used
+
+        return PostgresEventStore(url, webhook_projects=webhook_projects)
+    scheme = urlsplit(url).scheme
+    raise ValueError(f"store.url: unsupported scheme {scheme or 'none'!r}; use sqlite:///path or postgresql://user@host/db")
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite:///")

@@ -193,10 +193,28 @@ class WebhookOutbox(Protocol):
     async def pending_webhooks(self) -> int: ...
 
 
+@dataclass(frozen=True)
+class DeliveryClaim:
+    """What one attempt at a message may do with each recipient (lower-cased)."""
+
+    claimed: set[str]  # this attempt sends them: no other attempt sent or is sending them
+    delivered: set[str]  # the upstream accepted them already: not again
+    busy: set[str]  # another attempt (on any node) is sending them now: try again later
+
+
 class DeliveryLedger(Protocol):
-    """Which recipients of a message the upstream accepted already (the idempotency ledger)."""
+    """Which recipients of a message the upstream accepted already (the idempotency ledger).
+
+    `claim_deliveries` is the atomic step: one row per recipient, inserted unless a live row
+    exists, so two attempts of one message on two nodes never both send a recipient. A claim is
+    a lease (`lease_seconds`): an attempt that dies leaves it to expire; `record_delivered` turns
+    it into a delivery, `release_deliveries` gives back the ones the upstream did not accept.
+    """
 
     async def delivered_recipients(self, project: str, message_id: str, recipients: list[str]) -> set[str]: ...
+    async def claim_deliveries(self, project: str, message_id: str, recipients: list[str], *,
+                               lease_seconds: int) -> DeliveryClaim: ...
+    async def release_deliveries(self, project: str, message_id: str, recipients: list[str]) -> None: ...
     async def record_delivered(self, project: str, message_id: str, recipients: list[str], ttl_seconds: int) -> None: ...
     async def purge_deliveries(self) -> int: ...
 

@@ -18,12 +18,10 @@ from typing import Any
 import aiosqlite
 
 from store.model import (
-    HUMAN_OPEN_AGENTS,
     MAX_LIMIT,
-    EngagementCounts,
+    DeliveryClaim,
     EventQuery,
     Judgement,
-    LinkCounts,
     NewEvent,
     StatsCounts,
     StatsQuery,
@@ -33,6 +31,7 @@ from store.model import (
     now_rfc3339,
     rfc3339,
 )
+from store.sql import COLUMN, COLUMNS, engagement_rows, filters, stats_counts, stats_sql
 
 log = logging.getLogger("inflight.store")
 
@@ -99,12 +98,12 @@ CREATE TABLE IF NOT EXISTS deliveries (
     message_id TEXT NOT NULL,
     recipient TEXT NOT NULL,
     expires_at INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'delivered',  -- 'sending': claimed by an attempt until expires_at
     PRIMARY KEY (project, message_id, recipient)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deliveries_expires ON deliveries (expires_at);
 """
 
-COLUMNS = tuple(NewEvent.__dataclass_fields__)
 _INSERT = (f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)}) "
            "ON CONFLICT (uid) DO NOTHING")
 _ENGAGEMENT_STATE = """SELECT
@@ -115,9 +114,8 @@ _ENGAGEMENT_STATE = """SELECT
 _values = attrgetter(*COLUMNS)  # an event's values in COLUMNS order
 CHECKPOINT_COMMITS = 100  # write transactions between two checkpoints (SQLite's own: every 1000 WAL pages)
 WRITE_BATCH = 1000  # queued writes per transaction: bounds one transaction's time under a flood
-_COLUMN = {name: index for index, name in enumerate(COLUMNS)}  # a column's place in an insert row
-_PROJECT = _COLUMN["project"]
-_UID = _COLUMN["uid"]
+_PROJECT = COLUMN["project"]
+_UID = COLUMN["uid"]
 # One queued write, run in the connection's thread inside the writer's transaction:
 # (ids stored, whether it queued a webhook).
 _Write = Callable[[sqlite3.Connection], tuple[list[int], bool]]
@@ -125,6 +123,8 @@ _Write = Callable[[sqlite3.Connection], tuple[list[int], bool]]
 # opens are left out: no request made them, their click stands for them. `+at` keeps SQLite off
 # events_project_at: that plan walked every recent hit of the whole project (a cost growing with
 # traffic; bench/ tracker case); events_message_contact finds this message's few rows.
+_MARK = "?".format  # SQLite's placeholder, whatever its place
+_PAIR = "message_id || char(0) || contact"  # one message to one contact: the unit of "unique"
 _RECENT_HITS = (
     "SELECT id, name, at, ip, user_agent, link, agent, agent_reason FROM events "
     "WHERE project = ? AND message_id = ? AND name IN ('email.open', 'email.click') AND +at >= ? "
@@ -136,27 +136,6 @@ _RECENT_HITS = (
 _LABEL = "UPDATE events SET agent = ?, agent_reason = TRIM(COALESCE(agent_reason, '') || ' ' || ?) WHERE "
 _IMPLIED_OF = ("implied = 1 AND (project, message_id, contact, at) = "
                "(SELECT project, message_id, contact, at FROM events WHERE id = ? AND name = 'email.click')")
-
-# Human-only stats count the agents tracker/agents.py says a person is behind (a Gmail or Yahoo
-# proxy fetches when the person opens the mail); NULL (no verdict recorded) counts as human.
-HUMAN = f"(agent IS NULL OR agent IN ({', '.join(repr(a) for a in sorted(HUMAN_OPEN_AGENTS))}))"
-_PAIR = "message_id || char(0) || contact"  # one message to one contact: the unit of "unique"
-
-
-def _filters(query: EventQuery | StatsQuery, columns: tuple[str, ...]) -> tuple[str, list[Any]]:
-    """The WHERE clause for a query's project, its given column filters and `since`."""
-    where = ["project = ?"]
-    args: list[Any] = [query.project]
-    for column in columns:
-        value = getattr(query, column)
-        if value is not None:
-            where.append(f"{column} = ?")
-            args.append(value)
-    if query.since is not None:
-        where.append("at >= ?")
-        args.append(query.since)
-    return " AND ".join(where), args
-
 
 async def add_missing_columns(db: aiosqlite.Connection) -> None:
     """Bring tables made by an older release up to SCHEMA by adding the columns they lack.
@@ -182,14 +161,6 @@ async def add_missing_columns(db: aiosqlite.Connection) -> None:
                     await db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declared}{suffix}")
     finally:
         reference.close()
-
-
-def _with(row: list[Any], **values: Any) -> list[Any]:
-    """A copy of an insert row with some columns set."""
-    copy = row.copy()
-    for name, value in values.items():
-        copy[_COLUMN[name]] = value
-    return copy
 
 
 def _log_checkpoint_failure(done: asyncio.Future[None]) -> None:
@@ -401,21 +372,13 @@ class SqliteEventStore:
         changes: dict[int, tuple[str, str]] = {}
         if judgement is not None:
             history = db.execute(_RECENT_HITS, (event.project, event.message_id, judgement.since)).fetchall()
-            row[_COLUMN["agent"]], row[_COLUMN["agent_reason"]], changes = judgement.decide(history)
+            row[COLUMN["agent"]], row[COLUMN["agent_reason"]], changes = judgement.decide(history)
         # Subject and From are not in the tokens (URLs stay short); the relay recorded them.
         key, pair = (event.project, event.message_id), (event.project, event.message_id, event.contact)
         (subject, sender, opens, clicks), = db.execute(_ENGAGEMENT_STATE, key * 2 + pair * 2).fetchall()
         if subject is not None or sender is not None:
-            row[_COLUMN["subject"]], row[_COLUMN["sender"]] = subject, sender
-        rows = []
-        if event.name == "email.open":
-            rows.append(_with(row, opens=opens + 1, first=opens == 0, implied=False))
-        else:
-            if opens == 0:
-                # Images are often blocked: a click proves the message was opened.
-                rows.append(_with(row, name="email.open", link=None, opens=1, first=True, implied=True, uid=uids[1]))
-            rows.append(_with(row, clicks=clicks + 1, first=clicks == 0))
-        ids = [self._insert(db, values) for values in rows]
+            row[COLUMN["subject"]], row[COLUMN["sender"]] = subject, sender
+        ids = [self._insert(db, values) for values in engagement_rows(row, event.name, opens, clicks, uids[1])]
         if changes:
             labels = [(agent, reason, event_id) for event_id, (agent, reason) in changes.items()]
             db.executemany(_LABEL + "id = ?", labels)
@@ -423,7 +386,7 @@ class SqliteEventStore:
         return ids, event.project in self.webhook_projects
 
     async def events(self, query: EventQuery) -> list[StoredEvent]:
-        where, args = _filters(query, ("contact", "name", "campaign", "message_id"))
+        where, args = filters(query, ("contact", "name", "campaign", "message_id"), _MARK)
         args.append(max(1, min(query.limit, MAX_LIMIT)))
         sql = f"SELECT * FROM events WHERE {where} ORDER BY at DESC, id DESC LIMIT ?"
         async with self.db.execute(sql, args) as cursor:
@@ -448,45 +411,11 @@ class SqliteEventStore:
 
     async def stats(self, query: StatsQuery) -> StatsCounts:
         """Sends, opens and clicks of a campaign, a template or a whole project, in two indexed scans."""
-        condition, args = _filters(query, ("campaign", "template"))
-        totals_sql = f"""
-            SELECT
-                count(DISTINCT message_id) FILTER (WHERE name = 'email.sent') AS sent,
-                count(*) FILTER (WHERE name = 'email.sent') AS delivered,
-                count(*) FILTER (WHERE name = 'email.sent' AND tracked) AS tracked,
-                count(*) FILTER (WHERE name = 'email.open') AS opens_total,
-                count(*) FILTER (WHERE name = 'email.open' AND {HUMAN}) AS opens_total_human,
-                count(DISTINCT {_PAIR}) FILTER (WHERE name = 'email.open') AS opens_unique,
-                count(DISTINCT {_PAIR}) FILTER (WHERE name = 'email.open' AND {HUMAN}) AS opens_unique_human,
-                count(*) FILTER (WHERE name = 'email.click') AS clicks_total,
-                count(*) FILTER (WHERE name = 'email.click' AND {HUMAN}) AS clicks_total_human,
-                count(DISTINCT {_PAIR}) FILTER (WHERE name = 'email.click') AS clicks_unique,
-                count(DISTINCT {_PAIR}) FILTER (WHERE name = 'email.click' AND {HUMAN}) AS clicks_unique_human
-            FROM events WHERE {condition}"""
-        links_sql = f"""
-            SELECT link,
-                count(DISTINCT {_PAIR}) AS unique_,
-                count(*) AS total,
-                count(DISTINCT {_PAIR}) FILTER (WHERE {HUMAN}) AS unique_human,
-                count(*) FILTER (WHERE {HUMAN}) AS total_human
-            FROM events WHERE {condition} AND name = 'email.click'
-            GROUP BY link ORDER BY total DESC, link"""
-        async with self.db.execute(totals_sql, args) as cursor:
-            t = await cursor.fetchone()
-        async with self.db.execute(links_sql, args) as cursor:
-            links = await cursor.fetchall()
-        assert t is not None  # an aggregate without GROUP BY always yields one row
-
-        def engagement(kind: str) -> EngagementCounts:
-            return EngagementCounts(unique=t[f"{kind}_unique"], total=t[f"{kind}_total"],
-                                    unique_human=t[f"{kind}_unique_human"], total_human=t[f"{kind}_total_human"])
-
-        return StatsCounts(
-            sent=t["sent"], delivered=t["delivered"], tracked=t["tracked"],
-            opens=engagement("opens"), clicks=engagement("clicks"),
-            links=[LinkCounts(link=r["link"], unique=r["unique_"], total=r["total"],
-                              unique_human=r["unique_human"], total_human=r["total_human"]) for r in links],
-        )
+        condition, args = filters(query, ("campaign", "template"), _MARK)
+        totals_sql, links_sql = stats_sql(condition, _PAIR)
+        totals = await self.db.execute_fetchall(totals_sql, args)
+        links = await self.db.execute_fetchall(links_sql, args)
+        return stats_counts(next(iter(totals)), list(links))
 
     # --- webhook outbox --------------------------------------------------------------
 
@@ -585,16 +514,45 @@ class SqliteEventStore:
         wanted = sorted({r.lower() for r in recipients})
         if not wanted:
             return set()
-        sql = (f"SELECT recipient FROM deliveries WHERE project = ? AND message_id = ? AND expires_at > ? "
+        sql = (f"SELECT recipient FROM deliveries WHERE project = ? AND message_id = ? AND expires_at > ? AND state = 'delivered' "
                f"AND recipient IN ({', '.join('?' for _ in wanted)})")
         async with self.db.execute(sql, [project, message_id, int(time.time()), *wanted]) as cursor:
             return {row[0] for row in await cursor.fetchall()}
+
+    async def claim_deliveries(self, project: str, message_id: str, recipients: list[str], *, lease_seconds: int) -> DeliveryClaim:
+        """Claim the recipients no attempt sent or is sending (BEGIN IMMEDIATE: one writer decides)."""
+        wanted = sorted({r.lower() for r in recipients})
+        now = int(time.time())
+        async with self._transaction() as db:
+            taken: set[str] = set()
+            for recipient in wanted:
+                rows = await db.execute_fetchall(
+                    "INSERT INTO deliveries (project, message_id, recipient, expires_at, state) VALUES (?, ?, ?, ?, 'sending') "
+                    "ON CONFLICT (project, message_id, recipient) DO UPDATE SET expires_at = excluded.expires_at, state = 'sending' "
+                    "WHERE deliveries.expires_at <= ? RETURNING recipient",
+                    (project, message_id, recipient, now + lease_seconds, now))
+                taken.update(row[0] for row in rows)
+            rest = [r for r in wanted if r not in taken]
+            others = await db.execute_fetchall(
+                f"SELECT recipient, state FROM deliveries WHERE project = ? AND message_id = ? "
+                f"AND recipient IN ({', '.join('?' for _ in rest)})", [project, message_id, *rest]) if rest else []
+        return DeliveryClaim(claimed=taken,
+                             delivered={r for r, state in others if state == "delivered"},
+                             busy={r for r, state in others if state != "delivered"})
+
+    async def release_deliveries(self, project: str, message_id: str, recipients: list[str]) -> None:
+        """Give back claims of recipients the upstream did not accept, so a retry may send them."""
+        rows = [(project, message_id, r.lower()) for r in recipients]
+        async with self._transaction() as db:
+            await db.executemany("DELETE FROM deliveries WHERE project = ? AND message_id = ? AND recipient = ? "
+                                 "AND state = 'sending'", rows)
 
     async def record_delivered(self, project: str, message_id: str, recipients: list[str], ttl_seconds: int) -> None:
         expires_at = int(time.time()) + ttl_seconds
         rows = [(project, message_id, r.lower(), expires_at) for r in recipients]
         async with self._transaction() as db:
-            await db.executemany("INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, ?)", rows)
+            await db.executemany("INSERT OR REPLACE INTO deliveries (project, message_id, recipient, expires_at, state) "
+                                 "VALUES (?, ?, ?, ?, 'delivered')", rows)
 
     async def purge_deliveries(self) -> int:
         """Drop expired ledger rows; lookups already ignore them, this only bounds the table."""

@@ -133,6 +133,57 @@ def sink() -> Iterator[Sink]:
         controller.stop()
 
 
+# --- PostgreSQL: the store of several nodes -------------------------------------------------------
+
+PG_URL = os.environ.get("INFLIGHT_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _pg_admin(statement: str) -> None:
+    """Run one statement on the server's maintenance database (CREATE/DROP DATABASE need no transaction)."""
+    import asyncpg
+
+    async def run() -> None:
+        connection = await asyncpg.connect(PG_URL, timeout=5)
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    asyncio.run(run())
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    """INFLIGHT_TEST_PG_URL when a server answers there; else skip, or fail when INFLIGHT_REQUIRE_PG=1 (CI)."""
+    try:
+        _pg_admin("SELECT 1")
+    except Exception as exc:
+        reason = f"PostgreSQL unreachable at {urlsplit(PG_URL).hostname}:{urlsplit(PG_URL).port} ({type(exc).__name__}: {exc})"
+        if os.environ.get("INFLIGHT_REQUIRE_PG") == "1":
+            pytest.fail(f"{reason}; INFLIGHT_REQUIRE_PG=1 requires it")
+        pytest.skip(f"{reason}; set INFLIGHT_TEST_PG_URL")
+    return PG_URL
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    """A fresh database of its own for one test (parallel runs never meet), dropped afterwards."""
+    name = f"inflight_test_{os.urandom(6).hex()}"
+    _pg_admin(f"CREATE DATABASE {name}")
+    try:
+        yield urlsplit(pg_server)._replace(path=f"/{name}").geturl()
+    finally:
+        _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The store URL of each backend in turn: every contract test runs on both."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/inflight.db"
+    return str(request.getfixturevalue("pg_url"))
+
+
 def make_settings(tmp_path: Path, upstream_url: str, **sections: Any) -> Settings:
     """Test settings on port 0; `sections` merge into the TOML-shaped mapping (arrays of tables replace)."""
     raw: dict[str, Any] = {

@@ -1,4 +1,5 @@
-"""The event store on a real SQLite file: exact counters, implied opens, stats, outbox, erasure, group commit."""
+"""The store contract on both backends (SQLite file, PostgreSQL database): exact counters, implied opens,
+stats, outbox, retention, idempotency; then SQLite's own: old files, checkpoints, group commit."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from store.model import Decision, EventQuery, Judgement, NewEvent, StatsQuery, now_rfc3339, rfc3339
+from store import open_store
+from store.model import Decision, EventStore, EventQuery, Judgement, NewEvent, StatsQuery, now_rfc3339, rfc3339
 from store.sqlite import CHECKPOINT_COMMITS, SqliteEventStore
 from tracker.shapes import event_json, stats_json
 
@@ -34,12 +36,12 @@ def run(coroutine):  # type: ignore[no-untyped-def]
     return asyncio.run(coroutine)
 
 
-async def public(store: SqliteEventStore, query: EventQuery) -> list[dict]:
+async def public(store: EventStore, query: EventQuery) -> list[dict]:
     """Stored events in the API's shape, as the events endpoint answers them."""
     return [event_json(row) for row in await store.events(query)]
 
 
-async def stats(store: SqliteEventStore, query: StatsQuery) -> dict:
+async def stats(store: EventStore, query: StatsQuery) -> dict:
     return stats_json(query, await store.stats(query))
 
 
@@ -48,9 +50,10 @@ def _query() -> EventQuery:
 
 
 @asynccontextmanager
-async def opened(path: Path, *, webhook_projects: tuple[str, ...] = ()) -> AsyncIterator[SqliteEventStore]:
-    """An open store, always closed: aiosqlite's worker thread is not a daemon and would keep pytest alive."""
-    store = SqliteEventStore(path, webhook_projects=webhook_projects)
+async def opened(where: str | Path, *, webhook_projects: tuple[str, ...] = ()) -> AsyncIterator[EventStore]:
+    """An open store (a URL, or a SQLite file), always closed: aiosqlite's worker thread is not a
+    daemon and would keep pytest alive, and a pool left open holds its connections."""
+    store = open_store(where if isinstance(where, str) else f"sqlite:///{where}", webhook_projects=webhook_projects)
     await store.open()
     try:
         yield store
@@ -58,11 +61,11 @@ async def opened(path: Path, *, webhook_projects: tuple[str, ...] = ()) -> Async
         await store.close()
 
 
-def test_counters_are_exact_across_two_connections_recording_at_once(tmp_path: Path) -> None:
+def test_counters_are_exact_across_two_connections_recording_at_once(store_url: str) -> None:
     """Two stores on one file behave like two tracker processes: BEGIN IMMEDIATE serialises them."""
 
     async def scenario() -> list[dict]:
-        async with opened(tmp_path / "e.db") as first, opened(tmp_path / "e.db") as second:
+        async with opened(store_url) as first, opened(store_url) as second:
             await first.record([sent("m1", "a@x.test")])
             await asyncio.gather(*(store.record_engagement(hit("email.open", "m1", "a@x.test"))
                                    for _ in range(25) for store in (first, second)))
@@ -75,9 +78,9 @@ def test_counters_are_exact_across_two_connections_recording_at_once(tmp_path: P
     assert all(e["implied"] is False and "clicks" not in e for e in opens)
 
 
-def test_first_click_without_open_records_an_implied_open_once(tmp_path: Path) -> None:
+def test_first_click_without_open_records_an_implied_open_once(store_url: str) -> None:
     async def scenario() -> list[dict]:
-        async with opened(tmp_path / "e.db") as store:
+        async with opened(store_url) as store:
             await store.record([sent("m1", "a@x.test")])
             await store.record_engagement(hit("email.click", "m1", "a@x.test", "https://x.test/1"))
             await store.record_engagement(hit("email.click", "m1", "a@x.test", "https://x.test/2"))
@@ -94,7 +97,7 @@ def test_first_click_without_open_records_an_implied_open_once(tmp_path: Path) -
     assert "opens" not in sent_event and "first" not in sent_event
 
 
-def test_a_verdict_sees_the_hits_stored_before_it_in_its_batch_and_relabels_them(tmp_path: Path) -> None:
+def test_a_verdict_sees_the_hits_stored_before_it_in_its_batch_and_relabels_them(store_url: str) -> None:
     """Three opens queued at once go in one transaction; each verdict reads the history as stored so
     far, and a re-label it asks for is applied to the earlier event."""
     histories: list[list[int]] = []
@@ -105,21 +108,21 @@ def test_a_verdict_sees_the_hits_stored_before_it_in_its_batch_and_relabels_them
         return "scanner", f"seen={len(ids)}", {event_id: ("scanner", "proximity") for event_id in ids[-1:]}
 
     async def scenario() -> tuple[list[list[int]], list[dict]]:
-        async with opened(tmp_path / "e.db") as store:
+        async with opened(store_url) as store:
             judged = Judgement(since="2026-03-01T00:00:00.000000Z", decide=decide)
             ids = await asyncio.gather(*(store.record_engagement(hit("email.open", "m1", "a"), judged) for _ in range(3)))
             return ids, list(reversed(await public(store, _query())))
 
     ids, events = run(scenario())
-    first, second, _ = (i for (i,) in ids)
+    first, second, _ = sorted(i for (i,) in ids)  # in the order the verdicts ran
     assert histories == [[], [first], [first, second]]
     assert [(e["agent"], e["agent_reason"]) for e in events] == [
         ("scanner", "seen=0 proximity"), ("scanner", "seen=1 proximity"), ("scanner", "seen=2")]
 
 
-def test_counters_are_per_message_and_contact(tmp_path: Path) -> None:
+def test_counters_are_per_message_and_contact(store_url: str) -> None:
     async def scenario() -> list[dict]:
-        async with opened(tmp_path / "e.db") as store:
+        async with opened(store_url) as store:
             for message, contact in (("m1", "a"), ("m1", "b"), ("m2", "a"), ("m1", "a")):
                 await store.record_engagement(hit("email.open", message, contact))
             found = await public(store, _query())
@@ -129,19 +132,18 @@ def test_counters_are_per_message_and_contact(tmp_path: Path) -> None:
         ("m1", "a", 1, True), ("m1", "b", 1, True), ("m2", "a", 1, True), ("m1", "a", 2, False)]
 
 
-def test_stats_on_a_crafted_dataset(tmp_path: Path) -> None:
+def test_stats_on_a_crafted_dataset(store_url: str) -> None:
     """Two messages of campaign c1 to three contacts (and an untracked one), with machine events flagged."""
     l1, l2 = "https://x.test/1", "https://x.test/2"
 
     async def scenario() -> tuple[dict, dict, dict]:
-        async with opened(tmp_path / "e.db") as store:
+        async with opened(store_url) as store:
             await store.record([sent("m1", "a"), sent("m1", "b"), sent("m2", "c"), sent("m3", "d", tracked=False),
                                 sent("m9", "z", campaign="c2")])
 
             async def engage(event: NewEvent, agent: str | None) -> None:
-                for event_id in await store.record_engagement(event):
-                    await store.db.execute("UPDATE events SET agent = ? WHERE id = ?", (agent, event_id))
-                await store.db.commit()
+                labelled = Judgement(since=AT, decide=lambda _history: (str(agent), "test", {}))
+                await store.record_engagement(event, labelled if agent is not None else None)
 
             await engage(hit("email.open", "m1", "a"), "apple_mpp")
             await engage(hit("email.open", "m1", "a"), None)
@@ -178,9 +180,9 @@ def test_stats_on_a_crafted_dataset(tmp_path: Path) -> None:
     assert since["opens"]["rate"] is None  # nothing sent in the window: no rate rather than a division by zero
 
 
-def test_outbox_rows_are_written_with_their_events_and_leased(tmp_path: Path) -> None:
+def test_outbox_rows_are_written_with_their_events_and_leased(store_url: str) -> None:
     async def scenario() -> None:
-        async with opened(tmp_path / "e.db", webhook_projects=("p",)) as store:
+        async with opened(store_url, webhook_projects=("p",)) as store:
             await store.record([sent("m1", "a"), replace(sent("m1", "b"), project="other")])
             await store.record_engagement(hit("email.click", "m1", "a", "https://x.test/1"))
             assert store.outbox_added.is_set()
@@ -201,12 +203,12 @@ def test_outbox_rows_are_written_with_their_events_and_leased(tmp_path: Path) ->
     run(scenario())
 
 
-def test_purge_deletes_old_events_of_that_project_and_their_webhooks(tmp_path: Path) -> None:
+def test_purge_deletes_old_events_of_that_project_and_their_webhooks(store_url: str) -> None:
     now = datetime(2026, 3, 10, tzinfo=UTC)
     old, recent = rfc3339(now - timedelta(days=31)), rfc3339(now - timedelta(days=29))
 
     async def scenario() -> None:
-        async with opened(tmp_path / "e.db", webhook_projects=("p",)) as store:
+        async with opened(store_url, webhook_projects=("p",)) as store:
             await store.record([replace(sent("m1", "a"), at=old), replace(sent("m2", "a"), at=recent),
                                 replace(sent("m3", "a"), at=old, project="q")])
             assert await store.purge("p", now - timedelta(days=30)) == 1
@@ -245,12 +247,12 @@ def test_a_database_from_the_first_release_gains_the_new_columns(tmp_path: Path)
     assert {"agent", "agent_reason", "opens", "clicks", "first", "implied", "uid"} <= columns
 
 
-def test_recording_an_event_again_by_its_uid_stores_counts_and_queues_nothing_new(tmp_path: Path) -> None:
+def test_recording_an_event_again_by_its_uid_stores_counts_and_queues_nothing_new(store_url: str) -> None:
     """A caller that lost the answer records the same events again (a spool replay, another node):
     it gets the ids stored the first time, counters stay exact and no second webhook is queued."""
 
     async def scenario() -> None:
-        async with opened(tmp_path / "e.db", webhook_projects=("p",)) as store:
+        async with opened(store_url, webhook_projects=("p",)) as store:
             sends = [sent("m1", "a"), sent("m2", "a")]
             first_ids = await store.record(sends)
             again = await store.record([sends[1], sent("m3", "a"), sends[0]])

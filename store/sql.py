@@ -1,0 +1,99 @@
+"""What both backends' SQL shares: query filters, the stats query, and how a hit becomes rows.
+
+The backends differ in placeholders (`?` or `$n`), in how one message to one contact is made a
+single distinct value, and in how they serialise writers; everything else is written once here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from store.model import HUMAN_OPEN_AGENTS, EngagementCounts, EventQuery, LinkCounts, NewEvent, StatsCounts, StatsQuery
+
+COLUMNS = tuple(NewEvent.__dataclass_fields__)
+COLUMN = {name: index for index, name in enumerate(COLUMNS)}  # a column's place in an insert row
+
+# Human-only stats count the agents tracker/agents.py says a person is behind (a Gmail or Yahoo
+# proxy fetches when the person opens the mail); NULL (no verdict recorded) counts as human.
+HUMAN = f"(agent IS NULL OR agent IN ({', '.join(repr(a) for a in sorted(HUMAN_OPEN_AGENTS))}))"
+
+
+def filters(query: EventQuery | StatsQuery, columns: tuple[str, ...], mark: Callable[[int], str]) -> tuple[str, list[Any]]:
+    """The WHERE clause for a query's project, its given column filters and `since`; `mark(n)` writes
+    the n-th placeholder (1-based)."""
+    where = [f"project = {mark(1)}"]
+    args: list[Any] = [query.project]
+    for column in columns:
+        value = getattr(query, column)
+        if value is not None:
+            args.append(value)
+            where.append(f"{column} = {mark(len(args))}")
+    if query.since is not None:
+        args.append(query.since)
+        where.append(f"at >= {mark(len(args))}")
+    return " AND ".join(where), args
+
+
+def stats_sql(condition: str, pair: str) -> tuple[str, str]:
+    """The totals and per-link queries; `pair` is one message to one contact as one value (the unit of "unique")."""
+    totals = f"""
+        SELECT
+            count(DISTINCT message_id) FILTER (WHERE name = 'email.sent') AS sent,
+            count(*) FILTER (WHERE name = 'email.sent') AS delivered,
+            count(*) FILTER (WHERE name = 'email.sent' AND tracked) AS tracked,
+            count(*) FILTER (WHERE name = 'email.open') AS opens_total,
+            count(*) FILTER (WHERE name = 'email.open' AND {HUMAN}) AS opens_total_human,
+            count(DISTINCT {pair}) FILTER (WHERE name = 'email.open') AS opens_unique,
+            count(DISTINCT {pair}) FILTER (WHERE name = 'email.open' AND {HUMAN}) AS opens_unique_human,
+            count(*) FILTER (WHERE name = 'email.click') AS clicks_total,
+            count(*) FILTER (WHERE name = 'email.click' AND {HUMAN}) AS clicks_total_human,
+            count(DISTINCT {pair}) FILTER (WHERE name = 'email.click') AS clicks_unique,
+            count(DISTINCT {pair}) FILTER (WHERE name = 'email.click' AND {HUMAN}) AS clicks_unique_human
+        FROM events WHERE {condition}"""
+    links = f"""
+        SELECT link,
+            count(DISTINCT {pair}) AS unique_,
+            count(*) AS total,
+            count(DISTINCT {pair}) FILTER (WHERE {HUMAN}) AS unique_human,
+            count(*) FILTER (WHERE {HUMAN}) AS total_human
+        FROM events WHERE {condition} AND name = 'email.click'
+        GROUP BY link"""
+    return totals, links
+
+
+def stats_counts(t: Any, links: Sequence[Any]) -> StatsCounts:
+    """The two queries' rows (mappings by column name) as counts; links most clicked first, then by link."""
+
+    def engagement(kind: str) -> EngagementCounts:
+        return EngagementCounts(unique=t[f"{kind}_unique"], total=t[f"{kind}_total"],
+                                unique_human=t[f"{kind}_unique_human"], total_human=t[f"{kind}_total_human"])
+
+    ordered = sorted(links, key=lambda r: (-r["total"], r["link"] or ""))  # in Python: one order whatever the collation
+    return StatsCounts(
+        sent=t["sent"], delivered=t["delivered"], tracked=t["tracked"],
+        opens=engagement("opens"), clicks=engagement("clicks"),
+        links=[LinkCounts(link=r["link"], unique=r["unique_"], total=r["total"],
+                          unique_human=r["unique_human"], total_human=r["total_human"]) for r in ordered],
+    )
+
+
+def with_values(row: list[Any], **values: Any) -> list[Any]:
+    """A copy of an insert row (values in COLUMNS order) with some columns set."""
+    copy = row.copy()
+    for name, value in values.items():
+        copy[COLUMN[name]] = value
+    return copy
+
+
+def engagement_rows(row: list[Any], name: str, opens: int, clicks: int, implied_uid: str) -> list[list[Any]]:
+    """The rows one hit stores, given the message's opens and clicks by that contact so far:
+    the hit with its counters, preceded for a first click on a never-opened message by an
+    implied open (images are often blocked: a click proves the message was opened)."""
+    if name == "email.open":
+        return [with_values(row, opens=opens + 1, first=opens == 0, implied=False)]
+    rows = []
+    if opens == 0:
+        rows.append(with_values(row, name="email.open", link=None, opens=1, first=True, implied=True, uid=implied_uid))
+    rows.append(with_values(row, clicks=clicks + 1, first=clicks == 0))
+    return rows
