@@ -1,5 +1,5 @@
-"""`inflight`: the operator's command line (serve, relay, tracker, check-config, settings, netdata refresh,
-contacts forget)."""
+"""`inflight`: the operator's command line (serve, relay, tracker, check-config, migrate, settings, netdata
+refresh, contacts forget)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import uvloop
 from config.settings import ConfigError, Settings, load_settings, resolve_config_path
 from config.tracking import ModeRefused, TrackingSettings
 from inflight.service import Service
-from store import open_store
+from store import is_sqlite, migrate_store, open_store
 from store.sqlite import sqlite_path
 from tracker.netdata import network_specs, refresh
 
@@ -62,8 +62,13 @@ async def _with_tracking(settings: Settings, action: Any) -> Any:
 
 def _check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    if sqlite_path(settings.store.url).exists():  # modes changed at runtime must still be available
-        problems = asyncio.run(_with_tracking(settings, lambda tracking: tracking.problems()))
+    url = settings.store.url
+    if not is_sqlite(url) or sqlite_path(url).exists():  # modes changed at runtime must still be available
+        try:
+            problems = asyncio.run(_with_tracking(settings, lambda tracking: tracking.problems()))
+        except OSError as exc:  # never the URL: it may carry a password
+            print(f"error: store unreachable ({type(exc).__name__}: {exc.strerror or exc})", file=sys.stderr)
+            return 1
         if problems:
             raise _fail(ConfigError(problems))
     print(f"ok: {resolve_config_path(args.config)} ({len(settings.projects)} project(s))")
@@ -130,6 +135,14 @@ def _forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    """Apply the store's schema migrations now (every node also applies them at start, under a lock)."""
+    settings = _settings(args)
+    applied = asyncio.run(migrate_store(settings.store.url))
+    print(f"migrated: {', '.join(applied)}" if applied else "store schema up to date")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inflight", description="Self-hosted mail-tracking SMTP relay.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("relay", "the SMTP relay only").set_defaults(func=lambda a: _run(a, relay=True, tracker=False))
     command("tracker", "the HTTP tracker only").set_defaults(func=lambda a: _run(a, relay=False, tracker=True))
     command("check-config", "validate the configuration and exit").set_defaults(func=_check_config)
+    command("migrate", "apply the store's schema migrations and exit").set_defaults(func=_migrate)
     settings = commands.add_parser("settings", help="runtime settings stored in the database").add_subparsers(
         dest="setting", required=True)
     tracking = with_config(settings.add_parser("tracking", help="print or set a project's tracking mode (no restart needed)"))

@@ -28,11 +28,13 @@ from relay.links import TrackingLinks
 from relay.policy import Decision, decide
 from relay.senders import from_allowed
 from relay.upstream import INLINE_BYTES, RecipientResult, Results, Upstream
-from store.model import EventStore, NewEvent, now_rfc3339
+from store.model import DeliveryClaim, EventStore, NewEvent, now_rfc3339
 from tracking.tokens import TokenSigner, TrackedSend
 
 log = logging.getLogger("inflight.relay")
 T = TypeVar("T")
+CLAIM_MARGIN_SECONDS = 60  # a ledger claim outlives send_timeout_seconds by this much
+SENDING_ELSEWHERE = RecipientResult(451, "4.4.0 another attempt of this message is being sent now; retry later")
 
 
 @dataclass(frozen=True)
@@ -107,14 +109,20 @@ class Pipeline:
         notes: list[str] = []
         pixels: set[str] = set()  # recipients whose copy carried a pixel
         async with self._one_attempt_at_a_time(project.id, message_id):
-            sent_before = await self._delivered_before(project.id, message_id, recipients)
-            pending = [r for r in recipients if r.lower() not in sent_before]
+            claim = await self._claim(project.id, message_id, recipients)
+            sent_before = claim.delivered
+            pending = [r for r in recipients if r.lower() in claim.claimed]
             try:
                 results = await self._send(mail_from, pending, message, hints, project, message_id, decision, notes, pixels)
             except DkimError as exc:
+                await self._release(project.id, message_id, pending)
                 reply = replies.unsignable(str(exc))
                 self._log("refused", project.id, message_id, recipients, decision, len(raw), started, reply)
                 return reply
+            await self._release(project.id, message_id, [r for r in pending if not results[r].accepted])
+        busy = [r for r in recipients if r.lower() in claim.busy]  # another node is sending them right now
+        results.update(dict.fromkeys(busy, SENDING_ELSEWHERE))
+        pending += busy
         accepted = [r for r in pending if results[r].accepted]
         sent = len(recipients) - len(pending) + len(accepted)
         failed = {r: (results[r].code, results[r].text) for r in pending if not results[r].accepted}
@@ -160,13 +168,25 @@ class Pipeline:
             else:
                 self._sending[key] = (lock, users - 1)
 
-    async def _delivered_before(self, project: str, message_id: str, recipients: list[str]) -> set[str]:
+    async def _claim(self, project: str, message_id: str, recipients: list[str]) -> DeliveryClaim:
+        """The ledger's answer for each recipient: ours to send, sent before, or being sent by another
+        attempt (another relay node). The claim outlives the longest an attempt may send."""
+        lease = int(self.settings.upstream.send_timeout_seconds) + CLAIM_MARGIN_SECONDS
         try:
-            return await self.store.delivered_recipients(project, message_id, recipients)
+            return await self.store.claim_deliveries(project, message_id, recipients, lease_seconds=lease)
         except Exception:
             # Without the ledger a retry could duplicate, but refusing all mail would be worse.
             log.exception("ledger-read-failed message_id=%s", message_id)
-            return set()
+            return DeliveryClaim(claimed={r.lower() for r in recipients}, delivered=set(), busy=set())
+
+    async def _release(self, project: str, message_id: str, recipients: list[str]) -> None:
+        """Give back the claims of recipients not accepted, so the app's retry may send them at once."""
+        if not recipients:
+            return
+        try:
+            await self.store.release_deliveries(project, message_id, recipients)
+        except Exception:
+            log.exception("ledger-release-failed message_id=%s (the claims expire by themselves)", message_id)
 
     async def _send(
         self,

@@ -33,3 +33,26 @@ def open_store(url: str, *, webhook_projects: Collection[str] = ()) -> EventStor
 
 def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite:///")
+
+
+async def migrate_store(url: str) -> list[str]:
+    """Bring the store's schema up to date and say what was applied (`inflight migrate`).
+
+    PostgreSQL: the numbered files of store/migrations/postgresql not applied yet, under the
+    same advisory lock nodes take at start. SQLite: its schema is brought up to date on open
+    (missing tables, indexes and columns added), so opening it is its migration.
+    """
+    if is_sqlite(url):
+        store = open_store(url)
+        await store.open()
+        await store.close()
+        return []
+    import asyncpg
+
+    from store.postgresql import migrate
+
+    connection = await asyncpg.connect(url)
+    try:
+        return await migrate(connection)
+    finally:
+        await connection.close()

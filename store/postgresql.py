@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import re
 import time
 from collections.abc import Collection, Sequence
@@ -177,6 +178,10 @@ class PostgresEventStore:
         self._pool: asyncpg.Pool | None = None
         self._months: set[str] = set()  # partitions known to exist
         self._listener: asyncio.Task[None] | None = None
+        # This process's identity in the ledger: its session connection holds an advisory lock on
+        # it, which PostgreSQL drops when the process dies, so its claims are free at once.
+        self.owner = int.from_bytes(os.urandom(8), "big") >> 1
+        self._session: asyncpg.Connection | None = None
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -196,7 +201,8 @@ class PostgresEventStore:
         for _ in range(PARTITIONS_AHEAD):
             ahead.append(next_month(ahead[-1]))
         await self._ensure_months(ahead)
-        self._listener = asyncio.create_task(self._listen())
+        lost = await self._open_session()
+        self._listener = asyncio.create_task(self._keep_session(lost))
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -214,24 +220,36 @@ class PostgresEventStore:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, RuntimeError):
             return False
 
-    async def _listen(self) -> None:
-        """Keep one connection LISTENing for outbox rows queued on any node; reconnect when it drops."""
-        while True:
-            try:
-                connection = await asyncpg.connect(self.url)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("store-listen-failed (webhooks fall back to polling): %s", type(exc).__name__)
-                await asyncio.sleep(LISTEN_RETRY_SECONDS)
-                continue
-            lost = asyncio.Event()
-            try:
-                connection.add_termination_listener(lambda _connection, lost=lost: lost.set())
-                await connection.add_listener(OUTBOX_CHANNEL, lambda *_: self.outbox_added.set())
-                self.outbox_added.set()  # rows may have been queued while nobody listened
+    async def _open_session(self) -> asyncio.Event:
+        """The process's own connection: it LISTENs for outbox rows queued on any node and holds the
+        owner lock of this process's ledger claims. Set: the event it gives, when the connection is lost."""
+        connection = await asyncpg.connect(self.url)
+        lost = asyncio.Event()
+        connection.add_termination_listener(lambda _connection: lost.set())
+        await connection.execute("SELECT pg_advisory_lock($1)", self.owner)
+        await connection.add_listener(OUTBOX_CHANNEL, lambda *_: self.outbox_added.set())
+        self._session = connection
+        self.outbox_added.set()  # rows may have been queued while nobody listened
+        return lost
+
+    async def _keep_session(self, lost: asyncio.Event) -> None:
+        """Reconnect the session when it drops; meanwhile webhooks fall back to polling, and this
+        process's in-flight ledger claims look dead to other nodes (only while it cannot reach the store)."""
+        try:
+            while True:
                 await lost.wait()
-            finally:
-                await connection.close(timeout=1)
-            await asyncio.sleep(LISTEN_RETRY_SECONDS)
+                log.warning("store-session-lost: webhooks fall back to polling until it is back")
+                while True:
+                    await asyncio.sleep(LISTEN_RETRY_SECONDS)
+                    try:
+                        lost = await self._open_session()
+                        break
+                    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                        log.warning("store-session-reconnect-failed: %s", type(exc).__name__)
+        finally:
+            if self._session is not None:
+                await self._session.close(timeout=1)
+                self._session = None
 
     # --- partitions ------------------------------------------------------------------
 
@@ -389,12 +407,16 @@ class PostgresEventStore:
         wanted = sorted({r.lower() for r in recipients})
         now = int(time.time())
         async with self.pool.acquire() as connection, connection.transaction():
+            # A live row stops the claim unless it expired, or it is a claim whose owner died (its
+            # session lock is free: the xact lock is taken only for the test, and released at commit).
             claimed = await connection.fetch(
-                "INSERT INTO deliveries (project, message_id, recipient, expires_at, state) "
-                "SELECT $1, $2, r, $4, 'sending' FROM unnest($3::text[]) r "
-                "ON CONFLICT (project, message_id, recipient) DO UPDATE SET expires_at = excluded.expires_at, state = 'sending' "
-                "WHERE deliveries.expires_at <= $5 RETURNING recipient",
-                project, message_id, wanted, now + lease_seconds, now)
+                "INSERT INTO deliveries (project, message_id, recipient, expires_at, state, owner) "
+                "SELECT $1, $2, r, $4, 'sending', $6 FROM unnest($3::text[]) r "
+                "ON CONFLICT (project, message_id, recipient) DO UPDATE "
+                "SET expires_at = excluded.expires_at, state = 'sending', owner = excluded.owner "
+                "WHERE deliveries.expires_at <= $5 OR (deliveries.state = 'sending' AND deliveries.owner <> $6 "
+                "AND pg_try_advisory_xact_lock(deliveries.owner)) RETURNING recipient",
+                project, message_id, wanted, now + lease_seconds, now, self.owner)
             taken = {row[0] for row in claimed}
             others = await connection.fetch(
                 "SELECT recipient, state FROM deliveries WHERE project = $1 AND message_id = $2 AND recipient = ANY($3::text[])",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import time
 import uuid
@@ -99,6 +100,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     recipient TEXT NOT NULL,
     expires_at INTEGER NOT NULL,
     state TEXT NOT NULL DEFAULT 'delivered',  -- 'sending': claimed by an attempt until expires_at
+    owner INTEGER,  -- the claiming process (pid): its claims are free once it is gone
     PRIMARY KEY (project, message_id, recipient)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deliveries_expires ON deliveries (expires_at);
@@ -520,25 +522,28 @@ class SqliteEventStore:
             return {row[0] for row in await cursor.fetchall()}
 
     async def claim_deliveries(self, project: str, message_id: str, recipients: list[str], *, lease_seconds: int) -> DeliveryClaim:
-        """Claim the recipients no attempt sent or is sending (BEGIN IMMEDIATE: one writer decides)."""
+        """Claim the recipients no attempt sent or is sending (BEGIN IMMEDIATE: one writer decides).
+
+        A claim of a process that is gone (a relay killed mid-send on this box) is free at once:
+        SQLite is one box's store, so the owner's pid tells whether it still runs.
+        """
         wanted = sorted({r.lower() for r in recipients})
-        now = int(time.time())
+        if not wanted:
+            return DeliveryClaim(claimed=set(), delivered=set(), busy=set())
+        now, me = int(time.time()), os.getpid()
         async with self._transaction() as db:
-            taken: set[str] = set()
-            for recipient in wanted:
-                rows = await db.execute_fetchall(
-                    "INSERT INTO deliveries (project, message_id, recipient, expires_at, state) VALUES (?, ?, ?, ?, 'sending') "
-                    "ON CONFLICT (project, message_id, recipient) DO UPDATE SET expires_at = excluded.expires_at, state = 'sending' "
-                    "WHERE deliveries.expires_at <= ? RETURNING recipient",
-                    (project, message_id, recipient, now + lease_seconds, now))
-                taken.update(row[0] for row in rows)
-            rest = [r for r in wanted if r not in taken]
-            others = await db.execute_fetchall(
-                f"SELECT recipient, state FROM deliveries WHERE project = ? AND message_id = ? "
-                f"AND recipient IN ({', '.join('?' for _ in rest)})", [project, message_id, *rest]) if rest else []
-        return DeliveryClaim(claimed=taken,
-                             delivered={r for r, state in others if state == "delivered"},
-                             busy={r for r, state in others if state != "delivered"})
+            rows = await db.execute_fetchall(
+                f"SELECT recipient, state, expires_at, owner FROM deliveries WHERE project = ? AND message_id = ? "
+                f"AND recipient IN ({', '.join('?' for _ in wanted)})", [project, message_id, *wanted])
+            live = {recipient: state for recipient, state, expires_at, owner in rows
+                    if expires_at > now and (state == "delivered" or owner == me or _running(owner))}
+            taken = [r for r in wanted if r not in live]
+            await db.executemany("INSERT OR REPLACE INTO deliveries (project, message_id, recipient, expires_at, state, owner) "
+                                 "VALUES (?, ?, ?, ?, 'sending', ?)",
+                                 [(project, message_id, r, now + lease_seconds, me) for r in taken])
+        return DeliveryClaim(claimed=set(taken),
+                             delivered={r for r, state in live.items() if state == "delivered"},
+                             busy={r for r, state in live.items() if state != "delivered"})
 
     async def release_deliveries(self, project: str, message_id: str, recipients: list[str]) -> None:
         """Give back claims of recipients the upstream did not accept, so a retry may send them."""
@@ -559,6 +564,18 @@ class SqliteEventStore:
         async with self._transaction() as db:
             cursor = await db.execute("DELETE FROM deliveries WHERE expires_at <= ?", [int(time.time())])
         return cursor.rowcount
+
+
+def _running(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: alive
+    return True
 
 
 def sqlite_path(url: str) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from store import open_store
-from store.model import Decision, EventStore, EventQuery, Judgement, NewEvent, StatsQuery, now_rfc3339, rfc3339
+from store.model import Decision, EventQuery, EventStore, Judgement, NewEvent, StatsQuery, now_rfc3339, rfc3339
 from store.sqlite import CHECKPOINT_COMMITS, SqliteEventStore
 from tracker.shapes import event_json, stats_json
 
@@ -395,3 +395,88 @@ def test_a_large_record_keeps_its_order_and_ids(tmp_path: Path, rows: int) -> No
     ids = asyncio.run(scenario())
     assert [contact for _, contact in stored(path)] == [f"c{i}@example.net" for i in range(rows)]
     assert ids == [row_id for row_id, _ in stored(path)]
+
+
+# -- the multi-node contract: two store instances (two pools, two connections) at once -------------
+
+
+def test_200_hits_of_one_message_through_two_stores_count_1_to_200_once(store_url: str) -> None:
+    """Two tracker nodes record hits of one message at the same instant: every count exactly once, one first."""
+
+    async def scenario() -> list[dict]:
+        async with opened(store_url) as one, opened(store_url) as two:
+            await one.record([sent("m1", "a@x.test")])
+            await asyncio.gather(*(store.record_engagement(hit("email.open", "m1", "a@x.test"))
+                                   for _ in range(100) for store in (one, two)))
+            return await public(two, _query())
+
+    opens = [e for e in run(scenario()) if e["name"] == "email.open"]
+    assert sorted(e["opens"] for e in opens) == list(range(1, 201))
+    assert sum(e["first"] for e in opens) == 1
+
+
+def test_two_stores_claiming_webhooks_at_once_never_get_the_same_row(store_url: str) -> None:
+    async def scenario() -> tuple[list[int], int]:
+        async with opened(store_url, webhook_projects=("p",)) as one, opened(store_url, webhook_projects=("p",)) as two:
+            await one.record([sent(f"m{i}", "a") for i in range(60)])
+            claimed: list[int] = []
+            for _ in range(12):
+                batches = await asyncio.gather(*(store.claim_webhooks(now=1e12, lease=60, limit=3)
+                                                 for store in (one, two, one, two)))
+                claimed += [job.outbox_id for batch in batches for job in batch]
+            return claimed, await one.pending_webhooks()
+
+    claimed, pending = run(scenario())
+    assert len(claimed) == len(set(claimed)) == pending == 60
+
+
+def test_a_ledger_claim_from_two_stores_has_one_winner(store_url: str) -> None:
+    """A message retried through another relay node while the first attempt still sends: each recipient
+    is claimed by one attempt; the other sees it busy, then delivered, and a released claim is free again."""
+
+    async def scenario() -> None:
+        async with opened(store_url) as one, opened(store_url) as two:
+            for round_ in range(10):
+                message = f"m{round_}@x"
+                claims = await asyncio.gather(one.claim_deliveries("p", message, ["A@x.test", "b@x.test"], lease_seconds=60),
+                                              two.claim_deliveries("p", message, ["a@x.test", "B@x.test"], lease_seconds=60))
+                winners = [claim for claim in claims if claim.claimed]
+                assert len(winners) == 1 and winners[0].claimed == {"a@x.test", "b@x.test"}
+                loser = claims[1] if claims[0].claimed else claims[0]
+                assert loser.busy == {"a@x.test", "b@x.test"} and not loser.delivered
+            await one.record_delivered("p", "m0@x", ["a@x.test"], ttl_seconds=3600)
+            await one.release_deliveries("p", "m0@x", ["b@x.test"])
+            again = await two.claim_deliveries("p", "m0@x", ["a@x.test", "b@x.test"], lease_seconds=60)
+            assert (again.claimed, again.delivered, again.busy) == ({"b@x.test"}, {"a@x.test"}, set())
+            assert await two.delivered_recipients("p", "m0@x", ["A@x.test", "b@x.test"]) == {"a@x.test"}
+            dead = await one.claim_deliveries("p", "dead@x", ["a@x.test"], lease_seconds=-1)  # its lease is over at once
+            assert dead.claimed == {"a@x.test"}
+            assert (await two.claim_deliveries("p", "dead@x", ["a@x.test"], lease_seconds=60)).claimed == {"a@x.test"}
+
+    run(scenario())
+
+
+def test_a_tracking_mode_set_through_one_store_is_read_by_the_other(store_url: str) -> None:
+    async def scenario() -> None:
+        async with opened(store_url) as one, opened(store_url) as two:
+            assert await two.tracking_mode("p") is None
+            await one.set_tracking_mode("p", "DISABLED")
+            assert await two.tracking_mode("p") == "DISABLED"
+            await two.set_tracking_mode("p", "ENABLED")
+            assert await one.tracking_mode("p") == "ENABLED"
+
+    run(scenario())
+
+
+def test_forget_erases_a_contact_its_webhooks_and_ledger_rows(store_url: str) -> None:
+    async def scenario() -> None:
+        async with opened(store_url, webhook_projects=("p",)) as store:
+            await store.record([sent("m1", "gone@x.test"), sent("m2", "kept@x.test")])
+            await store.record_engagement(hit("email.open", "m1", "gone@x.test"))
+            await store.record_delivered("p", "m1", ["Gone@x.test", "kept@x.test"], ttl_seconds=3600)
+            assert await store.forget("GONE@x.test") == (2, 2)
+            assert [e["contact"] for e in await public(store, _query())] == ["kept@x.test"]
+            assert await store.delivered_recipients("p", "m1", ["gone@x.test", "kept@x.test"]) == {"kept@x.test"}
+            assert await store.pending_webhooks() == 1
+
+    run(scenario())

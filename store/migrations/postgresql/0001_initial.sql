@@ -59,13 +59,15 @@ CREATE TABLE webhook_outbox (
 CREATE INDEX webhook_outbox_due ON webhook_outbox (due);
 CREATE INDEX webhook_outbox_event ON webhook_outbox (event_id);
 
--- state 'sending': claimed by an attempt until expires_at (its lease); 'delivered': accepted upstream.
+-- state 'sending': claimed by an attempt until expires_at (its lease) or until its owner's session
+-- advisory lock is gone (the process died); 'delivered': accepted upstream.
 CREATE TABLE deliveries (
     project text NOT NULL,
     message_id text NOT NULL,
     recipient text NOT NULL,
     expires_at bigint NOT NULL,
     state text NOT NULL DEFAULT 'delivered',
+    owner bigint,
     PRIMARY KEY (project, message_id, recipient)
 );
 CREATE INDEX deliveries_expires ON deliveries (expires_at);
