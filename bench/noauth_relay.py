@@ -26,7 +26,7 @@ from relay.server import COMMAND_LIMITS, RelayHandler, RelaySMTP
 from relay.throttle import RateLimiter
 from relay.upstream import upstream_from_url
 from store.sqlite import SqliteEventStore
-from tracking.tokens import TokenSigner
+from tracking.tokens import TokenKeys
 
 
 class ProjectBoundHandler(RelayHandler):
@@ -44,7 +44,7 @@ async def serve(settings: Settings, project: ProjectSettings) -> None:
     store = SqliteEventStore.from_url(settings.store.url)
     await store.open()
     pipeline = Pipeline(settings=settings, upstream=upstream_from_url(settings.upstream.url), store=store,
-                        signer=TokenSigner(settings.tracker.secrets))
+                        keys=TokenKeys(settings.tracker.secrets, [project.id]))
     handler = ProjectBoundHandler(settings, pipeline, project)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(

@@ -112,6 +112,10 @@ class TrackerSettings:
     trusted_proxies: tuple[str, ...] = ("127.0.0.1",)
     network_lists: tuple[NetworkListSettings, ...] = ()
     sent_window_seconds: float = 5.0
+    # Tokens minted before opaque ones (readable HMAC-signed JSON) keep verifying while true.
+    legacy_tokens: bool = True
+    # Where tracking domains must point (the reverse proxy's public IPs); empty: public_url's host's.
+    public_addresses: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -208,6 +212,13 @@ class ProjectSettings:
     webhook_secret: str = field(default="", repr=False, metadata=SECRET)
     ip_mode: IpMode = IpMode.FULL
     retention_days: int = 0  # events older than this are purged; 0 keeps them
+    tracking_domains: tuple[str, ...] = ()  # the first mints; all are accepted; empty: tracker.public_url
+    tracking_scheme: str = "https"  # "http" only for tests and local use
+
+    @property
+    def tracking_hosts(self) -> tuple[str, ...]:
+        """tracking_domains as Host headers compare: lower case, no trailing dot."""
+        return tuple(domain.lower().rstrip(".") for domain in self.tracking_domains)
 
 
 @dataclass(frozen=True)
@@ -231,6 +242,17 @@ class Settings:
 
     def project(self, project_id: str) -> ProjectSettings | None:
         return next((p for p in self.projects if p.id == project_id), None)
+
+    def tracking_base(self, project: ProjectSettings) -> str:
+        """The base of the project's tracking URLs: its first tracking domain, else tracker.public_url."""
+        if project.tracking_domains:
+            return f"{project.tracking_scheme}://{project.tracking_hosts[0]}"
+        return self.tracker.public_url.rstrip("/")
+
+    @property
+    def public_host(self) -> str:
+        """tracker.public_url's host: tokens of every project are accepted there."""
+        return (urlsplit(self.tracker.public_url).hostname or "").lower()
 
 
 SECTIONS: dict[str, type] = {
@@ -487,6 +509,11 @@ def _check(s: Settings) -> list[str]:
         problems.append(f"tracker.public_url: expected an http(s) base URL such as https://t.example.com, got {s.tracker.public_url!r}")
     if not s.tracker.secrets or any(len(secret) < 8 for secret in s.tracker.secrets):
         problems.append("tracker.secrets: give at least one HMAC key of 8+ characters (the first signs, all verify)")
+    for address in s.tracker.public_addresses:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            problems.append(f"tracker.public_addresses: {address!r} is not an IP address (list the reverse proxy's public IPs)")
     for proxy in s.tracker.trusted_proxies:
         try:
             ipaddress.ip_network(proxy, strict=False)
@@ -511,6 +538,7 @@ def _check(s: Settings) -> list[str]:
     if s.relay.drain_timeout_seconds < 0:
         problems.append("relay.drain_timeout_seconds: must be zero or more seconds")
     seen: set[str] = set()
+    claimed: dict[str, str] = {}  # tracking domain -> the project that lists it
     for index, project in enumerate(s.projects):
         if project.id in seen:
             problems.append(f"projects[{index}].id: duplicate project id {project.id!r}")
@@ -533,6 +561,7 @@ def _check(s: Settings) -> list[str]:
             if getattr(project, key) < 0:
                 problems.append(f"projects[{index}].{key}: must be 0 (no project limit) or more")
         problems.extend(_check_webhook(f"projects[{index}]", project))
+        problems.extend(_check_tracking_domains(f"projects[{index}]", project, s.public_host, claimed))
         if project.retention_days < 0:
             problems.append(f"projects[{index}].retention_days: must be 0 (keep forever) or a number of days")
     problems.extend(_check_dkim(s.dkim))
@@ -565,6 +594,28 @@ def _check_webhook(where: str, project: ProjectSettings) -> list[str]:
             base64.b64decode(project.webhook_secret.removeprefix("whsec_"), validate=True)
         except binascii.Error:
             problems.append(f"{where}.webhook_secret: a whsec_ secret must be followed by base64 (Standard Webhooks)")
+    return problems
+
+
+def _check_tracking_domains(where: str, project: ProjectSettings, public_host: str, claimed: dict[str, str]) -> list[str]:
+    """Each Host must name one project: the tracker routes tokens by it."""
+    problems = []
+    if project.tracking_scheme not in ("https", "http"):
+        problems.append(f'{where}.tracking_scheme: expected "https" (or "http" for tests and local use), '
+                        f"got {project.tracking_scheme!r}")
+    for domain in project.tracking_domains:
+        name = domain.lower().rstrip(".")
+        if not DOMAIN_NAME.fullmatch(name):
+            problems.append(f"{where}.tracking_domains: {domain!r} is not a domain name (e.g. click.shop.example; "
+                            "no scheme, path or port)")
+        elif name == public_host:
+            problems.append(f"{where}.tracking_domains: {domain!r} is tracker.public_url's host, shared by every "
+                            "project; give the project a domain of its own or remove it")
+        elif name in claimed:
+            problems.append(f"{where}.tracking_domains: {domain!r} is already a tracking domain of project "
+                            f"{claimed[name]!r}; a domain belongs to one project")
+        else:
+            claimed[name] = project.id
     return problems
 
 

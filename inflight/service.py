@@ -1,4 +1,4 @@
-"""Run the relay and/or the tracker on one event loop, sharing one store and one token signer.
+"""Run the relay and/or the tracker on one event loop, sharing one store and one set of token keys.
 
 Every Service, whichever of relay and tracker it runs, also runs the webhook worker and the
 retention purge: a relay-only process delivers the webhooks of its `email.sent` events and a
@@ -30,7 +30,7 @@ from store import open_store
 from tracker.app import MAX_REQUEST_HEAD_BYTES, Tracker, create_app
 from tracker.privacy import RetentionPurge
 from tracker.webhooks import WebhookWorker
-from tracking.tokens import TokenSigner
+from tracking.tokens import TokenKeys
 
 log = logging.getLogger("inflight")
 
@@ -111,7 +111,7 @@ class Service:
         self.purge = RetentionPurge(self.store, {p.id: p.retention_days for p in settings.projects},
                                     interval=settings.store.purge_interval_seconds)
         self._background: list[asyncio.Task[None]] = []
-        self.signer = TokenSigner(settings.tracker.secrets)
+        self.keys = TokenKeys(settings.tracker.secrets, [p.id for p in settings.projects])
         self.relay_address: tuple[str, int] | None = None
         self.smtps_address: tuple[str, int] | None = None
         self.tracker_address: tuple[str, int] | None = None
@@ -137,7 +137,7 @@ class Service:
                 self.settings.upstream, local_hostname=self.settings.relay.hostname, executor=self._workers
             )
             pipeline = Pipeline(
-                settings=self.settings, upstream=self._upstream, store=self.store, signer=self.signer, executor=self._workers
+                settings=self.settings, upstream=self._upstream, store=self.store, keys=self.keys, executor=self._workers
             )
             relay = Relay(self.settings, pipeline)
             sock = bind(self.settings.relay.listen)
@@ -152,7 +152,7 @@ class Service:
                 self._smtps = await relay.listen(sock, implicit_tls=True)
                 log.info("relay listening with implicit TLS on %s:%d", *self.smtps_address)
         if self.run_tracker:
-            app = create_app(Tracker(settings=self.settings, store=self.store, signer=self.signer))
+            app = create_app(Tracker(settings=self.settings, store=self.store, keys=self.keys))
             sock = bind(self.settings.tracker.listen)
             self.tracker_address = sock.getsockname()[:2]
             self._http = _EmbeddedUvicorn(http_config(app))

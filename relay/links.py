@@ -1,11 +1,11 @@
-"""The relay's LinkMinter: signed tracking URLs for one recipient's copy of a message."""
+"""The relay's LinkMinter: opaque tracking URLs for one recipient's copy of a message."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 from urllib.parse import urlsplit
 
-from tracking.tokens import TokenSigner, TrackedSend, TrackingClaims, claims_to_dict, compact_json
+from tracking.tokens import ProjectTokens
 from tracking.urls import redirect_location
 
 CLICK_PATH = "/c/"
@@ -28,63 +28,61 @@ def host_excluded(host: str, patterns: tuple[str, ...]) -> bool:
 
 
 @lru_cache(maxsize=4096)
-def link_claim(destination: str, tracking_host: str, excluded: tuple[str, ...]) -> bytes | None:
-    """The end of a click token's claims for this link, or None when the link must stay as it is.
+def trackable(destination: str, own_hosts: frozenset[str], excluded: tuple[str, ...]) -> bool:
+    """Whether a link gets a click token; False leaves it as the app wrote it.
 
-    Cached: every copy of a message asks for the same links, and only the claims before it differ.
+    Cached: every copy of a message asks for the same links.
     """
     location = redirect_location(destination)
     if location is None:
-        return None  # the tracker would refuse to redirect there: leave the link as the app wrote it
+        return False  # the tracker would refuse to redirect there: leave the link as the app wrote it
     try:
         host = (urlsplit(location).hostname or "").lower()  # punycode, as a browser asks DNS
     except ValueError:
-        return None  # not a URL a browser could follow either (e.g. a broken IPv6 literal): leave it alone
-    if host == tracking_host or host_excluded(host, excluded):
-        return None  # a link to our own tracking host is never wrapped twice
-    return b',"u":' + compact_json(destination) + b"}"
+        return False  # not a URL a browser could follow either (e.g. a broken IPv6 literal)
+    # A link to one of the project's own tracking hosts is never wrapped twice.
+    return host not in own_hosts and not host_excluded(host, excluded)
 
 
 class TrackingLinks:
+    """Mints the URLs of one copy: `base_url` is the project's tracking base (its first tracking
+    domain, else tracker.public_url); `own_hosts` every tracking host whose links stay as they are."""
+
     def __init__(
         self,
         *,
-        signer: TokenSigner,
-        public_url: str,
-        send: TrackedSend,
+        tokens: ProjectTokens,
+        base_url: str,
+        send_id: bytes,
+        own_hosts: frozenset[str] = frozenset(),
         honeypot: bool = False,
         exclude_click_domains: tuple[str, ...] = (),
     ) -> None:
-        self._signer = signer
+        self._tokens = tokens
+        self._send_id = send_id
         self._honeypot = honeypot
-        self._base = public_url.rstrip("/")
-        self._tracking_host = (urlsplit(public_url).hostname or "").lower()
+        self._base = base_url.rstrip("/")
+        self._own_hosts = own_hosts | {(urlsplit(self._base).hostname or "").lower()}
         self._excluded = tuple(pattern.lower() for pattern in exclude_click_domains)
-        self._send = send
-        # A click token's claims are this copy's claims, then the link (see link_claim): encode them once.
-        self._click_prefix = compact_json(claims_to_dict(TrackingClaims("click", send)))[:-1]
 
     def click_url(self, destination: str) -> str | None:
-        claim = link_claim(destination, self._tracking_host, self._excluded)
-        if claim is None:
+        if not trackable(destination, self._own_hosts, self._excluded):
             return None
-        token = self._signer.sign_payload(self._click_prefix + claim)
-        return f"{self._base}{CLICK_PATH}{token}"
+        return f"{self._base}{CLICK_PATH}{self._tokens.click(self._send_id, destination)}"
 
     def pixel_url(self) -> str:
-        token = self._signer.sign(claims_to_dict(TrackingClaims("open", self._send)))
-        return f"{self._base}{OPEN_PATH}{token}.gif"
+        return f"{self._base}{OPEN_PATH}{self._tokens.pixel(self._send_id)}.gif"
 
     def honeypot_url(self) -> str | None:
         """A tracked URL for the invisible trap link, when the project enables honeypot_link."""
         if not self._honeypot:
             return None
-        token = self._signer.sign(claims_to_dict(TrackingClaims("click", self._send, honeypot=True)))
-        return f"{self._base}{CLICK_PATH}{token}"
+        return f"{self._base}{CLICK_PATH}{self._tokens.click(self._send_id, None)}"
 
     def is_tracking_url(self, url: str) -> bool:
-        for path in (CLICK_PATH, OPEN_PATH):
+        """A URL this project minted (any of its keys): its message was instrumented already."""
+        for path, kind in ((CLICK_PATH, "click"), (OPEN_PATH, "open")):
             prefix = self._base + path
             if url.startswith(prefix):
-                return self._signer.verify(url[len(prefix):].removesuffix(".gif")) is not None
+                return self._tokens.verify(url[len(prefix):].removesuffix(".gif"), kind) is not None
         return False

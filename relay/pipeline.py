@@ -29,7 +29,8 @@ from relay.policy import Decision, decide
 from relay.senders import from_allowed
 from relay.upstream import INLINE_BYTES, RecipientResult, Results, Upstream
 from store.model import DeliveryClaim, EventStore, NewEvent, now_rfc3339
-from tracking.tokens import TokenSigner, TrackedSend
+from tracking.claims import TrackedSend
+from tracking.tokens import TokenKeys, new_send_id
 
 log = logging.getLogger("inflight.relay")
 T = TypeVar("T")
@@ -64,12 +65,12 @@ def recipient_fields(project: ProjectSettings, message_id: str, hints: AppHints,
 
 class Pipeline:
     def __init__(
-        self, *, settings: Settings, upstream: Upstream, store: EventStore, signer: TokenSigner, executor: Executor | None = None
+        self, *, settings: Settings, upstream: Upstream, store: EventStore, keys: TokenKeys, executor: Executor | None = None
     ) -> None:
         self.settings = settings
         self.upstream = upstream
         self.store = store
-        self.signer = signer
+        self.keys = keys
         self.tracking = TrackingSettings(settings, store)
         self.dkim = DkimSigner([load_key(k.domain, k.selector, k.private_key_path) for k in settings.dkim])
         self.executor = executor  # CPU-heavy work on large messages; None runs it on the event loop
@@ -279,15 +280,19 @@ class Pipeline:
             yield Copy(recipients, await self._offload(data, self.dkim.sign, data), pixel=decision.tracked)
             return
         sent_at = int(time.time())
+        sends = [(new_send_id(), TrackedSend(sent_at=sent_at, **recipient_fields(project, message_id, hints, recipient)))
+                 for recipient in recipients]
+        tokens, base_url = self.keys.project(project.id), self.settings.tracking_base(project)
         minters = [
             TrackingLinks(
-                signer=self.signer,
-                public_url=self.settings.tracker.public_url,
-                send=TrackedSend(sent_at=sent_at, **recipient_fields(project, message_id, hints, recipient)),
+                tokens=tokens,
+                base_url=base_url,
+                send_id=send_id,
+                own_hosts=frozenset(project.tracking_hosts),
                 honeypot=project.honeypot_link,
                 exclude_click_domains=project.exclude_click_domains,
             )
-            for recipient in recipients
+            for send_id, _ in sends
         ]
         batch = max(1, INLINE_BYTES // max(len(data), 1))
         for start in range(0, len(recipients), batch):
@@ -300,6 +305,8 @@ class Pipeline:
                     notes.append(f"instrument={result.outcome} ({result.reason})")
                     yield Copy(recipients[start + offset:], await self._offload(data, self.dkim.sign, data), pixel=False)
                     return
+                if offset == 0:  # the tokens of this batch's copies name their sends: stored before any goes
+                    await self._store_sends(message_id, sends[start:start + len(rendered)])
                 if start + offset == 0:
                     notes.append("instrumented")
                     for why in result.untrackable:
@@ -309,6 +316,13 @@ class Pipeline:
                                     "signed; configure [[dkim]] for this domain or turn tracking off for these sends'",
                                     message_id, domain)
                 yield Copy([recipients[start + offset]], result.data, pixel=True)
+
+    async def _store_sends(self, message_id: str, sends: list[tuple[bytes, TrackedSend]]) -> None:
+        try:
+            await self.store.record_sends(sends)
+        except Exception:
+            # The copies still go and their links still redirect; only their opens and clicks go unrecorded.
+            log.exception("sends-write-failed message_id=%s copies=%d", message_id, len(sends))
 
     async def _offload(self, data: bytes, work: Callable[..., T], *args: Any) -> T:
         """Run `work` in the CPU pool when `data` is large; small messages cost a few ms, done in place."""

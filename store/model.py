@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from tracking.claims import TrackedSend
+
 # Agents whose opens count in human-only stats. A Gmail/Yahoo image-proxy fetch happens
 # when the person opens the message (Google fetches images on open, not on delivery:
 # "Images are only loaded when you open a message", Gmail proxy announcement, 2013), so it
@@ -219,6 +221,15 @@ class DeliveryLedger(Protocol):
     async def purge_deliveries(self) -> int: ...
 
 
+class Sends(Protocol):
+    """Who each tracked copy went to, under the random send id its opaque tokens carry (tracking/tokens.py):
+    written by the relay before the copy goes, read by the tracker when it records the copy's events,
+    deleted with them (retention, erasure)."""
+
+    async def record_sends(self, sends: list[tuple[bytes, TrackedSend]]) -> None: ...
+    async def tracked_send(self, project: str, send_id: bytes) -> TrackedSend | None: ...
+
+
 class Erasure(Protocol):
     """Retention and the right to erasure."""
 
@@ -226,5 +237,5 @@ class Erasure(Protocol):
     async def forget(self, address: str, *, project: str | None = None) -> tuple[int, int]: ...
 
 
-class EventStore(Lifecycle, Events, TrackingModes, WebhookOutbox, DeliveryLedger, Erasure, Protocol):
+class EventStore(Lifecycle, Events, TrackingModes, WebhookOutbox, DeliveryLedger, Sends, Erasure, Protocol):
     """Every aggregate of one backend; code that needs only one takes that one's protocol."""

@@ -33,6 +33,7 @@ from store.model import (
     rfc3339,
 )
 from store.sql import COLUMN, COLUMNS, engagement_rows, filters, stats_counts, stats_sql
+from tracking.claims import TrackedSend
 
 log = logging.getLogger("inflight.store")
 
@@ -104,7 +105,24 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (project, message_id, recipient)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deliveries_expires ON deliveries (expires_at);
+-- Who each tracked copy went to, named by the random send id its opaque tokens carry: the URLs
+-- stay short and say nothing, and the tracker reads this row when it records the copy's events.
+CREATE TABLE IF NOT EXISTS sends (
+    project TEXT NOT NULL,
+    send_id BLOB NOT NULL,
+    message_id TEXT NOT NULL,
+    contact TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    sent_at INTEGER NOT NULL,
+    campaign TEXT,
+    template TEXT,
+    template_type TEXT,
+    campaign_type TEXT,
+    PRIMARY KEY (project, send_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sends_project_sent ON sends (project, sent_at);
 """
+_SEND_COLUMNS = ("message_id", "contact", "recipient", "sent_at", "campaign", "template", "template_type", "campaign_type")
 
 _INSERT = (f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)}) "
            "ON CONFLICT (uid) DO NOTHING")
@@ -484,8 +502,10 @@ class SqliteEventStore:
                 return events, webhooks
 
     async def purge(self, project: str, before: datetime) -> int:
-        """Delete a project's events recorded before `before` (retention)."""
+        """Delete a project's events recorded before `before` (retention), and the sends behind them."""
         events, _ = await self._delete_events("project = ? AND at < ?", [project, rfc3339(before)])
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM sends WHERE project = ? AND sent_at < ?", [project, int(before.timestamp())])
         return events
 
     async def forget(self, address: str, *, project: str | None = None) -> tuple[int, int]:
@@ -502,10 +522,10 @@ class SqliteEventStore:
         await self.db.execute("PRAGMA secure_delete = ON")
         try:
             counts = await self._delete_events(where, args)
-            async with self._transaction() as db:  # the idempotency ledger names recipients too
-                ledger = "DELETE FROM deliveries WHERE recipient = lower(?)"
-                await db.execute(ledger + (" AND project = ?" if project is not None else ""),
-                                 [address] if project is None else [address, project])
+            async with self._transaction() as db:  # the idempotency ledger and the sends name recipients too
+                scope = (" AND project = ?" if project is not None else "", [] if project is None else [project])
+                await db.execute("DELETE FROM deliveries WHERE recipient = lower(?)" + scope[0], [address, *scope[1]])
+                await db.execute(f"DELETE FROM sends WHERE {where}", args)
         finally:
             await self.db.execute("PRAGMA secure_delete = OFF")
         await self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -558,6 +578,25 @@ class SqliteEventStore:
         async with self._transaction() as db:
             await db.executemany("INSERT OR REPLACE INTO deliveries (project, message_id, recipient, expires_at, state) "
                                  "VALUES (?, ?, ?, ?, 'delivered')", rows)
+
+    async def record_sends(self, sends: list[tuple[bytes, TrackedSend]]) -> None:
+        """Store each tracked copy under its send id, before the copy goes (its tokens name it)."""
+        rows = [(send.project, send_id, *(getattr(send, c) for c in _SEND_COLUMNS)) for send_id, send in sends]
+
+        def write(db: sqlite3.Connection) -> tuple[list[int], bool]:
+            db.executemany(f"INSERT OR REPLACE INTO sends (project, send_id, {', '.join(_SEND_COLUMNS)}) "
+                           f"VALUES ({', '.join('?' for _ in range(len(_SEND_COLUMNS) + 2))})", rows)
+            return [], False
+
+        if rows:
+            await self._queue(write)
+
+    async def tracked_send(self, project: str, send_id: bytes) -> TrackedSend | None:
+        """The copy an opaque token names, or None (never stored, past retention, or forgotten)."""
+        sql = f"SELECT {', '.join(_SEND_COLUMNS)} FROM sends WHERE project = ? AND send_id = ?"
+        async with self.db.execute(sql, (project, send_id)) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else TrackedSend(project, *row)
 
     async def purge_deliveries(self) -> int:
         """Drop expired ledger rows; lookups already ignore them, this only bounds the table."""

@@ -17,6 +17,7 @@ delivery with up to 4 retries (Litmus 2018), then the person's open; MPP preload
 seconds, with the bare agent, Mail's own agent, or any agent from Apple's network.
 """
 
+import asyncio
 import collections
 import json
 import threading
@@ -29,6 +30,7 @@ import httpx
 import pytest
 import uvicorn
 
+from config.settings import Settings
 from relay.links import TrackingLinks
 from store.sqlite import SqliteEventStore
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, free_port, make_settings
@@ -45,7 +47,8 @@ from tracker.agents import (
 )
 from tracker.app import Tracker, create_app
 from tracker.netdata import NetworkLists, NetworkListSpec
-from tracking.tokens import TokenSigner, TrackedSend
+from tracking.claims import TrackedSend
+from tracking.tokens import TokenKeys, new_send_id
 
 DATA = Path(__file__).parent / "data"
 TRACES = [json.loads(line) for line in (DATA / "agent_traces.jsonl").read_text().splitlines()]
@@ -384,12 +387,33 @@ class ReplayClock:
         return self.now
 
 
+def trace_minters(settings: Settings) -> dict[str, TrackingLinks]:
+    """A minter per traced message, its send stored as the relay stores it."""
+    tokens = TokenKeys(settings.tracker.secrets, [PROJECT]).project(PROJECT)
+    sends = {msg: (new_send_id(), TrackedSend(project=PROJECT, message_id=msg, contact=f"{msg}@example.com",
+                                             recipient=f"{msg}@example.com", sent_at=int(SENT)))
+             for msg in sorted({trace["msg"] for trace in TRACES})}
+
+    async def record() -> None:
+        store = SqliteEventStore.from_url(settings.store.url)
+        await store.open()
+        try:
+            await store.record_sends(list(sends.values()))
+        finally:
+            await store.close()
+
+    asyncio.run(record())
+    return {msg: TrackingLinks(tokens=tokens, base_url="http://127.0.0.1:1", send_id=send_id, honeypot=True)
+            for msg, (send_id, _) in sends.items()}
+
+
 @pytest.fixture
-def replay_server(tmp_path: Path) -> Iterator[tuple[str, ReplayClock, TokenSigner]]:
+def replay_server(tmp_path: Path) -> Iterator[tuple[str, ReplayClock, dict[str, TrackingLinks]]]:
     settings = make_settings(tmp_path, f"outbox:///{tmp_path}/outbox", tracker={"network_lists": list_settings(DATA / "netdata")})
     clock = ReplayClock()
-    signer = TokenSigner(settings.tracker.secrets)
-    tracker = Tracker(settings=settings, store=SqliteEventStore.from_url(settings.store.url), signer=signer, clock=clock)
+    minters = trace_minters(settings)
+    keys = TokenKeys(settings.tracker.secrets, [PROJECT])
+    tracker = Tracker(settings=settings, store=SqliteEventStore.from_url(settings.store.url), keys=keys, clock=clock)
     port = free_port()
     config = uvicorn.Config(create_app(tracker, manage_store=True), host="127.0.0.1", port=port, log_config=None, lifespan="on")
     server = uvicorn.Server(config)
@@ -400,16 +424,14 @@ def replay_server(tmp_path: Path) -> Iterator[tuple[str, ReplayClock, TokenSigne
         assert time.monotonic() < deadline and thread.is_alive(), "tracker did not start"
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}", clock, signer
+        yield f"http://127.0.0.1:{port}", clock, minters
     finally:
         server.should_exit = True
         thread.join(10)
 
 
-def trace_url(trace: dict, signer: TokenSigner) -> str:
-    send = TrackedSend(project=PROJECT, message_id=trace["msg"], contact=f"{trace['msg']}@example.com",
-                       recipient=f"{trace['msg']}@example.com", sent_at=int(SENT))
-    links = TrackingLinks(signer=signer, public_url="http://127.0.0.1:1", send=send, honeypot=True)
+def trace_url(trace: dict, minters: dict[str, TrackingLinks]) -> str:
+    links = minters[trace["msg"]]
     if trace["honeypot"]:
         url = links.honeypot_url()
         assert url is not None
@@ -421,7 +443,7 @@ def trace_url(trace: dict, signer: TokenSigner) -> str:
 
 
 def test_trace_replay_over_http_matches_the_pure_verdicts(replay_server, fixture_lists):
-    base, clock, signer = replay_server
+    base, clock, minters = replay_server
     order = sorted(range(len(TRACES)), key=lambda i: TRACES[i]["t"])
     with httpx.Client(base_url=base) as client:
         for index in order:
@@ -431,7 +453,7 @@ def test_trace_replay_over_http_matches_the_pure_verdicts(replay_server, fixture
             headers = {"User-Agent": trace["ua"], "X-Forwarded-For": trace["ip"]}
             if trace["purpose"]:
                 headers["Sec-Purpose"] = trace["purpose"]
-            response = client.request(trace["method"], trace_url(trace, signer), headers=headers)
+            response = client.request(trace["method"], trace_url(trace, minters), headers=headers)
             assert response.status_code == (302 if trace["kind"] == "click" and not trace["honeypot"] else 200)
         stored = client.get("/v1/events", params={"limit": "1000"}, headers={"Authorization": f"Bearer {PROJECT_SECRET}"})
     stored_rows = sorted(stored.json()["events"], key=lambda e: e["id"])
@@ -479,11 +501,10 @@ def test_service_labels_real_mail_opens_clicks_and_honeypot(agent_service: Runni
     assert (click["agent"], click["agent_reason"]) == ("human", "net=apple-private-relay")
 
     # The trap link in the mail is the one the relay's minter builds for this send (the project enables it).
-    claims = agent_service.service.signer.verify(urlsplit(pixel_url).path.removeprefix("/o/").removesuffix(".gif"))
-    assert claims is not None
-    send_claims = TrackedSend(project=claims["p"], message_id=claims["m"], contact=claims["c"], recipient=claims["r"],
-                              sent_at=claims["s"])
-    trap = TrackingLinks(signer=agent_service.service.signer, public_url="http://127.0.0.1:1", send=send_claims,
+    tokens = agent_service.service.keys.project(PROJECT)
+    claims = tokens.verify(urlsplit(pixel_url).path.removeprefix("/o/").removesuffix(".gif"), "open")
+    assert claims is not None and claims.send_id is not None
+    trap = TrackingLinks(tokens=tokens, base_url="http://127.0.0.1:1", send_id=claims.send_id,
                          honeypot=agent_service.service.settings.project(PROJECT).honeypot_link).honeypot_url()
     assert trap is not None and urlsplit(trap).path == urlsplit(trap_in_mail).path
     response = fetch(agent_service, trap_in_mail, headers=relay_person)
@@ -495,8 +516,7 @@ def test_service_labels_real_mail_opens_clicks_and_honeypot(agent_service: Runni
 
 
 def test_honeypot_url_only_when_the_project_enables_it() -> None:
-    signer = TokenSigner(["key-one-123"])
-    send = TrackedSend(project="p", message_id="m", contact="c", recipient="c@x", sent_at=1)
-    assert TrackingLinks(signer=signer, public_url="https://t.example", send=send).honeypot_url() is None
-    url = TrackingLinks(signer=signer, public_url="https://t.example", send=send, honeypot=True).honeypot_url()
+    tokens = TokenKeys(["key-one-123"], ["p"]).project("p")
+    assert TrackingLinks(tokens=tokens, base_url="https://t.example", send_id=new_send_id()).honeypot_url() is None
+    url = TrackingLinks(tokens=tokens, base_url="https://t.example", send_id=new_send_id(), honeypot=True).honeypot_url()
     assert url is not None and url.startswith("https://t.example/c/")

@@ -26,8 +26,11 @@ from store.model import EVENT_NAMES, MAX_LIMIT, Decision, EventQuery, EventStore
 from tracker.agents import AgentPolicy, Hit, PriorHit, classify, relabel
 from tracker.netdata import NetworkLists, network_specs
 from tracker.privacy import stored_ip
+from tracker.sends import SendDirectory
 from tracker.shapes import event_json, stats_json
-from tracking.tokens import MAX_TOKEN_CHARS, TokenSigner, TrackingClaims, claims_from_dict
+from tracking.claims import TrackingClaims
+from tracking.legacy import LegacyTokens
+from tracking.tokens import MAX_TOKEN_CHARS, TokenKeys, TokenVerifier
 from tracking.urls import redirect_location
 
 log = logging.getLogger("inflight.tracker")
@@ -123,6 +126,22 @@ class TrustedProxies:
                 return address
         return forwarded[0] if forwarded else peer
 
+    def host(self, request: Request) -> str:
+        """The Host the client asked for (lower case, no port): X-Forwarded-Host's last value from a trusted proxy."""
+        host = request.headers.get("host", "")
+        peer = request.client.host if request.client else None
+        if peer is not None and self._trusted(peer):
+            host = request.headers.get("x-forwarded-host", host).rpartition(",")[2].strip() or host
+        return host_name(host)
+
+
+def host_name(host: str) -> str:
+    """`Example.com:8080` → `example.com`; `[::1]:80` → `::1`."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0].lower()
+    name, colon, port = host.rpartition(":")
+    return (name if colon and port.isdigit() else host).lower().rstrip(".")
+
 
 def prior_hit(row: Mapping[str, Any]) -> PriorHit:
     """A stored open/click as history for the next verdict. A honeypot click is recognised
@@ -141,11 +160,18 @@ def prior_hit(row: Mapping[str, Any]) -> PriorHit:
 
 class Tracker:
     def __init__(
-        self, *, settings: Settings, store: EventStore, signer: TokenSigner, clock: Callable[[], float] = time.time
+        self, *, settings: Settings, store: EventStore, keys: TokenKeys, clock: Callable[[], float] = time.time
     ) -> None:
         self.settings = settings
         self.store = store
-        self.signer = signer
+        legacy = LegacyTokens(settings.tracker.secrets) if settings.tracker.legacy_tokens else None
+        self.tokens = TokenVerifier(keys, legacy)
+        self.sends = SendDirectory(store)
+        # Host -> the projects whose tokens it serves: a project's own domains serve it alone;
+        # public_url's host every project (mail minted before a project had a domain of its own).
+        self.hosts: dict[str, frozenset[str] | None] = {settings.public_host: None}
+        for project in settings.projects:
+            self.hosts.update(dict.fromkeys(project.tracking_hosts, frozenset({project.id})))
         self.proxies = TrustedProxies(settings.tracker.trusted_proxies)
         self.tracking = TrackingSettings(settings, store)
         self._tokens = {p.secret: p for p in settings.projects}
@@ -154,10 +180,12 @@ class Tracker:
         self.clock = clock  # event times; a test replays hours of traffic by setting it
         self._ip_modes = {p.id: p.ip_mode for p in settings.projects}
 
-    def _claims(self, token: str, kind: str) -> TrackingClaims | None:
-        data = self.signer.verify(token)
-        claims = claims_from_dict(data) if data is not None else None
-        return claims if claims is not None and claims.kind == kind else None
+    def _claims(self, request: Request, token: str, kind: str) -> TrackingClaims | None:
+        """The claims of a `kind` token minted for a project this Host serves; None for any other token or Host."""
+        host = self.proxies.host(request)
+        if host not in self.hosts:
+            return None
+        return self.tokens.verify(token, kind, self.hosts[host])
 
     def _judgement(self, hit: Hit) -> Judgement:
         """The verdict on `hit` and the earlier events of its message that it exposes, made by the
@@ -172,7 +200,10 @@ class Tracker:
         return Judgement(rfc3339(datetime.fromtimestamp(hit.at - self.policy.lookback_seconds, UTC)), decide)
 
     async def _record(self, request: Request, claims: TrackingClaims) -> None:
-        send = claims.send
+        send = await self.sends.send_of(claims)
+        if send is None:
+            log.info("hit-unrecorded project=%s kind=%s reason=unknown-send", claims.project, claims.kind)
+            return  # purged or forgotten: the person still gets the pixel or the page
         headers = request.headers
         hit = Hit(
             kind="open" if claims.kind == "open" else "click",
@@ -206,14 +237,14 @@ class Tracker:
         await self.store.record_engagement(event, self._judgement(hit))
 
     async def pixel(self, request: Request) -> Response:
-        claims = self._claims(request.path_params["token"].removesuffix(".gif"), "open")
+        claims = self._claims(request, request.path_params["token"].removesuffix(".gif"), "open")
         if claims is None:
             return NOT_FOUND
         await self._record(request, claims)
         return PIXEL
 
     async def click(self, request: Request) -> Response:
-        claims = self._claims(request.path_params["token"], "click")
+        claims = self._claims(request, request.path_params["token"], "click")
         if claims is not None and claims.honeypot:
             # The invisible trap link goes nowhere; only machines follow it.
             await self._record(request, claims)
@@ -273,6 +304,11 @@ class Tracker:
             return JSONResponse({"error": "; ".join(since)}, status_code=422)
         query = StatsQuery(project=project.id, campaign=params.get("campaign"), template=params.get("template"), since=since)
         return JSONResponse(stats_json(query, await self.store.stats(query)))
+
+    async def tls_allowed(self, request: Request) -> Response:
+        """200 only for a configured tracking host: the `ask` endpoint of a proxy's on-demand TLS
+        (Caddy), so certificates are obtained for our domains and for no name a stranger points here."""
+        return Response(status_code=200 if host_name(request.query_params.get("domain", "")) in self.hosts else 404)
 
     async def health(self, request: Request) -> Response:
         ok = await self.store.ping()
@@ -336,6 +372,7 @@ def create_app(tracker: Tracker, *, manage_store: bool = False) -> Starlette:
         Route("/v1/settings/tracking", tracker.tracking_settings, methods=["GET", "PUT"]),
         Route("/v1/stats", tracker.stats, methods=["GET"]),
         Route("/healthz", tracker.health, methods=["GET"]),
+        Route("/tls/allowed", tracker.tls_allowed, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(HardenedResponses)])
     # Starlette answers `/c/<token>/` with a 307 to an absolute URL built from the Host header:

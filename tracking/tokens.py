@@ -1,11 +1,25 @@
-"""Self-contained, HMAC-signed tracking tokens.
+"""Opaque tracking tokens: sealed with AES-SIV, short, bound to a project and to a kind.
 
-A token carries everything the tracker needs to answer and record the event (project,
-message, contact, link, send time), so the pixel and the redirect never read the database
-first, and a forged or altered token is refused without one. Format:
-`<base64url(compact JSON claims)>.<base64url(HMAC-SHA256(claims)[:16])>`. 128 bits of tag
-keeps URLs short and is far beyond online guessing. The first secret signs, every secret
-verifies, so keys rotate without breaking mail already delivered.
+Whoever sees a link (a forwarded mail, a proxy or server log, a Referer) must read neither the
+recipient, the Message-ID, the campaign nor the project from it. So a token is encrypted and
+authenticated, and carries as little as it can (every link of every copy pays for each byte,
+and base64 turns 3 bytes into 4 characters):
+
+    token     = base64url(version | key id | SIV (16) | ciphertext)
+    plaintext = send id (12 random bytes, the copy's row in the store's `sends`) [+ destination]
+
+- AES-SIV (RFC 5297) is deterministic and misuse resistant: no nonce to carry (a 24-byte one
+  costs 32 characters). Plaintexts never repeat (a random send id per copy), so two equal
+  tokens only ever mean the same link in the same copy.
+- One key per project, derived from a tracker secret: the Host names the project, so the
+  token need not, and a token minted for one project fails on another's domain.
+- Version, key id and kind (`o` pixel, `c` click) are associated data: none can be altered, and
+  a pixel token is no click token.
+- The key id is a byte of a hash of the key: it tells which secret (and project) sealed the
+  token, so keys rotate (the first secret mints, every secret opens) and the shared host
+  finds the project's key without trying each project.
+- The destination is in the click token, so the redirect and the pixel answer without the store;
+  who the copy went to is read from the store once, when the event is recorded.
 """
 
 from __future__ import annotations
@@ -13,17 +27,29 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import hmac
-import json
+import os
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Collection, Iterable, Sequence
 from urllib.parse import urlsplit
 
-TAG_BYTES = 16
-MAX_TOKEN_CHARS = 8192  # longer than any URL we mint; bounds work on hostile input
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from tracking.claims import TrackingClaims
+from tracking.legacy import LegacyTokens, claims_from_dict
+
+VERSION = 1
+SEND_ID_BYTES = 12  # 96 random bits: no two copies ever share one
+SIV_BYTES = 16
+# Bytes every token carries besides a click's destination: version, key id, SIV, send id.
+OVERHEAD_BYTES = 2 + SIV_BYTES + SEND_ID_BYTES
+MAX_TOKEN_CHARS = 8192  # longer than any URL we mint; bounds work on hostile input
+_KIND_BYTES = {"open": b"o", "click": b"c"}
+_KEY_SALT = b"inflight tracking token v1"
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+_TO_STANDARD = str.maketrans("-_", "+/")
 
 # Visible ASCII except backslash, one or more: the relay checks every link of every copy against it.
 _VISIBLE_ASCII = re.compile(r"[\x21-\x5b\x5d-\x7e]+")
@@ -35,7 +61,7 @@ def is_redirectable(link: str) -> bool:
     An absolute http(s) URL with a host, in visible ASCII with no backslash: browsers read a
     backslash as `/` in http URLs while Python's parser does not, so such a link could name one host to
     us and another to the browser. The minter leaves any other link untracked, and the tracker
-    refuses it even if it was signed, so no input ever redirects elsewhere.
+    refuses it even if it was sealed, so no input ever redirects elsewhere.
     """
     if len(link) > MAX_TOKEN_CHARS or not _VISIBLE_ASCII.fullmatch(link):
         return False
@@ -47,126 +73,143 @@ def is_redirectable(link: str) -> bool:
     return parts.scheme.lower() in ("http", "https") and bool(host) and link[len(parts.scheme):].startswith("://")
 
 
-def _b64encode(data: bytes) -> str:
+def new_send_id() -> bytes:
+    return os.urandom(SEND_ID_BYTES)
+
+
+def _encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def _b64decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+def _decode(token: str) -> bytes | None:
+    """The bytes of a base64url token without padding, or None unless `token` is their one spelling."""
+    if len(token) > MAX_TOKEN_CHARS or not _BASE64URL.fullmatch(token):
+        return None
+    try:
+        data = binascii.a2b_base64(token.translate(_TO_STANDARD) + "==")
+    except binascii.Error:
+        return None
+    # The last character can hide unused bits: re-encoding must give the token back, so that
+    # altering any character of a token makes it invalid.
+    return data if _encode(data) == token else None
 
 
-def compact_json(value: Any) -> bytes:
-    """The JSON of token claims: no spaces, ASCII only, keys in insertion order."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+def derive_key(secret: str, project: str) -> bytes:
+    """The project's AES-SIV key (two AES-128 keys) from one tracker secret: HKDF-SHA256, info = project id."""
+    return HKDF(algorithm=SHA256(), length=32, salt=_KEY_SALT, info=project.encode("utf-8")).derive(secret.encode("utf-8"))
 
 
-class TokenSigner:
-    def __init__(self, secrets: Sequence[str]) -> None:
+class ProjectKey:
+    """One project's key from one secret; seals and opens that project's tokens."""
+
+    __slots__ = ("_header", "_siv", "key", "kid", "project")
+
+    def __init__(self, project: str, key: bytes) -> None:
+        self.project = project
+        self.key = key
+        self.kid = hashlib.sha256(b"inflight key id" + key).digest()[0]
+        self._header = bytes((VERSION, self.kid))
+        self._siv = AESSIV(key)
+
+    def __reduce__(self) -> tuple[type[ProjectKey], tuple[str, bytes]]:
+        return ProjectKey, (self.project, self.key)  # the cipher does not pickle; worker processes rebuild it
+
+    def seal(self, kind: str, plaintext: bytes) -> str:
+        return _encode(self._header + self._siv.encrypt(plaintext, [self._header + _KIND_BYTES[kind]]))
+
+    def open(self, kind: str, token: bytes) -> bytes | None:
+        """The plaintext of a decoded token sealed by this key for `kind`, else None."""
+        try:
+            return self._siv.decrypt(token[2:], [token[:2] + _KIND_BYTES[kind]])
+        except InvalidTag:
+            return None
+
+
+def claims_of(key: ProjectKey, kind: str, token: bytes) -> TrackingClaims | None:
+    """The claims of a decoded token if `key` sealed it for `kind`."""
+    plaintext = key.open(kind, token)
+    if plaintext is None or len(plaintext) < SEND_ID_BYTES:
+        return None
+    send_id, link = plaintext[:SEND_ID_BYTES], plaintext[SEND_ID_BYTES:]
+    if kind == "open":
+        return TrackingClaims("open", key.project, send_id) if not link else None
+    if not link:
+        return TrackingClaims("click", key.project, send_id, honeypot=True)  # the trap link has no destination
+    try:
+        return TrackingClaims("click", key.project, send_id, link.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None
+
+
+class ProjectTokens:
+    """What the relay needs for one project: its keys, the first (tracker.secrets[0]) mints, all open."""
+
+    def __init__(self, keys: Sequence[ProjectKey]) -> None:
+        if not keys:
+            raise ValueError("ProjectTokens needs at least one key")
+        self.keys = tuple(keys)
+        self.project = self.keys[0].project
+
+    def click(self, send_id: bytes, link: str | None) -> str:
+        """A click token with the destination sealed inside; None: the trap link, which goes nowhere."""
+        return self.keys[0].seal("click", send_id + (link or "").encode("utf-8", "surrogatepass"))
+
+    def pixel(self, send_id: bytes) -> str:
+        return self.keys[0].seal("open", send_id)
+
+    def verify(self, token: str, kind: str) -> TrackingClaims | None:
+        data = _decode(token)
+        if data is None or len(data) < OVERHEAD_BYTES or data[0] != VERSION:
+            return None
+        return next((c for key in self.keys if key.kid == data[1] and (c := claims_of(key, kind, data))), None)
+
+
+class TokenKeys:
+    """Every configured project's keys, derived once from `tracker.secrets`."""
+
+    def __init__(self, secrets: Sequence[str], projects: Iterable[str]) -> None:
         if not secrets:
-            raise ValueError("TokenSigner needs at least one secret (tracker.secrets)")
-        self._secrets = tuple(secrets)
-        # Keyed once: copying a keyed HMAC skips the key schedule that every token would otherwise repeat.
-        self._macs = [hmac.new(s.encode("utf-8"), digestmod=hashlib.sha256) for s in secrets]
+            raise ValueError("TokenKeys needs at least one secret (tracker.secrets)")
+        self._projects = {p: ProjectTokens([ProjectKey(p, derive_key(s, p)) for s in secrets]) for p in projects}
+        self._by_kid: dict[int, list[ProjectKey]] = {}
+        for tokens in self._projects.values():
+            for key in tokens.keys:
+                self._by_kid.setdefault(key.kid, []).append(key)
 
-    def __reduce__(self) -> tuple[type[TokenSigner], tuple[tuple[str, ...]]]:
-        return TokenSigner, (self._secrets,)  # HMAC objects do not pickle; worker processes get the secrets
-
-    def _tag(self, mac: hmac.HMAC, payload: bytes) -> bytes:
-        mac = mac.copy()
-        mac.update(payload)
-        return mac.digest()[:TAG_BYTES]
-
-    def sign(self, claims: dict[str, Any]) -> str:
-        return self.sign_payload(compact_json(claims))
-
-    def sign_payload(self, payload: bytes) -> str:
-        """A token over claims already encoded with `compact_json` (the relay builds them from a per-copy prefix)."""
-        return f"{_b64encode(payload)}.{_b64encode(self._tag(self._macs[0], payload))}"
-
-    def verify(self, token: str) -> dict[str, Any] | None:
-        """The claims when some key signed exactly this token, else None (never raises)."""
-        if len(token) > MAX_TOKEN_CHARS or token.count(".") != 1:
-            return None
-        encoded, _, tag_text = token.partition(".")
+    def project(self, project: str) -> ProjectTokens:
         try:
-            payload = _b64decode(encoded)
-            tag = _b64decode(tag_text)
-        except (binascii.Error, ValueError):
+            return self._projects[project]
+        except KeyError:
+            raise ValueError(f"no keys for project {project!r}: it is not configured") from None
+
+    def verify(self, token: str, kind: str, projects: Collection[str] | None = None) -> TrackingClaims | None:
+        """The claims of an opaque token sealed for `kind` by one of `projects` (None: any project), else None."""
+        data = _decode(token)
+        if data is None or len(data) < OVERHEAD_BYTES or data[0] != VERSION:
             return None
-        # Re-encoding must give back the exact token: base64 has several spellings of the same
-        # bytes (padding bits), and a token must have exactly one valid form.
-        if _b64encode(payload) != encoded or _b64encode(tag) != tag_text:
-            return None
-        if not any(hmac.compare_digest(self._tag(mac, payload), tag) for mac in self._macs):
-            return None
-        try:
-            claims = json.loads(payload)
-        except ValueError:
-            return None
-        return claims if isinstance(claims, dict) else None
-
-
-@dataclass(frozen=True)
-class TrackedSend:
-    """Who and what one tracked copy is about; carried inside every token minted for it."""
-
-    project: str
-    message_id: str
-    contact: str
-    recipient: str
-    sent_at: int  # epoch seconds, for timing-based machine detection
-    campaign: str | None = None
-    template: str | None = None
-    template_type: str | None = None
-    campaign_type: str | None = None
-
-
-# Short claim names keep URLs short: every link of every copy carries them.
-_CLAIM_NAMES = {
-    "project": "p",
-    "message_id": "m",
-    "contact": "c",
-    "recipient": "r",
-    "sent_at": "s",
-    "campaign": "g",
-    "template": "t",
-    "template_type": "tt",
-    "campaign_type": "ct",
-}
-
-
-@dataclass(frozen=True)
-class TrackingClaims:
-    kind: str  # "open" | "click"
-    send: TrackedSend
-    link: str | None = None
-    # The invisible trap link (project honeypot_link): no destination, and a click on it
-    # is a machine by construction (tracker/agents.py).
-    honeypot: bool = False
-
-
-def claims_to_dict(claims: TrackingClaims) -> dict[str, Any]:
-    out: dict[str, Any] = {"k": claims.kind[0]}
-    for attr, short in _CLAIM_NAMES.items():
-        value = getattr(claims.send, attr)
-        if value is not None:
-            out[short] = value
-    if claims.link is not None:
-        out["u"] = claims.link
-    if claims.honeypot:
-        out["h"] = 1
-    return out
-
-
-def claims_from_dict(data: dict[str, Any]) -> TrackingClaims | None:
-    """Rebuild claims from a verified token; None when the shape is not ours (e.g. an old format)."""
-    kind = {"o": "open", "c": "click"}.get(data.get("k", ""))
-    values = {attr: data.get(short) for attr, short in _CLAIM_NAMES.items()}
-    required = ("project", "message_id", "contact", "recipient")
-    if kind is None or not all(isinstance(values[a], str) for a in required) or not isinstance(values["sent_at"], int):
+        for key in self._by_kid.get(data[1], ()):  # usually one key; a shared key id byte costs one more try
+            if projects is None or key.project in projects:
+                claims = claims_of(key, kind, data)
+                if claims is not None:
+                    return claims
         return None
-    link = data.get("u")
-    honeypot = data.get("h") == 1
-    if kind == "click" and not isinstance(link, str) and not honeypot:
-        return None
-    return TrackingClaims(kind, TrackedSend(**values), link, honeypot)  # type: ignore[arg-type]
+
+
+class TokenVerifier:
+    """The tracker's check of a token: opaque for the Host's projects; legacy ones too while enabled."""
+
+    def __init__(self, keys: TokenKeys, legacy: LegacyTokens | None) -> None:
+        self.keys = keys
+        self.legacy = legacy
+
+    def verify(self, token: str, kind: str, projects: Collection[str] | None = None) -> TrackingClaims | None:
+        """Claims for a `kind` token valid for one of `projects` (None: any), else None. Never raises."""
+        if "." not in token:  # base64url has no dot; a legacy token always holds one
+            return self.keys.verify(token, kind, projects)
+        if self.legacy is None or len(token) > MAX_TOKEN_CHARS:
+            return None
+        data = self.legacy.verify(token)
+        claims = claims_from_dict(data) if data is not None else None
+        if claims is None or claims.kind != kind or (projects is not None and claims.project not in projects):
+            return None
+        return claims

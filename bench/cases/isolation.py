@@ -59,7 +59,7 @@ def serve_relay(variant: str, port: int, sink_port: int, work: str) -> None:
     from relay.upstream import upstream_from_settings
     from relay.workers import cpu_pool
     from store.sqlite import SqliteEventStore
-    from tracking.tokens import TokenSigner
+    from tracking.tokens import TokenKeys
 
     key = Path(work) / "dkim.pem"
     key.write_bytes(rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
@@ -78,7 +78,7 @@ def serve_relay(variant: str, port: int, sink_port: int, work: str) -> None:
         store = SqliteEventStore.from_url(settings.store.url)
         await store.open()
         upstream = upstream_from_settings(settings.upstream, local_hostname="bench.test", executor=executor)
-        pipeline = Pipeline(settings=settings, upstream=upstream, store=store, signer=TokenSigner(settings.tracker.secrets),
+        pipeline = Pipeline(settings=settings, upstream=upstream, store=store, keys=TokenKeys(settings.tracker.secrets, ["bench"]),
                             executor=executor)
         await Relay(settings, pipeline).listen(bind(settings.relay.listen))
         await asyncio.Event().wait()

@@ -10,6 +10,7 @@ answered 200 (pixel) or 302 (redirect): an answered hit is a stored hit.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import tempfile
 from pathlib import Path
@@ -28,26 +29,39 @@ from bench.harness import (
     write_config,
 )
 from relay.links import TrackingLinks
-from tracking.tokens import TokenSigner, TrackedSend
+from store.sqlite import SqliteEventStore
+from tracking.claims import TrackedSend
+from tracking.tokens import TokenKeys, new_send_id
 
 CASE = "tracker"
 CONNECTIONS = 16
 LINK = f"{SHOP}/p/7?utm_source=newsletter&utm_medium=email&utm_campaign=spring"
 
 
-def mint_paths(public_url: str, sends: int) -> tuple[list[str], list[str]]:
-    """Pixel and click paths for `sends` distinct recipients of one campaign."""
-    signer = TokenSigner([TRACKER_SECRET])
-    pixels, clicks = [], []
+def mint_paths(public_url: str, sends: int, store: Path) -> tuple[list[str], list[str]]:
+    """Pixel and click paths for `sends` distinct recipients of one campaign, their sends stored as the relay does."""
+    tokens = TokenKeys([TRACKER_SECRET], ["bench"]).project("bench")
+    pixels, clicks, rows = [], [], []
     for index in range(sends):
         send = TrackedSend(project="bench", message_id=f"{index}.bench@relay.bench.example", contact=f"c{index}@example.net",
                            recipient=f"c{index}@example.net", sent_at=1_780_000_000, campaign="spring",
                            template_type="MARKETING")
-        links = TrackingLinks(signer=signer, public_url=public_url, send=send)
+        rows.append((new_send_id(), send))
+        links = TrackingLinks(tokens=tokens, base_url=public_url, send_id=rows[-1][0])
         pixels.append(urlsplit(links.pixel_url()).path)
         click = links.click_url(LINK)
         assert click is not None
         clicks.append(urlsplit(click).path)
+
+    async def record() -> None:
+        events = SqliteEventStore(store)
+        await events.open()
+        try:
+            await events.record_sends(rows)
+        finally:
+            await events.close()
+
+    asyncio.run(record())
     return pixels, clicks
 
 
@@ -69,7 +83,7 @@ def run(quick: bool, smoke: bool = False) -> list[dict[str, Any]]:
         store = work / "events.db"
         config = write_config(work / "tracker.toml", relay_port=free_port(), tracker_port=tracker_port, store=store,
                               upstream=f"outbox:///{work}/outbox", projects={"bench": "ENABLED"})
-        pixels, clicks = mint_paths(public_url, mode.pick(full=20_000, quick=10_000, smoke=50))
+        pixels, clicks = mint_paths(public_url, mode.pick(full=20_000, quick=10_000, smoke=50), store)
         (work / "pixel.txt").write_text("\n".join(pixels))
         (work / "click.txt").write_text("\n".join(clicks))
         # variant → (port, paths file, status the tracker answers)

@@ -19,7 +19,7 @@ from config.tracking import TrackingSettings
 from relay.pipeline import Pipeline
 from relay.upstream import RecipientResult, Results
 from store.sqlite import SqliteEventStore
-from tracking.tokens import TokenSigner
+from tracking.tokens import TokenKeys
 
 MESSAGE = (b"From: app@example.com\r\nTo: a@example.com\r\nSubject: bench\r\nMIME-Version: 1.0\r\n"
            b"Content-Type: text/html; charset=utf-8\r\n\r\n" + b"<p>" + b"x" * 3000 + b"</p>\r\n")
@@ -61,7 +61,7 @@ async def _measure(mode: Mode) -> list[dict[str, Any]]:
         try:
             tracking = TrackingSettings(settings, store)
             pipeline = Pipeline(settings=settings, upstream=AcceptingUpstream(), store=store,
-                                signer=TokenSigner(settings.tracker.secrets))
+                                keys=TokenKeys(settings.tracker.secrets, [project.id]))
             unset = await _per_op_us(lambda: tracking.mode(project), count, rounds)
             await tracking.change(project, "DISABLED", by="bench")
             stored = await _per_op_us(lambda: tracking.mode(project), count, rounds)
