@@ -1,5 +1,5 @@
 """`inflight`: the operator's command line (serve, relay, tracker, check-config, migrate, settings, netdata
-refresh, contacts forget)."""
+refresh, contacts forget, domains check)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import logging
+import ssl
 import sys
 from typing import Any
 
@@ -14,6 +15,7 @@ import uvloop
 
 from config.settings import ConfigError, Settings, load_settings, resolve_config_path
 from config.tracking import ModeRefused, TrackingSettings
+from inflight.domains import DnsResolver, check_domains
 from inflight.service import Service
 from store import is_sqlite, migrate_store, open_store
 from store.sqlite import sqlite_path
@@ -143,6 +145,28 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _domains_check(args: argparse.Namespace) -> int:
+    """DNS, certificate and /healthz of every tracking domain (or one project's): exit 1 when any is missing."""
+    settings = _settings(args)
+    projects = settings.projects
+    if args.project is not None:
+        project = settings.project(args.project)
+        if project is None:
+            print(f"error: no project {args.project!r} in the configuration", file=sys.stderr)
+            return 2
+        projects = (project,)
+    domains = [(project.id, domain) for project in projects for domain in project.tracking_hosts]
+    if not domains:
+        print(f"no tracking_domains configured: links use tracker.public_url ({settings.tracker.public_url})")
+        return 0
+    context = ssl.create_default_context(cafile=args.ca_file)
+    findings = asyncio.run(check_domains(settings, domains, DnsResolver(args.resolver, timeout=args.timeout),
+                                         port=args.port, context=context, timeout=args.timeout))
+    for finding in findings:
+        print(finding.line())
+    return 0 if all(finding.ok for finding in findings) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inflight", description="Self-hosted mail-tracking SMTP relay.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("address", help="the contact id or recipient address")
     forget.add_argument("--project", help="only this project (default: every project)")
     forget.set_defaults(func=_forget)
+    domains = commands.add_parser("domains", help="the projects' tracking domains").add_subparsers(dest="action", required=True)
+    check = command("check", "DNS, HTTPS certificate and /healthz of each tracking domain; exit 1 if any is missing", domains)
+    check.add_argument("project", nargs="?", help="only this project's domains (default: every project's)")
+    check.add_argument("--resolver", help="ask this nameserver, HOST[:PORT] (default: the system's)")
+    check.add_argument("--port", type=int, default=443, help="HTTPS port of the reverse proxy (default: 443)")
+    check.add_argument("--ca-file", help="PEM of the CAs to trust (default: the system's)")
+    check.add_argument("--timeout", type=float, default=5.0, help="seconds per DNS query and per connection (default: 5)")
+    check.set_defaults(func=_domains_check)
     return parser
 
 

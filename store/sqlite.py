@@ -594,9 +594,8 @@ class SqliteEventStore:
     async def tracked_send(self, project: str, send_id: bytes) -> TrackedSend | None:
         """The copy an opaque token names, or None (never stored, past retention, or forgotten)."""
         sql = f"SELECT {', '.join(_SEND_COLUMNS)} FROM sends WHERE project = ? AND send_id = ?"
-        async with self.db.execute(sql, (project, send_id)) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else TrackedSend(project, *row)
+        rows = await self.db.execute_fetchall(sql, (project, send_id))  # one trip to the store's thread
+        return next((TrackedSend(project, *row) for row in rows), None)
 
     async def purge_deliveries(self) -> int:
         """Drop expired ledger rows; lookups already ignore them, this only bounds the table."""
