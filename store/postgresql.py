@@ -44,7 +44,8 @@ from store.model import (
     now_rfc3339,
     rfc3339,
 )
-from store.sql import COLUMN, COLUMNS, engagement_rows, filters, stats_counts, stats_sql
+from store.sql import COLUMN, COLUMNS, SEND_COLUMNS, engagement_rows, filters, stats_counts, stats_sql
+from tracking.claims import TrackedSend
 
 log = logging.getLogger("inflight.store")
 
@@ -441,6 +442,22 @@ class PostgresEventStore:
         result = await self.pool.execute("DELETE FROM deliveries WHERE expires_at <= $1", int(time.time()))
         return int(result.split()[-1])
 
+    # --- sends (who an opaque token's copy went to) ----------------------------------
+
+    async def record_sends(self, sends: list[tuple[bytes, TrackedSend]]) -> None:
+        if not sends:
+            return
+        await self.pool.executemany(
+            f"INSERT INTO sends (project, send_id, {', '.join(SEND_COLUMNS)}) "
+            f"VALUES ({', '.join(f'${n}' for n in range(1, len(SEND_COLUMNS) + 3))}) "
+            f"ON CONFLICT (project, send_id) DO NOTHING",
+            [(send.project, send_id, *(getattr(send, c) for c in SEND_COLUMNS)) for send_id, send in sends])
+
+    async def tracked_send(self, project: str, send_id: bytes) -> TrackedSend | None:
+        row = await self.pool.fetchrow(f"SELECT {', '.join(SEND_COLUMNS)} FROM sends WHERE project = $1 AND send_id = $2",
+                                       project, send_id)
+        return None if row is None else TrackedSend(project, *row)
+
     # --- retention and erasure -------------------------------------------------------
 
     async def _delete_events(self, where: str, args: list[Any]) -> tuple[int, int]:
@@ -488,6 +505,7 @@ class PostgresEventStore:
                 log.info("store-partition-dropped name=%s project=%s", name, project)
             self._months.discard(month)
         events, _ = await self._delete_events("project = $1 AND at < $2", [project, cutoff])
+        await self.pool.execute("DELETE FROM sends WHERE project = $1 AND sent_at < $2", project, int(before.timestamp()))
         return deleted + events
 
     async def _partition_months(self) -> set[str]:
@@ -508,5 +526,6 @@ class PostgresEventStore:
         counts = await self._delete_events(where, args)
         await self.pool.execute("DELETE FROM deliveries WHERE recipient = lower($1)" + (" AND project = $2" if project is not None else ""),
                                 *args)
+        await self.pool.execute(f"DELETE FROM sends WHERE {where}", *args)
         return counts
 

@@ -13,6 +13,8 @@ from store.model import HUMAN_OPEN_AGENTS, EngagementCounts, EventQuery, LinkCou
 
 COLUMNS = tuple(NewEvent.__dataclass_fields__)
 COLUMN = {name: index for index, name in enumerate(COLUMNS)}  # a column's place in an insert row
+# A row of `sends` after (project, send_id), in TrackedSend's field order.
+SEND_COLUMNS = ("message_id", "contact", "recipient", "sent_at", "campaign", "template", "template_type", "campaign_type")
 
 # Human-only stats count the agents tracker/agents.py says a person is behind (a Gmail or Yahoo
 # proxy fetches when the person opens the mail); NULL (no verdict recorded) counts as human.

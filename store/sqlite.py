@@ -32,7 +32,7 @@ from store.model import (
     now_rfc3339,
     rfc3339,
 )
-from store.sql import COLUMN, COLUMNS, engagement_rows, filters, stats_counts, stats_sql
+from store.sql import COLUMN, COLUMNS, SEND_COLUMNS, engagement_rows, filters, stats_counts, stats_sql
 from tracking.claims import TrackedSend
 
 log = logging.getLogger("inflight.store")
@@ -122,7 +122,7 @@ CREATE TABLE IF NOT EXISTS sends (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sends_project_sent ON sends (project, sent_at);
 """
-_SEND_COLUMNS = ("message_id", "contact", "recipient", "sent_at", "campaign", "template", "template_type", "campaign_type")
+
 
 _INSERT = (f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)}) "
            "ON CONFLICT (uid) DO NOTHING")
@@ -581,11 +581,11 @@ class SqliteEventStore:
 
     async def record_sends(self, sends: list[tuple[bytes, TrackedSend]]) -> None:
         """Store each tracked copy under its send id, before the copy goes (its tokens name it)."""
-        rows = [(send.project, send_id, *(getattr(send, c) for c in _SEND_COLUMNS)) for send_id, send in sends]
+        rows = [(send.project, send_id, *(getattr(send, c) for c in SEND_COLUMNS)) for send_id, send in sends]
 
         def write(db: sqlite3.Connection) -> tuple[list[int], bool]:
-            db.executemany(f"INSERT OR REPLACE INTO sends (project, send_id, {', '.join(_SEND_COLUMNS)}) "
-                           f"VALUES ({', '.join('?' for _ in range(len(_SEND_COLUMNS) + 2))})", rows)
+            db.executemany(f"INSERT OR IGNORE INTO sends (project, send_id, {', '.join(SEND_COLUMNS)}) "
+                           f"VALUES ({', '.join('?' for _ in range(len(SEND_COLUMNS) + 2))})", rows)
             return [], False
 
         if rows:
@@ -593,7 +593,7 @@ class SqliteEventStore:
 
     async def tracked_send(self, project: str, send_id: bytes) -> TrackedSend | None:
         """The copy an opaque token names, or None (never stored, past retention, or forgotten)."""
-        sql = f"SELECT {', '.join(_SEND_COLUMNS)} FROM sends WHERE project = ? AND send_id = ?"
+        sql = f"SELECT {', '.join(SEND_COLUMNS)} FROM sends WHERE project = ? AND send_id = ?"
         rows = await self.db.execute_fetchall(sql, (project, send_id))  # one trip to the store's thread
         return next((TrackedSend(project, *row) for row in rows), None)
 

@@ -8,6 +8,7 @@ import base64
 import binascii
 import contextlib
 import re
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,9 @@ from urllib.parse import unquote, urlsplit
 import httpx
 import pytest
 
-from store.sqlite import SqliteEventStore
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, make_settings
 from tests.test_flow import events, html_message, html_of, send, tracked_urls
+from tests.test_store import opened
 from tracking.claims import TrackedSend, TrackingClaims
 from tracking.legacy import LegacyTokens, claims_to_dict
 from tracking.tokens import new_send_id
@@ -189,11 +190,9 @@ def test_a_7bit_line_with_five_links_stays_whole(tmp_path: Path, sink: Sink) -> 
     assert all(len(entry) < 998 for entry in lines)
 
 
-def test_forget_and_retention_delete_the_stored_sends(tmp_path: Path) -> None:
+def test_forget_and_retention_delete_the_stored_sends(store_url: str) -> None:
     async def main() -> None:
-        store = SqliteEventStore(tmp_path / "sends.db")
-        await store.open()
-        try:
+        async with opened(store_url) as store:
             now = int(datetime.now(UTC).timestamp())
             rows = [(new_send_id(), TrackedSend(project=p, message_id=f"m{p}{n}", contact=who, recipient=who.upper(),
                                                 sent_at=now - age, campaign="k"))
@@ -208,7 +207,7 @@ def test_forget_and_retention_delete_the_stored_sends(tmp_path: Path) -> None:
             assert await store.tracked_send("p", rows[1][0]) is None and await store.tracked_send("q", rows[4][0]) is None
             await store.purge("p", datetime.now(UTC) - timedelta(days=5))
             assert await store.tracked_send("p", rows[2][0]) is None and await store.tracked_send("q", rows[5][0]) is not None
-        finally:
-            await store.close()
+            await store.record_sends([(rows[3][0], replace(rows[3][1], campaign="other"))])  # an id is written once
+            assert await store.tracked_send("q", rows[3][0]) == rows[3][1]
 
     asyncio.run(main())
