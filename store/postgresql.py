@@ -453,10 +453,14 @@ class PostgresEventStore:
             f"ON CONFLICT (project, send_id) DO NOTHING",
             [(send.project, send_id, *(getattr(send, c) for c in SEND_COLUMNS)) for send_id, send in sends])
 
-    async def tracked_send(self, project: str, send_id: bytes) -> TrackedSend | None:
-        row = await self.pool.fetchrow(f"SELECT {', '.join(SEND_COLUMNS)} FROM sends WHERE project = $1 AND send_id = $2",
-                                       project, send_id)
-        return None if row is None else TrackedSend(project, *row)
+    async def tracked_sends(self, keys: list[tuple[str, bytes]]) -> dict[tuple[str, bytes], TrackedSend]:
+        if not keys:
+            return {}
+        rows = await self.pool.fetch(
+            f"SELECT project, send_id, {', '.join(SEND_COLUMNS)} FROM sends "
+            "WHERE (project, send_id) IN (SELECT * FROM unnest($1::text[], $2::bytea[]))",
+            [project for project, _ in keys], [send_id for _, send_id in keys])
+        return {(row[0], bytes(row[1])): TrackedSend(row[0], *list(row)[2:]) for row in rows}
 
     # --- retention and erasure -------------------------------------------------------
 

@@ -591,11 +591,14 @@ class SqliteEventStore:
         if rows:
             await self._queue(write)
 
-    async def tracked_send(self, project: str, send_id: bytes) -> TrackedSend | None:
-        """The copy an opaque token names, or None (never stored, past retention, or forgotten)."""
-        sql = f"SELECT {', '.join(SEND_COLUMNS)} FROM sends WHERE project = ? AND send_id = ?"
-        rows = await self.db.execute_fetchall(sql, (project, send_id))  # one trip to the store's thread
-        return next((TrackedSend(project, *row) for row in rows), None)
+    async def tracked_sends(self, keys: list[tuple[str, bytes]]) -> dict[tuple[str, bytes], TrackedSend]:
+        """The copies these (project, send id) name; one missing is absent (never stored, past retention, forgotten)."""
+        if not keys:
+            return {}
+        sql = (f"SELECT project, send_id, {', '.join(SEND_COLUMNS)} FROM sends WHERE (project, send_id) IN "
+               f"(VALUES {', '.join('(?, ?)' for _ in keys)})")
+        rows = await self.db.execute_fetchall(sql, [part for key in keys for part in key])  # one trip to the store's thread
+        return {(row[0], bytes(row[1])): TrackedSend(row[0], *row[2:]) for row in rows}
 
     async def purge_deliveries(self) -> int:
         """Drop expired ledger rows; lookups already ignore them, this only bounds the table."""

@@ -17,9 +17,11 @@ from urllib.parse import unquote, urlsplit
 import httpx
 import pytest
 
+from store.model import Sends
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, make_settings
 from tests.test_flow import events, html_message, html_of, send, tracked_urls
 from tests.test_store import opened
+from tracker.sends import SendDirectory
 from tracking.claims import TrackedSend, TrackingClaims
 from tracking.legacy import LegacyTokens, claims_to_dict
 from tracking.tokens import new_send_id
@@ -190,6 +192,10 @@ def test_a_7bit_line_with_five_links_stays_whole(tmp_path: Path, sink: Sink) -> 
     assert all(len(entry) < 998 for entry in lines)
 
 
+async def sent(store: Sends, project: str, send_id: bytes) -> TrackedSend | None:
+    return (await store.tracked_sends([(project, send_id)])).get((project, send_id))
+
+
 def test_forget_and_retention_delete_the_stored_sends(store_url: str) -> None:
     async def main() -> None:
         async with opened(store_url) as store:
@@ -199,15 +205,32 @@ def test_forget_and_retention_delete_the_stored_sends(store_url: str) -> None:
                     for p in ("p", "q") for n, (who, age) in enumerate([("a@x.example", 0), ("b@x.example", 0),
                                                                        ("c@x.example", 86400 * 10)])]
             await store.record_sends(rows)
-            assert await store.tracked_send("p", rows[0][0]) == rows[0][1]
-            assert await store.tracked_send("q", rows[0][0]) is None  # ids are per project
+            everything = await store.tracked_sends([(send.project, send_id) for send_id, send in rows] + [("p", b"x" * 12)])
+            assert everything == {(send.project, send_id): send for send_id, send in rows}
+            assert await sent(store, "p", rows[0][0]) == rows[0][1]
+            assert await sent(store, "q", rows[0][0]) is None  # ids are per project
             await store.forget("A@X.example", project="p")
-            assert await store.tracked_send("p", rows[0][0]) is None and await store.tracked_send("q", rows[3][0]) is not None
+            assert await sent(store, "p", rows[0][0]) is None and await sent(store, "q", rows[3][0]) is not None
             await store.forget("b@x.example")
-            assert await store.tracked_send("p", rows[1][0]) is None and await store.tracked_send("q", rows[4][0]) is None
+            assert await sent(store, "p", rows[1][0]) is None and await sent(store, "q", rows[4][0]) is None
             await store.purge("p", datetime.now(UTC) - timedelta(days=5))
-            assert await store.tracked_send("p", rows[2][0]) is None and await store.tracked_send("q", rows[5][0]) is not None
+            assert await sent(store, "p", rows[2][0]) is None and await sent(store, "q", rows[5][0]) is not None
             await store.record_sends([(rows[3][0], replace(rows[3][1], campaign="other"))])  # an id is written once
-            assert await store.tracked_send("q", rows[3][0]) == rows[3][1]
+            assert await sent(store, "q", rows[3][0]) == rows[3][1]
+
+    asyncio.run(main())
+
+
+def test_send_directory_resolves_a_batch_with_one_read_and_legacy_claims_as_they_are(store_url: str) -> None:
+    async def main() -> None:
+        async with opened(store_url) as store:
+            known = (new_send_id(), TrackedSend(project="p", message_id="m", contact="c", recipient="c@x.example", sent_at=1))
+            await store.record_sends([known])
+            legacy = TrackedSend(project="p", message_id="old", contact="o", recipient="o@x.example", sent_at=2)
+            claims = [TrackingClaims("open", "p", known[0]), TrackingClaims("click", "p", new_send_id(), "https://x.example/"),
+                      TrackingClaims("open", "p", send=legacy), TrackingClaims("click", "q", known[0], "https://x.example/")]
+            directory = SendDirectory(store)
+            assert await directory.sends_of(claims) == [known[1], None, legacy, None]
+            assert await directory.send_of(claims[0]) == known[1]
 
     asyncio.run(main())

@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,7 +29,7 @@ from tracker.netdata import NetworkLists, network_specs
 from tracker.privacy import stored_ip
 from tracker.sends import SendDirectory
 from tracker.shapes import event_json, stats_json
-from tracking.claims import TrackingClaims
+from tracking.claims import TrackedSend, TrackingClaims
 from tracking.legacy import LegacyTokens
 from tracking.tokens import MAX_TOKEN_CHARS, TokenKeys, TokenVerifier
 from tracking.urls import redirect_location
@@ -199,24 +200,23 @@ class Tracker:
 
         return Judgement(rfc3339(datetime.fromtimestamp(hit.at - self.policy.lookback_seconds, UTC)), decide)
 
-    async def _record(self, request: Request, claims: TrackingClaims) -> None:
-        send = await self.sends.send_of(claims)
-        if send is None:
-            log.info("hit-unrecorded project=%s kind=%s reason=unknown-send", claims.project, claims.kind)
-            return  # purged or forgotten: the person still gets the pixel or the page
+    def _hit(self, request: Request, claims: TrackingClaims) -> Hit:
+        """What the verdict needs from the request; `sent_at` comes with the send (`_event`)."""
         headers = request.headers
-        hit = Hit(
+        return Hit(
             kind="open" if claims.kind == "open" else "click",
             at=self.clock(),
             ip=self.proxies.client_ip(request),
             user_agent=headers.get("user-agent"),
             method=request.method,
             purpose=headers.get("sec-purpose") or headers.get("purpose") or headers.get("x-moz"),
-            sent_at=send.sent_at,
             link=claims.link,
             honeypot=claims.honeypot,
         )
-        event = NewEvent(
+
+    def _event(self, claims: TrackingClaims, send: TrackedSend, hit: Hit) -> NewEvent:
+        """The open or click event of a hit on `send`, the copy its token names."""
+        return NewEvent(
             name=f"email.{claims.kind}",
             project=send.project,
             contact=send.contact,
@@ -234,7 +234,17 @@ class Tracker:
             user_agent=hit.user_agent,
             tracked=True,
         )
-        await self.store.record_engagement(event, self._judgement(hit))
+
+    async def _record(self, request: Request, claims: TrackingClaims) -> None:
+        """Record a verified hit. The token names the copy (send id); who it went to is read from the
+        store (`self.sends`, cached), which is why that lookup belongs after the answer."""
+        hit = self._hit(request, claims)
+        send = await self.sends.send_of(claims)
+        if send is None:
+            log.info("hit-unrecorded project=%s kind=%s reason=unknown-send", claims.project, claims.kind)
+            return  # purged or forgotten: the person still gets the pixel or the page
+        hit = replace(hit, sent_at=send.sent_at)
+        await self.store.record_engagement(self._event(claims, send, hit), self._judgement(hit))
 
     async def pixel(self, request: Request) -> Response:
         claims = self._claims(request, request.path_params["token"].removesuffix(".gif"), "open")

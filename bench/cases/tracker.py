@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import tempfile
+import time
+import timeit
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,8 +32,9 @@ from bench.harness import (
 )
 from relay.links import TrackingLinks
 from store.sqlite import SqliteEventStore
-from tracking.claims import TrackedSend
-from tracking.tokens import TokenKeys, new_send_id
+from tracking.claims import TrackedSend, TrackingClaims
+from tracking.legacy import LegacyTokens, claims_to_dict
+from tracking.tokens import TokenKeys, TokenVerifier, new_send_id
 
 CASE = "tracker"
 CONNECTIONS = 16
@@ -125,4 +128,25 @@ def run(quick: bool, smoke: bool = False) -> list[dict[str, Any]]:
             rows.append(row(CASE, f"{base_name} {quantile}", "ms", base_samples))
             rows.append(row(CASE, f"{endpoint}: inflight {quantile}", "ms", [r[f"{quantile}_ms"] for r in ours],
                             baseline=(f"{base_name} {quantile}", base_samples)))
-    return rows
+    return rows + verify_rows(mode)
+
+
+def verify_rows(mode: Mode) -> list[dict[str, Any]]:
+    """CPU µs per token check (every hit pays one): opaque AES-SIV tokens vs the legacy signed JSON ones."""
+    keys = TokenKeys([TRACKER_SECRET, "an-older-secret"], [f"project-{n}" for n in range(99)] + ["bench"])
+    verifier = TokenVerifier(keys, LegacyTokens([TRACKER_SECRET]))
+    send = TrackedSend(project="bench", message_id="1.bench@relay.bench.example", contact="c1@example.net",
+                       recipient="c1@example.net", sent_at=1_780_000_000, campaign="spring", template_type="MARKETING")
+    tokens = {"opaque click": keys.project("bench").click(new_send_id(), LINK),
+              "legacy click": LegacyTokens([TRACKER_SECRET]).sign(claims_to_dict(TrackingClaims("click", "bench", link=LINK,
+                                                                                                 send=send)))}
+    count, rounds = mode.pick(full=(20_000, 5), quick=(5_000, 3), smoke=(100, 1))
+
+    def per_verify(token: str) -> float:
+        return timeit.timeit(lambda: verifier.verify(token, "click"), number=count, timer=time.process_time) / count * 1e6
+
+    samples = {name: [per_verify(token) for _ in range(rounds)] for name, token in tokens.items()}
+    legacy = ("token verify: legacy click (signed JSON)", samples["legacy click"])
+    return [row(CASE, legacy[0], "µs", legacy[1]),
+            row(CASE, "token verify: opaque click (AES-SIV), 100 projects, 2 secrets", "µs", samples["opaque click"],
+                baseline=legacy, max_value=20.0, note=f"{len(tokens['opaque click'])} vs {len(tokens['legacy click'])} characters")]
