@@ -145,6 +145,7 @@ class Service:
             self._smtp = await relay.listen(sock)
             self._relay = relay
             self._background.append(asyncio.create_task(self._purge_ledger()))
+            self._background.append(asyncio.create_task(relay.throttle_sync.run()))
             log.info("relay listening on %s:%d", *self.relay_address)
             if self.settings.relay.smtps_listen:
                 sock = bind(self.settings.relay.smtps_listen)

@@ -19,7 +19,7 @@ from relay.pipeline import Pipeline
 from relay.receive import ChunkedDataSMTP
 from relay.senders import domain_allowed
 from relay.sessions import Sessions
-from relay.throttle import AuthThrottle, RateLimiter, client_key
+from relay.throttle import AuthThrottle, RateLimiter, ThrottleSync, client_key
 from relay.trace import received_header, tls_description
 
 log = logging.getLogger("inflight.relay")
@@ -197,6 +197,8 @@ class Relay:
             backoff=relay.auth_backoff_seconds,
             window=relay.auth_failure_window_seconds,
         ))
+        # Other relay nodes on the same store count toward both (run by the service in the background).
+        self.throttle_sync = ThrottleSync(pipeline.store, self.authenticator.throttle, self.handler.rates)
         self.tls = tls_context(settings)
         self.sessions = Sessions()  # every connection on every listener, for the shutdown drain
 

@@ -229,6 +229,24 @@ class Sends(Protocol):
     async def record_sends(self, sends: list[tuple[bytes, TrackedSend]]) -> None: ...
     async def tracked_sends(self, keys: list[tuple[str, bytes]]) -> dict[tuple[str, bytes], TrackedSend]: ...
 
+@dataclass(frozen=True)
+class ThrottleEvent:
+    """One thing a relay node saw that every node's throttles must count (relay/throttle.py)."""
+
+    kind: str  # auth_failed | auth_ok | sent
+    key: str  # the client address for auth_*, the project for sent
+    username: str = ""  # auth_*
+    per_minute: int = 0  # sent: the project's limit
+    at: float = 0.0  # wall-clock seconds: comparable across nodes
+
+
+class Throttles(Protocol):
+    """Per-project rate limits and AUTH back-off shared by the relay nodes, as events."""
+
+    async def share_throttle_events(self, events: list[ThrottleEvent]) -> list[ThrottleEvent]:
+        """Store this node's events; answer the other nodes' events not answered before."""
+        ...
+
 
 class Erasure(Protocol):
     """Retention and the right to erasure."""
@@ -237,5 +255,5 @@ class Erasure(Protocol):
     async def forget(self, address: str, *, project: str | None = None) -> tuple[int, int]: ...
 
 
-class EventStore(Lifecycle, Events, TrackingModes, WebhookOutbox, DeliveryLedger, Sends, Erasure, Protocol):
+class EventStore(Lifecycle, Events, TrackingModes, WebhookOutbox, DeliveryLedger, Sends, Throttles, Erasure, Protocol):
     """Every aggregate of one backend; code that needs only one takes that one's protocol."""

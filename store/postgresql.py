@@ -39,12 +39,25 @@ from store.model import (
     StatsCounts,
     StatsQuery,
     StoredEvent,
+    ThrottleEvent,
     WebhookJob,
     implied_uid,
     now_rfc3339,
     rfc3339,
 )
-from store.sql import COLUMN, COLUMNS, SEND_COLUMNS, engagement_rows, filters, stats_counts, stats_sql
+from store.sql import (
+    COLUMN,
+    COLUMNS,
+    SEND_COLUMNS,
+    SENT_HORIZON_SECONDS,
+    THROTTLE_HORIZON_SECONDS,
+    THROTTLE_READ_LIMIT,
+    ThrottleCursor,
+    engagement_rows,
+    filters,
+    stats_counts,
+    stats_sql,
+)
 from tracking.claims import TrackedSend
 
 log = logging.getLogger("inflight.store")
@@ -183,6 +196,7 @@ class PostgresEventStore:
         # it, which PostgreSQL drops when the process dies, so its claims are free at once.
         self.owner = int.from_bytes(os.urandom(8), "big") >> 1
         self._session: asyncpg.Connection | None = None
+        self._throttles = ThrottleCursor(time.time())
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -461,6 +475,26 @@ class PostgresEventStore:
             "WHERE (project, send_id) IN (SELECT * FROM unnest($1::text[], $2::bytea[]))",
             [project for project, _ in keys], [send_id for _, send_id in keys])
         return {(row[0], bytes(row[1])): TrackedSend(row[0], *list(row)[2:]) for row in rows}
+
+    # --- throttles -------------------------------------------------------------------
+
+    async def share_throttle_events(self, events: list[ThrottleEvent]) -> list[ThrottleEvent]:
+        """Store this node's throttle events and answer the other nodes' new ones, in one transaction."""
+        now = time.time()
+        async with self.pool.acquire() as connection, connection.transaction():
+            if events:
+                await connection.execute(
+                    "INSERT INTO throttle_events (node, kind, key, username, per_minute, at) "
+                    "SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[], $5::integer[], $6::double precision[])",
+                    self.owner, *(list(column) for column in zip(*((e.kind, e.key, e.username, e.per_minute, e.at)
+                                                                   for e in events), strict=True)))
+            rows = await connection.fetch(
+                "SELECT id, kind, key, username, per_minute, at FROM throttle_events WHERE node <> $1 AND at >= $2 "
+                "ORDER BY at DESC LIMIT $3", self.owner, self._throttles.read_from(), THROTTLE_READ_LIMIT)
+            if self._throttles.purge_due(now):
+                await connection.execute("DELETE FROM throttle_events WHERE at < $1 OR (kind = 'sent' AND at < $2)",
+                                         now - THROTTLE_HORIZON_SECONDS, now - SENT_HORIZON_SECONDS)
+        return self._throttles.fresh([tuple(row) for row in reversed(rows)], now)
 
     # --- retention and erasure -------------------------------------------------------
 

@@ -9,7 +9,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from store.model import HUMAN_OPEN_AGENTS, EngagementCounts, EventQuery, LinkCounts, NewEvent, StatsCounts, StatsQuery
+from store.model import (
+    HUMAN_OPEN_AGENTS,
+    EngagementCounts,
+    EventQuery,
+    LinkCounts,
+    NewEvent,
+    StatsCounts,
+    StatsQuery,
+    ThrottleEvent,
+)
 
 COLUMNS = tuple(NewEvent.__dataclass_fields__)
 COLUMN = {name: index for index, name in enumerate(COLUMNS)}  # a column's place in an insert row
@@ -99,3 +108,45 @@ def engagement_rows(row: list[Any], name: str, opens: int, clicks: int, implied_
         rows.append(with_values(row, name="email.open", link=None, opens=1, first=True, implied=True, uid=implied_uid))
     rows.append(with_values(row, clicks=clicks + 1, first=clicks == 0))
     return rows
+
+
+# --- shared throttles ---------------------------------------------------------------------
+
+THROTTLE_LAG_SECONDS = 5.0  # an event reaches the store at most this long after it happened
+THROTTLE_HORIZON_SECONDS = 86_400.0  # the furthest back a throttle looks (an address known good for a day)
+SENT_HORIZON_SECONDS = 120.0  # a send weighs on a token bucket for a minute at most
+THROTTLE_READ_LIMIT = 50_000  # the most events one read returns (a node starting during an attack)
+THROTTLE_PURGE_SECONDS = 60.0  # how often a node deletes events no throttle looks at any more
+
+
+class ThrottleCursor:
+    """Which other nodes' throttle events a store answered already.
+
+    Events are read by their time, from a little before the last read (an event is stored up to
+    THROTTLE_LAG_SECONDS after it happened), and the ids of that overlap are remembered so none
+    is answered twice.
+    """
+
+    def __init__(self, now: float) -> None:
+        self.since = now - THROTTLE_HORIZON_SECONDS
+        self.seen: dict[int, float] = {}
+        self.purged = now
+
+    def read_from(self) -> float:
+        return self.since - THROTTLE_LAG_SECONDS
+
+    def fresh(self, rows: Sequence[Any], now: float) -> list[ThrottleEvent]:
+        """Rows (id, kind, key, username, per_minute, at) not answered before, as events; advances the cursor."""
+        events = [ThrottleEvent(kind=kind, key=key, username=username, per_minute=per_minute, at=at)
+                  for event_id, kind, key, username, per_minute, at in rows if event_id not in self.seen]
+        self.seen.update((row[0], row[5]) for row in rows)
+        self.since = now
+        self.seen = {event_id: at for event_id, at in self.seen.items() if at >= self.read_from()}
+        return events
+
+    def purge_due(self, now: float) -> bool:
+        if now - self.purged < THROTTLE_PURGE_SECONDS:
+            return False
+        self.purged = now
+        return True
+

@@ -27,12 +27,25 @@ from store.model import (
     StatsCounts,
     StatsQuery,
     StoredEvent,
+    ThrottleEvent,
     WebhookJob,
     implied_uid,
     now_rfc3339,
     rfc3339,
 )
-from store.sql import COLUMN, COLUMNS, SEND_COLUMNS, engagement_rows, filters, stats_counts, stats_sql
+from store.sql import (
+    COLUMN,
+    COLUMNS,
+    SEND_COLUMNS,
+    SENT_HORIZON_SECONDS,
+    THROTTLE_HORIZON_SECONDS,
+    THROTTLE_READ_LIMIT,
+    ThrottleCursor,
+    engagement_rows,
+    filters,
+    stats_counts,
+    stats_sql,
+)
 from tracking.claims import TrackedSend
 
 log = logging.getLogger("inflight.store")
@@ -121,6 +134,17 @@ CREATE TABLE IF NOT EXISTS sends (
     PRIMARY KEY (project, send_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sends_project_sent ON sends (project, sent_at);
+-- Throttle events of every relay process on this file (relay/throttle.py applies them).
+CREATE TABLE IF NOT EXISTS throttle_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    node INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    username TEXT NOT NULL DEFAULT '',
+    per_minute INTEGER NOT NULL DEFAULT 0,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS throttle_events_at ON throttle_events (at);
 """
 
 
@@ -226,6 +250,8 @@ class SqliteEventStore:
         self._checkpointer: ThreadPoolExecutor | None = None
         self._checkpoint: asyncio.Future[None] | None = None
         self._checkpoint_db: sqlite3.Connection | None = None  # used in the checkpointer's thread only
+        self.node = int.from_bytes(os.urandom(7), "big")  # this store's name among the throttle events' writers
+        self._throttles = ThrottleCursor(time.time())
 
     @classmethod
     def from_url(cls, url: str, *, webhook_projects: Collection[str] = ()) -> SqliteEventStore:
@@ -599,6 +625,20 @@ class SqliteEventStore:
                f"(VALUES {', '.join('(?, ?)' for _ in keys)})")
         rows = await self.db.execute_fetchall(sql, [part for key in keys for part in key])  # one trip to the store's thread
         return {(row[0], bytes(row[1])): TrackedSend(row[0], *row[2:]) for row in rows}
+
+    async def share_throttle_events(self, events: list[ThrottleEvent]) -> list[ThrottleEvent]:
+        """Store this process's throttle events and answer the other processes' new ones."""
+        now = time.time()
+        async with self._transaction() as db:
+            await db.executemany("INSERT INTO throttle_events (node, kind, key, username, per_minute, at) VALUES (?, ?, ?, ?, ?, ?)",
+                                 [(self.node, e.kind, e.key, e.username, e.per_minute, e.at) for e in events])
+            rows = await db.execute_fetchall(
+                "SELECT id, kind, key, username, per_minute, at FROM throttle_events WHERE node <> ? AND at >= ? "
+                "ORDER BY at DESC LIMIT ?", (self.node, self._throttles.read_from(), THROTTLE_READ_LIMIT))
+            if self._throttles.purge_due(now):
+                await db.execute("DELETE FROM throttle_events WHERE at < ? OR (kind = 'sent' AND at < ?)",
+                                 (now - THROTTLE_HORIZON_SECONDS, now - SENT_HORIZON_SECONDS))
+        return self._throttles.fresh([tuple(row) for row in reversed(list(rows))], now)
 
     async def purge_deliveries(self) -> int:
         """Drop expired ledger rows; lookups already ignore them, this only bounds the table."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.throttle import AuthThrottle, RateLimiter, ThrottleSync
 from store import open_store
 from store.model import Decision, EventQuery, EventStore, Judgement, NewEvent, StatsQuery, now_rfc3339, rfc3339
 from store.sqlite import CHECKPOINT_COMMITS, SqliteEventStore
@@ -478,5 +479,33 @@ def test_forget_erases_a_contact_its_webhooks_and_ledger_rows(store_url: str) ->
             assert [e["contact"] for e in await public(store, _query())] == ["kept@x.test"]
             assert await store.delivered_recipients("p", "m1", ["gone@x.test", "kept@x.test"]) == {"kept@x.test"}
             assert await store.pending_webhooks() == 1
+
+    run(scenario())
+
+
+def test_throttles_are_shared_between_relay_nodes_through_the_store(store_url: str) -> None:
+    """AUTH failures on node A lock the address on node B after one sync each; sends on A use B's bucket
+    too; no event is applied twice, and a node's own events never come back to it."""
+
+    def node(store: EventStore) -> ThrottleSync:
+        auth = AuthThrottle(per_ip=3, per_user=100, backoff=60, window=900)
+        return ThrottleSync(store, auth, RateLimiter())
+
+    async def scenario() -> None:
+        async with opened(store_url) as one, opened(store_url) as two:
+            a, b = node(one), node(two)
+            for _ in range(3):
+                a.auth.failed("192.0.2.7", "p")
+            for _ in range(3):
+                assert a.rates.acquire("p", 3) == 0
+            assert b.auth.retry_after("192.0.2.7", "p") == 0 and b.rates.retry_after("p", 3) == 0
+            assert await a.sync_once() == 0  # stores six events, has nothing from b
+            assert await b.sync_once() == 6
+            assert 59 <= b.auth.retry_after("192.0.2.7", "p") <= 60
+            assert b.rates.acquire("p", 3) > 0  # the bucket a emptied
+            assert await b.sync_once() == 0 and await a.sync_once() == 0  # nothing twice, nothing of one's own
+            b.auth.succeeded("192.0.2.8", "p")
+            await b.sync_once()
+            assert await a.sync_once() == 1
 
     run(scenario())
