@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
+from functools import lru_cache
 
 from relay.prescan import declared_charsets
 
@@ -22,6 +23,7 @@ _LABEL_ALIASES = {"iso-8859-8-i": "iso-8859-8"}
 # Everything HTML syntax and our URLs are made of must be plain ASCII bytes for a line break or an edit to be
 # placed by byte arithmetic (UTF-16 and EBCDIC are handled, but only through verified offsets).
 _SYNTAX_PROBE = "<a href=\"https://x.y/?q=1&amp;r='2'#f\">\r\n</a>"
+_ASCII = bytes(range(128)).decode("ascii")
 _SNIFF_MIN_UNITS = 4  # ASCII code units needed before their zero bytes tell the byte order
 
 
@@ -36,6 +38,10 @@ class Charset:
     codec: str  # Python codec used in both directions (byte order fixed, no BOM)
     bom: int  # bytes of byte-order mark at the start of the data, kept as they are
     ascii_compatible: bool
+    # Every byte below 0x80 is that ASCII character and never part of another one (UTF-8, single-byte
+    # charsets; not ISO-2022-JP, Shift_JIS or UTF-16). HTML syntax is ASCII, so such data can be scanned as
+    # Latin-1 text whose positions are byte offsets; only link values need decoding (see `read`).
+    byte_transparent: bool = False
 
     @classmethod
     def resolve(cls, label: str | None, data: bytes) -> Charset:
@@ -53,7 +59,7 @@ class Charset:
             ascii_compatible = _SYNTAX_PROBE.encode(name) == _SYNTAX_PROBE.encode("ascii")
         except UnicodeError:
             ascii_compatible = False
-        return cls(name, bom, ascii_compatible)
+        return cls(name, bom, ascii_compatible, ascii_compatible and _byte_transparent(name))
 
     @staticmethod
     def _lookup(label: str) -> str:
@@ -81,6 +87,12 @@ class Charset:
         except UnicodeDecodeError:
             raise CharsetError(f"{self.codec} text does not decode") from None
 
+    def read(self, latin1_text: str) -> str:
+        """Text in this charset of a span of a byte-transparent part scanned as Latin-1."""
+        if latin1_text.isascii():
+            return latin1_text
+        return latin1_text.encode("latin-1").decode(self.codec, "surrogateescape")
+
     def encode(self, text: str) -> bytes:
         # A character the charset lacks becomes a numeric character reference, which HTML decodes back
         # (our URLs and markup are ASCII, so this is a safety net for a minter returning an IRI).
@@ -107,6 +119,14 @@ class Charset:
         if b"".join(pieces) != payload:
             raise CharsetError(f"{self.codec} bytes do not round-trip exactly")
         return offsets
+
+
+@lru_cache(maxsize=64)
+def _byte_transparent(codec: str) -> bool:
+    if codec == "utf-8":
+        return True  # multi-byte sequences are made of bytes >= 0x80 only (RFC 3629)
+    decoded = bytes(range(256)).decode(codec, "surrogateescape")
+    return len(decoded) == 256 and decoded[:128] == _ASCII and all(char >= "\x80" for char in decoded[128:])
 
 
 def _bom_charset(data: bytes) -> str | None:

@@ -32,6 +32,7 @@ _PROTECTED = {
     "application/x-pkcs7-mime": "s/mime",
 }
 _ANGLE_URL = re.compile(r"<([^>]*)>")
+_WHITESPACE = " \t\r\n\f\v"  # what str.strip() removes from ASCII (not NBSP: in Latin-1 view a byte of UTF-8)
 
 
 @dataclass(frozen=True)
@@ -145,15 +146,20 @@ def _plan_part(raw: bytes, entity: Entity, skip_urls: frozenset[str]) -> _Part |
     eol = b"\r\n" if raw[entity.body_start - 2 : entity.body_start] == b"\r\n" else b"\n"
     body = body_for(entity.transfer_encoding, raw[entity.body_start : entity.body_end], eol)
     charset = Charset.resolve(entity.charset, body.decoded)
-    html = charset.decode(body.decoded)
-    if not html.strip():
+    if charset.byte_transparent:
+        html = body.decoded.decode("latin-1")  # one character per byte: text positions are byte offsets
+        plan = plan_html(html, skip_urls=skip_urls, read=charset.read) if html.strip(_WHITESPACE) else None
+    else:
+        html = charset.decode(body.decoded)
+        plan = plan_html(html, skip_urls=skip_urls) if html.strip() else None
+    if plan is None:
         return None  # an empty part renders nothing; a pixel would be its only content
-    plan = plan_html(html, skip_urls=skip_urls)
     # Line breaks may only be added where they are single ASCII bytes, and only identity encodings need them.
     breaks = body.breaks_lines and charset.ascii_compatible
     names = ("start", "end", "attribute_start", "attribute_end") if breaks else ("start", "end")
     offsets = sorted({getattr(slot, name) for slot in plan.slots for name in names})
-    at = dict(zip(offsets, body.positions(charset.byte_offsets(html, body.decoded, offsets)), strict=True))
+    byte_offsets = offsets if charset.byte_transparent else charset.byte_offsets(html, body.decoded, offsets)
+    at = dict(zip(offsets, body.positions(byte_offsets), strict=True))
     positions = [
         (
             at[slot.start],

@@ -182,9 +182,13 @@ class QuotedPrintableBody:
 
     def __init__(self, data: bytes, eol: bytes) -> None:
         self._data = data
-        # Physical lines with their line endings (the last may have none); split is quicker than a regex.
-        *lines, last = data.split(b"\n")
-        self._lines = [line + b"\n" for line in lines] + ([last] if last else [])
+        # Physical lines with their line endings (the last may have none). splitlines is quickest, but also
+        # breaks at a bare CR, which a2b_qp does not: then split at LF only.
+        if data.count(b"\r") == data.count(b"\r\n"):
+            self._lines = data.splitlines(keepends=True)
+        else:
+            *lines, last = data.split(b"\n")
+            self._lines = [line + b"\n" for line in lines] + ([last] if last else [])
         self._decoded_lines = list(map(binascii.a2b_qp, self._lines))
         # Decoding line by line equals decoding the whole: a2b_qp never looks past a line feed.
         self.decoded = b"".join(self._decoded_lines)
@@ -196,14 +200,19 @@ class QuotedPrintableBody:
     def positions(self, offsets: list[int]) -> list[int]:
         last = len(self._lines) - 1
         out = []
+        index = column = consumed = -1  # the line of the previous offset, its column and decoded bytes before it
         for offset in offsets:
-            index = min(bisect_right(self._decoded_starts, offset) - 1, last)
-            if index < 0:  # empty body
+            line_index = min(bisect_right(self._decoded_starts, offset) - 1, last)
+            if line_index < 0:  # empty body
                 out.append(0)
                 continue
-            line = self._lines[index]
-            wanted = offset - self._decoded_starts[index]
-            column = self._advance(line, wanted)
+            line = self._lines[line_index]
+            wanted = offset - self._decoded_starts[line_index]
+            if line_index != index or wanted < consumed:
+                index, column, consumed = line_index, 0, 0
+            # Offsets come sorted, often several per line (a link's start and end): go on from the previous one.
+            column = self._advance(line, column, wanted - consumed)
+            consumed = wanted
             # The sentinel keeps a literal '=' at the cut from being read as a soft line break.
             if binascii.a2b_qp(line[:column] + b"x")[:-1] != self._decoded_lines[index][:wanted]:
                 raise UnsupportedEncoding("quoted-printable position does not map back exactly")
@@ -211,9 +220,8 @@ class QuotedPrintableBody:
         return out
 
     @staticmethod
-    def _advance(line: bytes, count: int) -> int:
-        """Column after `count` decoded bytes of `line`, mirroring a2b_qp's reading of '='."""
-        pos = 0
+    def _advance(line: bytes, pos: int, count: int) -> int:
+        """Column after `count` more decoded bytes of `line` from column `pos`, mirroring a2b_qp's reading of '='."""
         while count > 0:
             equals = line.find(b"=", pos, pos + count)
             if equals < 0:

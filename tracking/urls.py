@@ -101,6 +101,8 @@ def _path(path: str) -> str:
 
 def browser_url(link: str) -> str:
     """The ASCII URL a browser requests for this absolute http(s) `link`; raises UnserialisableUrl saying why."""
+    if _VISIBLE_ASCII.fullmatch(link):
+        return link  # nothing to strip, remove or encode (the common case, on every link of every message)
     link = link.strip(_EDGES).translate(_REMOVED)
     if _VISIBLE_ASCII.fullmatch(link):
         return link
