@@ -125,7 +125,6 @@ _LONGEST_NAME = max(len(name) for name in _NAMED_REFERENCES)
 # WHATWG URL parser: strip leading/trailing C0 controls and space, remove every tab and newline.
 _URL_EDGES = "".join(map(chr, range(0x21)))
 _URL_REMOVED = str.maketrans("", "", "\t\n\r")
-_URL_NEWLINE = re.compile("[\t\n\r]")
 _HTTP_URL = re.compile(r"https?://[^/?#]", re.IGNORECASE)
 # Template syntax a later system (the sender's ESP) may still substitute: wrapping it would hide it from them.
 _PLACEHOLDER = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\*\|.*?\|\*|%%[^%]*%%", re.DOTALL)
@@ -190,7 +189,8 @@ def decode_attribute(value: str) -> str:
 def link_destination(raw_value: str) -> str:
     """The URL a browser follows for this raw attribute value: references decoded, URL whitespace removed."""
     url = decode_attribute(raw_value).strip(_URL_EDGES)
-    return url.translate(_URL_REMOVED) if _URL_NEWLINE.search(url) else url
+    # Substring tests: a character-class search costs microseconds per URL in the regex engine.
+    return url.translate(_URL_REMOVED) if "\n" in url or "\t" in url or "\r" in url else url
 
 
 def escape_attribute(value: str, quote: str) -> str:
