@@ -59,3 +59,10 @@ def test_links_without_a_serialisation_say_why(link: str, why: str) -> None:
 @pytest.mark.parametrize("link", ["http://[::1]A", "http://a:99999/", "http://[zz]/", "javascript:x"])
 def test_no_location_clients_would_refuse(link: str) -> None:
     assert redirect_location(link) is None
+
+
+@pytest.mark.parametrize("link", ["http://例え.jp-", "http://例え.jp;", "http://例え.-jp/"])
+def test_every_label_of_an_internationalised_host_is_checked(link: str) -> None:
+    # Clients validate a host with punycode in it as a whole (httpx refuses to follow `xn--r8jz45g.jp-`).
+    with pytest.raises(UnserialisableUrl, match="not an internationalised domain name"):
+        browser_url(link)

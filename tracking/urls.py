@@ -74,7 +74,8 @@ def _host(host: str) -> str:
     else:
         try:
             mapped = idna.uts46_remap(domain, std3_rules=False, transitional=False)
-            ascii_host = ".".join(label if label.isascii() else idna.alabel(label).decode("ascii") for label in mapped.split("."))
+            # Every label is checked, the ASCII ones too: clients validate a host with punycode in it whole.
+            ascii_host = ".".join(idna.alabel(label).decode("ascii") if label else "" for label in mapped.split("."))
         except (idna.IDNAError, UnicodeError) as exc:
             raise UnserialisableUrl(f"host {host[:100]!r} is not an internationalised domain name ({exc})") from None
     if not ascii_host or _FORBIDDEN_HOST.search(ascii_host):
