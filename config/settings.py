@@ -65,6 +65,19 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+# What a message in flight may cost in memory per byte of its size (received or sent, the larger): the budget
+# relay.max_inflight_bytes is counted in (README "Memory").
+MEMORY_PER_MESSAGE_BYTE = 3
+
+
+def default_inflight_bytes() -> int:
+    """A quarter of the machine's memory: what messages in flight may hold before new DATA waits."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError):
+        return 1 << 30
+
+
 @dataclass(frozen=True)
 class RelaySettings:
     listen: str = "127.0.0.1:2525"
@@ -84,6 +97,10 @@ class RelaySettings:
     drain_timeout_seconds: float = 25.0
     # Processes that parse, rewrite and sign large messages off the event loop (see bench/cases/isolation.py).
     cpu_workers: int = 2
+    # SMTP worker processes sharing the listening sockets (README "Workers"); 1 runs the relay in one process.
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # Bytes of messages held in memory at once, all workers together; beyond it DATA waits, then 452 4.3.1.
+    max_inflight_bytes: int = field(default_factory=default_inflight_bytes)
 
 
 @dataclass(frozen=True)
@@ -116,6 +133,7 @@ class TrackerSettings:
     legacy_tokens: bool = True
     # Where tracking domains must point (the reverse proxy's public IPs); empty: public_url's host's.
     public_addresses: tuple[str, ...] = ()
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # HTTP worker processes (README "Workers")
 
 
 @dataclass(frozen=True)
@@ -502,6 +520,10 @@ def _check(s: Settings) -> list[str]:
             problems.append(f"relay.{key}: file {path!r} does not exist")
     if s.relay.max_message_bytes <= 0:
         problems.append("relay.max_message_bytes: must be a positive number of bytes")
+    if s.relay.max_inflight_bytes < MEMORY_PER_MESSAGE_BYTE * s.relay.max_message_bytes:
+        problems.append(f"relay.max_inflight_bytes: must be at least {MEMORY_PER_MESSAGE_BYTE} × relay.max_message_bytes "
+                        f"({MEMORY_PER_MESSAGE_BYTE * s.relay.max_message_bytes}), or the largest message allowed could "
+                        "never be received")
     if s.relay.max_recipients <= 0:
         problems.append("relay.max_recipients: must be at least 1")
     public = urlsplit(s.tracker.public_url)
@@ -532,7 +554,8 @@ def _check(s: Settings) -> list[str]:
                 "send_timeout_seconds"):
         if getattr(s.upstream, key) <= 0:
             problems.append(f"upstream.{key}: must be a positive number of seconds")
-    for section, key in (("upstream", "pool_size"), ("upstream", "ledger_ttl_hours"), ("relay", "cpu_workers")):
+    for section, key in (("upstream", "pool_size"), ("upstream", "ledger_ttl_hours"), ("relay", "cpu_workers"),
+                         ("relay", "workers"), ("tracker", "workers")):
         if getattr(getattr(s, section), key) < 1:
             problems.append(f"{section}.{key}: must be at least 1")
     if s.relay.drain_timeout_seconds < 0:

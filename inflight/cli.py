@@ -16,7 +16,8 @@ import uvloop
 from config.settings import ConfigError, Settings, load_settings, resolve_config_path
 from config.tracking import ModeRefused, TrackingSettings
 from inflight.domains import DnsResolver, check_domains
-from inflight.service import Service
+from inflight.service import ListenError, Listeners, Service
+from inflight.supervisor import Slot, Supervisor, plan_slots
 from store import is_sqlite, migrate_store, open_store
 from store.sqlite import sqlite_path
 from tracker.netdata import network_specs, refresh
@@ -47,13 +48,37 @@ def configure_logging() -> None:
 
 
 def _run(args: argparse.Namespace, *, relay: bool, tracker: bool) -> int:
+    """Listen first (a busy address: one line, exit 1, nothing else touched), then serve in one process or in workers."""
     settings = _settings(args)
     configure_logging()
     try:
+        listeners = Listeners.bind(settings, relay=relay, tracker=tracker)
+    except ListenError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    slots = plan_slots(settings, relay=relay, tracker=tracker)
+    if len(slots) == 1:
+        return _serve(settings, slots[0], listeners)
+    return Supervisor(settings, listeners, slots, worker=lambda slot, inherited: _serve(settings, slot, inherited),
+                      prepare=lambda: _prepare_store(settings)).run()
+
+
+def _serve(settings: Settings, slot: Slot, listeners: Listeners) -> int:
+    service = Service(settings, relay=slot.relay, tracker=slot.tracker,
+                      listeners=listeners.serving(relay=slot.relay, tracker=slot.tracker), primary=slot.index == 0)
+    try:
         # uvloop (libuv) is the production event loop: the tracker answers faster on it (`make bench`).
-        uvloop.run(Service(settings, relay=relay, tracker=tracker).run_until_signalled())
+        uvloop.run(service.run_until_signalled())
     except ConfigError as exc:
         raise _fail(exc) from None
+    return 0
+
+
+def _prepare_store(settings: Settings) -> int:
+    """Create or migrate the store once, before the workers open it, and check the modes stored at runtime."""
+    problems = asyncio.run(_with_tracking(settings, lambda tracking: tracking.problems()))
+    if problems:
+        raise _fail(ConfigError(problems))
     return 0
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import socket
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -82,28 +84,106 @@ def http_config(app: ASGIApp) -> uvicorn.Config:
                           server_header=False)
 
 
-def bind(listen: str) -> socket.socket:
-    """Bind host:port ourselves so that port 0 works and the real port can be read back."""
+class ListenError(Exception):
+    """A configured address cannot be listened on; the message is the one line an operator reads."""
+
+
+def bind(listen: str, key: str = "listen") -> socket.socket:
+    """Bind host:port ourselves so that port 0 works and the real port can be read back.
+
+    No SO_REUSEPORT: with it a second instance could bind the same port and take part of the
+    traffic; worker processes share this one socket instead (inflight/workers.py).
+    """
     parsed = parse_listen(listen)
     if parsed is None:
-        raise ValueError(f"invalid listen address {listen!r}")
+        raise ListenError(f"invalid listen address: {listen!r} ({key})")
     host, port = parsed
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and without it
     # Nagle holds a response body behind its headers for a delayed ACK (~40 ms per keep-alive request).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT only; never a live listener
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        shown = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise ListenError(f"address in use: {shown} ({key})") from None
+        raise ListenError(f"cannot listen on {shown} ({key}): {exc.strerror or exc}") from None
     sock.setblocking(False)
     return sock
 
 
+@dataclass
+class Listeners:
+    """Every socket a Service serves, bound before anything else starts (store, workers, tasks).
+
+    Binding first means a second instance on busy ports stops before it can touch the store a
+    running instance uses, and worker processes forked afterwards share these very sockets.
+    """
+
+    relay: socket.socket | None = None
+    smtps: socket.socket | None = None
+    tracker: socket.socket | None = None
+
+    @classmethod
+    def bind(cls, settings: Settings, *, relay: bool, tracker: bool) -> Listeners:
+        """Bind every listener the roles need, or raise ListenError naming the first that fails (none kept open)."""
+        wanted = []
+        if relay:
+            wanted.append(("relay", settings.relay.listen, "relay.listen"))
+            if settings.relay.smtps_listen:
+                wanted.append(("smtps", settings.relay.smtps_listen, "relay.smtps_listen"))
+        if tracker:
+            wanted.append(("tracker", settings.tracker.listen, "tracker.listen"))
+        listeners = cls()
+        try:
+            for name, listen, key in wanted:
+                setattr(listeners, name, bind(listen, key))
+        except ListenError:
+            listeners.close()
+            raise
+        return listeners
+
+    def serving(self, *, relay: bool, tracker: bool) -> Listeners:
+        """The listeners of these roles; the others are closed (in a worker that does not serve them)."""
+        kept = Listeners(self.relay if relay else None, self.smtps if relay else None, self.tracker if tracker else None)
+        for sock in (self.relay, self.smtps, self.tracker):
+            if sock is not None and sock not in (kept.relay, kept.smtps, kept.tracker):
+                sock.close()
+        return kept
+
+    def close(self) -> None:
+        for sock in (self.relay, self.smtps, self.tracker):
+            if sock is not None:
+                sock.close()
+
+
 class Service:
-    def __init__(self, settings: Settings, *, relay: bool = True, tracker: bool = True) -> None:
+    """The relay and/or the tracker of one process, on listeners bound beforehand (or at start).
+
+    `primary` marks the one process of a group of workers that also runs the store's periodic
+    purges (retention, ledger): they are idempotent, but N processes would do the same deletes
+    N times. The webhook worker runs in every process: outbox leases keep two from POSTing the
+    same row, and each process wakes it for its own events at once.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        relay: bool = True,
+        tracker: bool = True,
+        listeners: Listeners | None = None,
+        primary: bool = True,
+    ) -> None:
         self.settings = settings
         self.run_relay = relay
         self.run_tracker = tracker
+        self.listeners = listeners
+        self.primary = primary
         projects = {p.id: p for p in settings.projects}
         self.store = open_store(settings.store.url,
                                                webhook_projects=[p.id for p in settings.projects if p.webhook_url])
@@ -124,14 +204,24 @@ class Service:
         self._http_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Open the store and listen; raise ConfigError when a mode stored at runtime is no longer available."""
+        """Listen first, then open the store and serve.
+
+        Raises ListenError (nothing opened) when an address is taken, and ConfigError when a mode
+        stored at runtime is no longer available.
+        """
+        if self.listeners is None:
+            self.listeners = Listeners.bind(self.settings, relay=self.run_relay, tracker=self.run_tracker)
+        listeners = self.listeners
         await self.store.open()
         problems = await TrackingSettings(self.settings, self.store).problems()
         if problems:
             await self.store.close()
+            listeners.close()
             raise ConfigError(problems)
-        self._background = [asyncio.create_task(self.webhooks.run()), asyncio.create_task(self.purge.run())]
-        if self.run_relay:
+        self._background = [asyncio.create_task(self.webhooks.run())]
+        if self.primary:
+            self._background.append(asyncio.create_task(self.purge.run()))
+        if self.run_relay and listeners.relay is not None:
             self._workers = cpu_pool(self.settings.relay.cpu_workers)
             self._upstream = upstream_from_settings(
                 self.settings.upstream, local_hostname=self.settings.relay.hostname, executor=self._workers
@@ -140,24 +230,22 @@ class Service:
                 settings=self.settings, upstream=self._upstream, store=self.store, keys=self.keys, executor=self._workers
             )
             relay = Relay(self.settings, pipeline)
-            sock = bind(self.settings.relay.listen)
-            self.relay_address = sock.getsockname()[:2]
-            self._smtp = await relay.listen(sock)
+            self.relay_address = listeners.relay.getsockname()[:2]
+            self._smtp = await relay.listen(listeners.relay)
             self._relay = relay
-            self._background.append(asyncio.create_task(self._purge_ledger()))
-            self._background.append(asyncio.create_task(relay.throttle_sync.run()))
+            if self.primary:
+                self._background.append(asyncio.create_task(self._purge_ledger()))
+            self._background.append(asyncio.create_task(relay.throttle_sync.run()))  # each process reads the others'
             log.info("relay listening on %s:%d", *self.relay_address)
-            if self.settings.relay.smtps_listen:
-                sock = bind(self.settings.relay.smtps_listen)
-                self.smtps_address = sock.getsockname()[:2]
-                self._smtps = await relay.listen(sock, implicit_tls=True)
+            if listeners.smtps is not None:
+                self.smtps_address = listeners.smtps.getsockname()[:2]
+                self._smtps = await relay.listen(listeners.smtps, implicit_tls=True)
                 log.info("relay listening with implicit TLS on %s:%d", *self.smtps_address)
-        if self.run_tracker:
+        if self.run_tracker and listeners.tracker is not None:
             app = create_app(Tracker(settings=self.settings, store=self.store, keys=self.keys))
-            sock = bind(self.settings.tracker.listen)
-            self.tracker_address = sock.getsockname()[:2]
+            self.tracker_address = listeners.tracker.getsockname()[:2]
             self._http = _EmbeddedUvicorn(http_config(app))
-            self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
+            self._http_task = asyncio.create_task(self._http.serve(sockets=[listeners.tracker]))
             while not self._http.started:
                 if self._http_task.done():
                     self._http_task.result()  # re-raise the startup failure

@@ -15,6 +15,7 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 
 
@@ -26,22 +27,27 @@ def cpu_pool(workers: int) -> ProcessPoolExecutor:
 
 
 def exit_with(pid: int) -> None:
-    """Watch `pid` from a daemon thread and end this process when it is gone.
+    """End this process at once when `pid` is gone.
 
     A pool worker waits on a pipe whose other end it holds itself, so it would outlive a relay
     killed hard; it would then hold the terminal and waste memory until the host reboots.
     """
-    threading.Thread(target=_watch, args=(pid,), daemon=True, name="exit-with-relay").start()
+    when_gone(pid, lambda: os._exit(0))
 
 
-def _watch(pid: int) -> None:
+def when_gone(pid: int, action: Callable[[], object]) -> None:
+    """Call `action` from a daemon thread once process `pid` has exited."""
+    threading.Thread(target=_watch, args=(pid, action), daemon=True, name=f"watch-{pid}").start()
+
+
+def _watch(pid: int, action: Callable[[], object]) -> None:
     if hasattr(os, "pidfd_open"):  # Linux ≥ 5.3: the kernel wakes us when the process exits
         with contextlib.suppress(ProcessLookupError):  # gone before this worker finished starting
             select.select([os.pidfd_open(pid)], [], [])
     else:
         while _alive(pid):
             time.sleep(1.0)
-    os._exit(0)
+    action()
 
 
 def _alive(pid: int) -> bool:

@@ -187,8 +187,9 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def make_settings(tmp_path: Path, upstream_url: str, **sections: Any) -> Settings:
     """Test settings on port 0; `sections` merge into the TOML-shaped mapping (arrays of tables replace)."""
     raw: dict[str, Any] = {
-        "relay": {"listen": "127.0.0.1:0", "hostname": "relay.test", "allow_plaintext_auth": True},
-        "tracker": {"listen": "127.0.0.1:0", "public_url": "http://127.0.0.1:1", "secrets": ["test-secret-1"]},
+        "relay": {"listen": "127.0.0.1:0", "hostname": "relay.test", "allow_plaintext_auth": True, "workers": 1},
+        "tracker": {"listen": "127.0.0.1:0", "public_url": "http://127.0.0.1:1", "secrets": ["test-secret-1"],
+                    "workers": 1},
         "store": {"url": f"sqlite:///{tmp_path}/inflight.db"},
         "upstream": {"url": upstream_url},
         "projects": [{"id": PROJECT, "secret": PROJECT_SECRET, "tracking": "ENABLED"}],

@@ -39,8 +39,10 @@ def test_serve_process_walkthrough_with_outbox(tmp_path: Path) -> None:
 [relay]
 listen = "127.0.0.1:{smtp_port}"
 allow_plaintext_auth = true
+workers = 1
 [tracker]
 listen = "127.0.0.1:{http_port}"
+workers = 1
 public_url = "http://127.0.0.1:{http_port}"
 secrets = ["walkthrough-secret"]
 [store]

@@ -198,6 +198,7 @@ listen = "127.0.0.1:{self.port}"
 hostname = "relay.test"
 allow_plaintext_auth = true
 drain_timeout_seconds = 5
+workers = 1
 [tracker]
 public_url = "http://127.0.0.1:1"
 secrets = ["test-secret-1"]

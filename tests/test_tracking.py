@@ -154,6 +154,7 @@ def write_config(tmp_path: Path, sink: Sink, smtp_port: int) -> Path:
 listen = "127.0.0.1:{smtp_port}"
 hostname = "relay.test"
 allow_plaintext_auth = true
+workers = 1
 [tracker]
 listen = "127.0.0.1:0"
 public_url = "http://127.0.0.1:1"
