@@ -164,13 +164,18 @@ def write_config(
     store: Path,
     upstream: str,
     projects: dict[str, str],
+    workers: int | None = None,
 ) -> Path:
-    """An inflight TOML config for one bench: `projects` maps project id → tracking mode."""
+    """An inflight TOML config for one bench: `projects` maps project id → tracking mode.
+
+    `workers` sets relay and tracker workers; None leaves the default (one per core), as deployed.
+    """
+    per_process = [f"workers = {workers}"] if workers is not None else []
     lines = [
         "[relay]", f'listen = "127.0.0.1:{relay_port}"', 'hostname = "relay.bench.example"',
-        "allow_plaintext_auth = true", "max_recipients = 50", "",
+        "allow_plaintext_auth = true", "max_recipients = 50", *per_process, "",
         "[tracker]", f'listen = "127.0.0.1:{tracker_port}"', f'public_url = "http://127.0.0.1:{tracker_port}"',
-        f'secrets = ["{TRACKER_SECRET}"]', "",
+        f'secrets = ["{TRACKER_SECRET}"]', *per_process, "",
         "[store]", f'url = "sqlite:///{store}"', "",
         "[upstream]", f'url = "{upstream}"', "",
     ]

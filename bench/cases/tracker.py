@@ -85,7 +85,7 @@ def run(quick: bool, smoke: bool = False) -> list[dict[str, Any]]:
         public_url = f"http://127.0.0.1:{tracker_port}"
         store = work / "events.db"
         config = write_config(work / "tracker.toml", relay_port=free_port(), tracker_port=tracker_port, store=store,
-                              upstream=f"outbox:///{work}/outbox", projects={"bench": "ENABLED"})
+                              upstream=f"outbox:///{work}/outbox", projects={"bench": "ENABLED"}, workers=1)
         pixels, clicks = mint_paths(public_url, mode.pick(full=20_000, quick=10_000, smoke=50), store)
         (work / "pixel.txt").write_text("\n".join(pixels))
         (work / "click.txt").write_text("\n".join(clicks))
