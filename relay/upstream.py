@@ -18,10 +18,11 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
+from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
 from config.settings import UpstreamSettings
@@ -134,6 +135,81 @@ class _StaleConnection(Exception):
 
 class _Unreachable(Exception):
     pass
+
+
+class _ConnectionClosed(Exception):
+    """The upstream closed the connection, or did not reply in time, during a pipelined transaction."""
+
+
+def _command(verb: bytes, address: str, options: list[str] | None = None) -> bytes:
+    """`MAIL FROM:<a> OPTS` or `RCPT TO:<a>` as aiosmtplib writes them; ValueError when not sendable in ASCII."""
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in address):
+        raise ValueError("control character in address")
+    return b" ".join([verb + quote_address(address).encode("ascii"), *(o.encode("ascii") for o in options or [])]) + b"\r\n"
+
+
+class _Replies(asyncio.Protocol):
+    """The replies of one pipelined transaction, in order, parsed as aiosmtplib does (multi-line joined by \\n).
+
+    Installed as the transport's protocol while the transaction runs; a lost connection is passed
+    on to aiosmtplib's protocol too, so the client knows it is closed.
+    """
+
+    def __init__(self, owner: asyncio.BaseProtocol) -> None:
+        self._owner = owner
+        self._buffer = bytearray()
+        self._arrived: asyncio.Event = asyncio.Event()
+        self._lost: str | None = None
+        self.replied = False  # at least one reply was read: the upstream saw this transaction
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        self._arrived.set()
+
+    def eof_received(self) -> bool:
+        self._lost = "connection closed by upstream"
+        self._arrived.set()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = self._lost or f"connection lost: {exc or 'closed'}"
+        self._arrived.set()
+        self._owner.connection_lost(exc)
+
+    def pause_writing(self) -> None:  # the body is written whole, as aiosmtplib's own DATA does
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    async def read(self, timeout: float) -> aiosmtplib.SMTPResponse:
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    reply = self._parse()
+                    if reply is not None:
+                        self.replied = True
+                        return reply
+                    if self._lost is not None:
+                        raise _ConnectionClosed(self._lost)
+                    self._arrived.clear()
+                    await self._arrived.wait()
+        except TimeoutError:
+            raise _ConnectionClosed(f"no reply within {timeout:g} s") from None
+
+    def _parse(self) -> aiosmtplib.SMTPResponse | None:
+        lines: list[bytes] = []
+        offset = 0
+        while (end := self._buffer.find(b"\n", offset)) >= 0:
+            line = bytes(self._buffer[offset:end + 1])
+            offset = end + 1
+            lines.append(line[4:].strip(b" \t\r\n"))
+            if line[3:4] != b"-":
+                if not line[:3].isdigit():
+                    raise _ConnectionClosed(f"malformed reply {line[:80]!r}")
+                del self._buffer[:offset]
+                return aiosmtplib.SMTPResponse(int(line[:3]), b"\n".join(lines).decode("utf-8", "surrogateescape"))
+        return None
 
 
 @dataclass
@@ -252,6 +328,8 @@ class SmtpUpstream:
         return _Connection(client, time.monotonic())
 
     async def _transaction(self, connection: _Connection, mail_from: str, recipients: list[str], block: bytes) -> Results:
+        if connection.client.supports_extension("pipelining"):
+            return await self._pipelined(connection, mail_from, recipients, block)
         client = connection.client
         results: Results = {}
         try:
@@ -288,6 +366,80 @@ class SmtpUpstream:
             client.close()
             for recipient in recipients:
                 results.setdefault(recipient, RecipientResult(451, f"4.4.2 upstream connection lost: {exc}"))
+        return results
+
+    async def _pipelined(self, connection: _Connection, mail_from: str, recipients: list[str], block: bytes) -> Results:
+        """MAIL, every RCPT and DATA in one write, their replies read in order (RFC 2920), then the body.
+
+        Two round trips per transaction instead of 3 + recipients. aiosmtplib reads one reply per
+        command it wrote (a reply arriving while the previous one waits to be picked up is dropped),
+        so the replies of this transaction are read by a `_Replies` protocol that borrows the
+        connection's transport and hands it back afterwards.
+        """
+        client = connection.client
+        results: Results = {}
+        try:
+            envelope = [_command(b"MAIL FROM:", mail_from, [f"SIZE={len(block)}"] if client.supports_extension("size") else [])]
+        except ValueError:
+            return dict.fromkeys(recipients, RecipientResult(553, "5.6.7 sender cannot be sent without SMTPUTF8"))
+        listed = []
+        for recipient in recipients:
+            try:
+                envelope.append(_command(b"RCPT TO:", recipient))
+                listed.append(recipient)
+            except ValueError:  # not encodable without SMTPUTF8
+                results[recipient] = RecipientResult(553, "5.6.7 address cannot be sent without SMTPUTF8")
+        if not listed:
+            return results
+        protocol = client.protocol
+        transport = protocol.transport if protocol is not None else None
+        if protocol is None or transport is None or transport.is_closing():
+            if connection.reused:
+                raise _StaleConnection
+            return {**dict.fromkeys(listed, RecipientResult(451, "4.4.2 upstream connection lost")), **results}
+        replies = _Replies(protocol)
+        writer = cast(asyncio.WriteTransport, transport)  # uvloop's transports are not asyncio subclasses
+        transport.set_protocol(replies)
+        mail: aiosmtplib.SMTPResponse | None = None
+        try:
+            writer.write(b"".join(envelope) + b"DATA\r\n")
+            mail = await replies.read(self.timeouts.command)
+            accepted = []
+            for recipient in listed:
+                reply = await replies.read(self.timeouts.command)
+                if mail.code != 250:
+                    results[recipient] = RecipientResult(mail.code, mail.message)
+                elif reply.code in (250, 251):
+                    accepted.append(recipient)
+                else:
+                    results[recipient] = RecipientResult(reply.code, reply.message)
+            start = await replies.read(self.timeouts.command)
+            if start.code == 354:
+                # With no recipient accepted a conforming server refuses DATA; one that does not gets an empty message.
+                writer.write(block if accepted else b".\r\n")
+                final = await replies.read(self.timeouts.data)
+            else:
+                final = start
+            if accepted:
+                results.update(dict.fromkeys(accepted, RecipientResult(final.code, final.message)))
+        except _ConnectionClosed as exc:
+            client.close()
+            if connection.reused and not replies.replied:
+                raise _StaleConnection from exc  # closed while idle: nothing reached the upstream
+            refused = mail is not None and mail.code != 250  # e.g. 421 to MAIL, then the upstream hung up
+            lost = RecipientResult(mail.code, mail.message) if mail is not None and refused else \
+                RecipientResult(451, f"4.4.2 upstream connection lost: {exc}")
+            for recipient in listed:
+                results.setdefault(recipient, lost)
+            return results
+        except BaseException:
+            client.close()  # a reply may still arrive; it must never be read as the next command's
+            raise
+        finally:
+            if not transport.is_closing():
+                transport.set_protocol(protocol)
+        if any(not r.accepted for r in results.values()):
+            await self._reset(client)
         return results
 
     async def _data(self, client: aiosmtplib.SMTP, block: bytes) -> aiosmtplib.SMTPResponse:

@@ -27,9 +27,10 @@ MESSAGE = b"From: app@example.com\r\nTo: a@example.com\r\nSubject: hi\r\n\r\nbod
 FAST = Timeouts(connect=1.0, command=1.0, data=1.0)
 
 
-@pytest.fixture
-def faulty() -> Iterator[FaultySink]:
-    with faulty_sink() as sink:
+@pytest.fixture(params=["sequential", "pipelined"])
+def faulty(request: pytest.FixtureRequest) -> Iterator[FaultySink]:
+    """The upstream, once answering command by command and once offering PIPELINING (RFC 2920)."""
+    with faulty_sink(pipelining=request.param == "pipelined") as sink:
         yield sink
 
 
@@ -252,3 +253,37 @@ def test_upstream_from_url_parses_schemes_and_keeps_credentials_out_of_its_name(
     assert upstream.endpoint.password == "p@ss" and upstream.endpoint.username == "user"
     assert "p@ss" not in str(upstream.endpoint) and "p@ss" not in repr(upstream.endpoint)
     assert isinstance(upstream_from_url("outbox:///var/outbox"), OutboxUpstream)
+
+
+def test_pipelining_sends_the_envelope_in_one_write_and_reads_every_reply() -> None:
+    """RFC 2920: MAIL, each RCPT and DATA go together; replies in order, a refused RCPT among them."""
+    batches: list[bytes] = []
+
+    async def upstream_session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 pipe ESMTP\r\n")
+        assert (await reader.readline()).startswith(b"EHLO")
+        writer.write(b"250-pipe\r\n250-PIPELINING\r\n250 SIZE 1000000\r\n")
+        envelope = await reader.readuntil(b"DATA\r\n")
+        batches.append(envelope)
+        rcpts = envelope.count(b"RCPT TO:")
+        writer.write(b"250 2.1.0 sender ok\r\n" + b"250 2.1.5 ok\r\n" * (rcpts - 1)
+                     + b"550-5.1.1 no such\r\n550 5.1.1 user\r\n" + b"354 go on\r\n")
+        await reader.readuntil(b"\r\n.\r\n")
+        writer.write(b"250 2.0.0 queued\r\n")
+        while line := await reader.readline():  # RSET (a recipient was refused), then QUIT
+            writer.write(b"221 bye\r\n" if line.startswith(b"QUIT") else b"250 reset\r\n")
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(upstream_session, "127.0.0.1", 0)
+        upstream = smtp(server.sockets[0].getsockname()[1])
+        results = await upstream.send("app@example.com", ["a@example.com", "b@example.com", "gone@example.com"], MESSAGE)
+        assert codes(results) == {"a@example.com": 250, "b@example.com": 250, "gone@example.com": 550}
+        assert results["gone@example.com"].text == "5.1.1 no such\n5.1.1 user"
+        assert results["a@example.com"].text == "2.0.0 queued"
+        await upstream.close()
+        server.close()
+
+    asyncio.run(scenario())
+    [batch] = batches
+    assert batch.startswith(b"MAIL FROM:<app@example.com> SIZE=") and batch.count(b"RCPT TO:") == 3

@@ -34,6 +34,7 @@ class FaultyHandler:
     stalled: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
     data_started: threading.Event = field(default_factory=threading.Event)
+    pipelining: bool = False  # advertise PIPELINING (RFC 2920): the relay then batches MAIL, RCPT and DATA
     ehlos: int = 0  # one per connection from aiosmtplib
     commands: list[str] = field(default_factory=list)
     sessions: list[SMTP] = field(default_factory=list)
@@ -42,6 +43,8 @@ class FaultyHandler:
         self.ehlos += 1
         self.sessions.append(server)
         session.host_name = hostname
+        if self.pipelining:  # aiosmtpd reads commands in order from its stream, so batched ones work as they are
+            return [responses[0], "250-PIPELINING", *responses[1:]]
         return responses
 
     async def handle_NOOP(self, server: SMTP, session: Session, envelope: Envelope, arg: str) -> str:
@@ -121,9 +124,9 @@ def self_signed_cert(directory: Path) -> _Tls:
 
 
 @contextlib.contextmanager
-def faulty_sink(tls: _Tls | None = None, port: int | None = None) -> Iterator[FaultySink]:
+def faulty_sink(tls: _Tls | None = None, port: int | None = None, *, pipelining: bool = False) -> Iterator[FaultySink]:
     """A FaultySink running for the block (offering STARTTLS when `tls`; on `port` when given)."""
-    handler = FaultyHandler()
+    handler = FaultyHandler(pipelining=pipelining)
     context = None
     if tls is not None:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
