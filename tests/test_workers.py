@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from inflight.service import Listeners, ListenError
+from inflight.service import ListenError, Listeners
 from inflight.supervisor import Slot, plan_slots
 from tests.conftest import PROJECT, PROJECT_SECRET, Sink, free_port, make_settings
 from tests.test_flow import html_message, html_of
