@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import socket
 import ssl
 from typing import cast
 
@@ -112,6 +113,15 @@ class SinkProtocol(asyncio.Protocol):
     def reply(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
+
+
+def sink_stats(port: int) -> dict[str, int]:
+    """The counters of the sink on `port` (messages, recipients, bytes), from its XSTATS command."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rwb") as stream:
+        stream.readline()
+        stream.write(b"XSTATS\r\n")
+        stream.flush()
+        return {key: int(value) for key, value in (part.split("=") for part in stream.readline().decode().split()[1:])}
 
 
 async def serve(port: int, tls: ssl.SSLContext | None = None) -> None:

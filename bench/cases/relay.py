@@ -8,7 +8,6 @@ Afterwards the sink must have received exactly the copies the relay answered 250
 
 from __future__ import annotations
 
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,19 +25,16 @@ from bench.harness import (
     transactional_message,
     write_config,
 )
+from bench.sink import sink_stats
 
 CASE = "relay"
 CONNECTIONS = 8  # as Postfix's smtp-source -s 8 in the peer anchor
 
 
 def sink_counters(port: int) -> tuple[int, int]:
-    """(transactions, recipients) the sink has received so far, from its XSTATS command."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rwb") as stream:
-        stream.readline()
-        stream.write(b"XSTATS\r\n")
-        stream.flush()
-        fields = dict(part.split("=") for part in stream.readline().decode().split()[1:])
-    return int(fields["messages"]), int(fields["recipients"])
+    """(transactions, recipients) the sink has received so far."""
+    stats = sink_stats(port)
+    return stats["messages"], stats["recipients"]
 
 
 def run(quick: bool, smoke: bool = False) -> list[dict[str, Any]]:
