@@ -92,7 +92,7 @@ def bind(listen: str, key: str = "listen") -> socket.socket:
     """Bind host:port ourselves so that port 0 works and the real port can be read back.
 
     No SO_REUSEPORT: with it a second instance could bind the same port and take part of the
-    traffic; worker processes share this one socket instead (inflight/workers.py).
+    traffic; worker processes share this one socket instead (inflight/supervisor.py).
     """
     parsed = parse_listen(listen)
     if parsed is None:

@@ -32,7 +32,8 @@ class Serve:
     """`inflight serve` (or another verb) as a child process on free ports, its log in a file."""
 
     def __init__(self, tmp_path: Path, sink: Sink, *, workers: int, verb: str = "serve",
-                 smtp_port: int | None = None, http_port: int | None = None, name: str = "first") -> None:
+                 smtp_port: int | None = None, http_port: int | None = None, name: str = "first",
+                 store_url: str | None = None) -> None:
         self.smtp_port = smtp_port or free_port()
         self.http_port = http_port or free_port()
         self.config = tmp_path / f"{name}.toml"
@@ -52,7 +53,7 @@ public_url = "http://127.0.0.1:{self.http_port}"
 secrets = ["test-secret-1"]
 workers = {workers}
 [store]
-url = "sqlite:///{tmp_path}/inflight.db"
+url = "{store_url or f'sqlite:///{tmp_path}/inflight.db'}"
 [upstream]
 url = "{sink.url}"
 [[projects]]
@@ -185,8 +186,9 @@ def test_a_second_serve_on_busy_ports_exits_1_and_the_first_keeps_working(tmp_pa
     assert "-failed" not in log and "Traceback" not in log, log
 
 
-def test_two_workers_both_serve_and_both_drain_on_sigterm(tmp_path: Path, sink: Sink) -> None:
-    with Serve(tmp_path, sink, workers=2) as serve:
+def test_two_workers_both_serve_and_both_drain_on_sigterm(tmp_path: Path, sink: Sink, store_url: str) -> None:
+    """On SQLite (two processes on one WAL file) and on PostgreSQL alike."""
+    with Serve(tmp_path, sink, workers=2, store_url=store_url) as serve:
         workers = serve.workers()
         assert len(workers) == 2
         served: dict[int, smtplib.SMTP] = {}
@@ -226,6 +228,9 @@ def test_two_workers_both_serve_and_both_drain_on_sigterm(tmp_path: Path, sink: 
         for client in clients:
             client.close()
     assert sorted(m.recipients[0] for m in sink.messages) == sorted(f"{pid}@example.com" for pid in served)
+    with Serve(tmp_path, sink, workers=1, store_url=store_url, name="after") as after:  # both recorded their email.sent
+        assert sorted(e["recipient"] for e in after.events() if e["name"] == "email.sent") == \
+            sorted(f"{pid}@example.com" for pid in served)
     log = serve.log.read_text()
     assert all(f"worker-stopped slot={slot} pid=" in log for slot in (0, 1)), log
 
