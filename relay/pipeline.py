@@ -79,12 +79,14 @@ class Pipeline:
     async def relay(self, project: ProjectSettings, mail_from: str, recipients: list[str], raw: bytes) -> str:
         """Return the SMTP reply for this transaction; 250 only once the upstream accepted every copy."""
         started = time.monotonic()
-        if len(raw) >= INLINE_BYTES:
+        size = len(raw)
+        if size >= INLINE_BYTES:
             # Receiving a large message ended with whole-message copies (joining the body, adding the
             # trace field) and more follow here: let other sessions run in between (bench case isolation).
             await asyncio.sleep(0)
         try:
             message = split_message(raw)
+            del raw  # the body now lives in `message` alone (README "Memory")
             hints = read_hints(message)
             if hints.project is not None and hints.project != project.id:
                 raise Refusal(replies.PROJECT_MISMATCH)
@@ -93,7 +95,7 @@ class Pipeline:
             if not from_allowed(message, project.sender_domains):
                 raise Refusal(replies.FROM_DOMAIN_REFUSED)
         except Refusal as refusal:
-            self._log("refused", project.id, None, recipients, None, len(raw), started, refusal.reply)
+            self._log("refused", project.id, None, recipients, None, size, started, refusal.reply)
             return refusal.reply
 
         try:
@@ -101,12 +103,14 @@ class Pipeline:
         except Exception:
             # Guessing a mode could track a project that turned tracking off: defer instead.
             log.exception("tracking-settings-unreadable project=%s", project.id)
-            self._log("deferred", project.id, None, recipients, None, len(raw), started, replies.SETTINGS_UNAVAILABLE)
+            self._log("deferred", project.id, None, recipients, None, size, started, replies.SETTINGS_UNAVAILABLE)
             return replies.SETTINGS_UNAVAILABLE
         decision = decide(mode, hints.send, allow_override=project.allow_tracking_override)
         if self.settings.upstream.tracking_engine is TrackingEngine.PROVIDER:
             decision = replace(decision, reason=f"{decision.reason} engine=provider")
         message, message_id = self._prepare_headers(strip_hints(message), decision)
+        data = message.to_bytes()
+        message = replace(message, body=b"")  # events and checks read its header fields; the bytes to send are `data`
         notes: list[str] = []
         pixels: set[str] = set()  # recipients whose copy carried a pixel
         async with self._one_attempt_at_a_time(project.id, message_id):
@@ -114,11 +118,12 @@ class Pipeline:
             sent_before = claim.delivered
             pending = [r for r in recipients if r.lower() in claim.claimed]
             try:
-                results = await self._send(mail_from, pending, message, hints, project, message_id, decision, notes, pixels)
+                results = await self._send(mail_from, pending, message, data, hints, project, message_id, decision, notes,
+                                           pixels)
             except DkimError as exc:
                 await self._release(project.id, message_id, pending)
                 reply = replies.unsignable(str(exc))
-                self._log("refused", project.id, message_id, recipients, decision, len(raw), started, reply)
+                self._log("refused", project.id, message_id, recipients, decision, size, started, reply)
                 return reply
             await self._release(project.id, message_id, [r for r in pending if not results[r].accepted])
         busy = [r for r in recipients if r.lower() in claim.busy]  # another node is sending them right now
@@ -149,7 +154,7 @@ class Pipeline:
             outcome = "queued" if pending else "already-sent"
         if decision.tracked and pending and not pixels:
             decision = replace(decision, tracked=False, reason=self._sent_reason(decision, pixel=False))
-        self._log(outcome, project.id, message_id, recipients, decision, len(raw), started,
+        self._log(outcome, project.id, message_id, recipients, decision, size, started,
                   f"{reply} sent_before={len(sent_before)} {' '.join(notes)}".strip())
         return reply
 
@@ -194,6 +199,7 @@ class Pipeline:
         mail_from: str,
         pending: list[str],
         message: SplitMessage,
+        data: bytes,
         hints: AppHints,
         project: ProjectSettings,
         message_id: str,
@@ -211,7 +217,7 @@ class Pipeline:
         upstream = self.settings.upstream
         try:
             async with asyncio.timeout(upstream.send_timeout_seconds):
-                copies = self._copies(message, pending, hints, project, message_id, decision, notes)
+                copies = self._copies(message, data, pending, hints, project, message_id, decision, notes)
                 async with contextlib.aclosing(copies):
                     async for copy in copies:
                         outcome = await self.upstream.send(mail_from, copy.recipients, copy.data)
@@ -260,6 +266,7 @@ class Pipeline:
     async def _copies(
         self,
         message: SplitMessage,
+        data: bytes,
         recipients: list[str],
         hints: AppHints,
         project: ProjectSettings,
@@ -273,7 +280,6 @@ class Pipeline:
         as they are sent, so memory holds a batch, not N copies of a 25 MB message; large messages
         are parsed, rewritten and signed in the CPU pool, off the event loop.
         """
-        data = message.to_bytes()
         if not decision.tracked or self.settings.upstream.tracking_engine is TrackingEngine.PROVIDER:
             # The provider's configuration set adds pixel and links when it tracks.
             notes.append("untracked" if not decision.tracked else "provider-tracks")

@@ -11,13 +11,23 @@ replies, same bytes handed to the handler.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP
+
+from relay.memory import MemoryBudget, declared_size
+from relay.replies import INSUFFICIENT_STORAGE
 
 TERMINATOR = b".\r\n"  # the final line is a lone dot; a line merely ending in one is checked and passed over
 
 
 class ChunkedDataSMTP(SMTP):
+    """With a MemoryBudget, a body is read only as far as its reservation reaches (relay/memory.py)."""
+
+    def __init__(self, *args: Any, memory: MemoryBudget | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.memory = memory
+
     async def smtp_DATA(self, arg: str) -> None:
         if self._decode_data:
             await super().smtp_DATA(arg)  # text mode is aiosmtpd's own business; the relay uses bytes
@@ -31,24 +41,34 @@ class ChunkedDataSMTP(SMTP):
         if arg:
             await self.push("501 Syntax: DATA")
             return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        body = Body(size_limit=self.data_size_limit, line_limit=self.line_length_limit)
-        while not body.complete:
-            try:
-                piece = await self._reader.readuntil(TERMINATOR)
-            except asyncio.LimitOverrunError as exc:
-                # No final dot within the stream's limit: take what is buffered, minus the bytes that
-                # could begin a terminator, so nothing after the final dot is ever consumed here.
-                piece = await self._reader.read(exc.consumed)
-            body.feed(piece)
-        if body.error is not None:
-            await self.push(body.error)
+        reservation = self.memory.reservation() if self.memory is not None else None
+        try:
+            if reservation is not None and not await reservation.cover(declared_size(self.envelope.mail_options)):
+                await self.push(INSUFFICIENT_STORAGE)  # before 354: the client has sent nothing yet
+                return
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            body = Body(size_limit=self.data_size_limit, line_limit=self.line_length_limit)
+            while not body.complete:
+                try:
+                    piece = await self._reader.readuntil(TERMINATOR)
+                except asyncio.LimitOverrunError as exc:
+                    # No final dot within the stream's limit: take what is buffered, minus the bytes that
+                    # could begin a terminator, so nothing after the final dot is ever consumed here.
+                    piece = await self._reader.read(exc.consumed)
+                body.feed(piece)
+                if reservation is not None and body.error is None and not await reservation.cover(body.size):
+                    body.refuse(INSUFFICIENT_STORAGE)  # read on to the final dot, holding nothing
+            if body.error is not None:
+                await self.push(body.error)
+                self._set_post_data_state()
+                return
+            self.envelope.content = self.envelope.original_content = body.content()
+            status = await self._call_handler_hook("DATA") if "DATA" in self._handle_hooks else MISSING
             self._set_post_data_state()
-            return
-        self.envelope.content = self.envelope.original_content = body.content()
-        status = await self._call_handler_hook("DATA") if "DATA" in self._handle_hooks else MISSING
-        self._set_post_data_state()
-        await self.push("250 OK" if status is MISSING else status)
+            await self.push("250 OK" if status is MISSING else status)
+        finally:
+            if reservation is not None:
+                await reservation.release()
 
 
 class Body:
@@ -78,8 +98,7 @@ class Body:
             elif self.size_limit and self.size > self.size_limit:
                 self.error = "552 Error: Too much mail data"
         if self.error is not None:
-            self._parts.clear()  # keep reading to the final dot, but hold nothing
-            self._partial = self._partial[: self.line_limit]
+            self.refuse(self.error)
             return
         if lines:
             text = b"\r\n".join(lines) + b"\r\n"
@@ -87,5 +106,14 @@ class Body:
                 text = text[1:]
             self._parts.append(text.replace(b"\r\n.", b"\r\n"))  # RFC 5321 §4.5.2: one leading dot removed
 
+    def refuse(self, reply: str) -> None:
+        """Answer `reply` at the final dot; until then keep reading, but hold nothing."""
+        self.error = reply
+        self._parts.clear()
+        self._partial = self._partial[: self.line_limit]
+
     def content(self) -> bytes:
-        return b"".join(self._parts)
+        """The whole body, once: the pieces are let go, so the message is not held twice."""
+        content = b"".join(self._parts)
+        self._parts.clear()
+        return content

@@ -21,6 +21,8 @@ NUL_IN_MESSAGE = "550 5.6.0 Message contains NUL bytes"
 INTERNAL_ERROR = "451 4.3.0 Internal error, nothing was sent; try again later"
 FROM_DOMAIN_REFUSED = "550 5.7.1 From header must be one address in a domain allowed for this project (sender_domains)"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+# RFC 3463 4.3.1: the relay's memory for messages in flight is spent (relay.max_inflight_bytes).
+INSUFFICIENT_STORAGE = "452 4.3.1 Insufficient system storage, try again later"
 MAX_LISTED_CHARS = 360  # an SMTP reply line is at most 512 octets (RFC 5321 §4.5.3.1.5)
 
 _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")

@@ -15,6 +15,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, sy
 from config.settings import ProjectSettings, Settings
 from relay import replies
 from relay.headers import without_envelope_line
+from relay.memory import MemoryBudget
 from relay.pipeline import Pipeline
 from relay.receive import ChunkedDataSMTP
 from relay.senders import domain_allowed
@@ -101,6 +102,13 @@ class ProjectAuthenticator:
         return AuthResult(success=True, auth_data=login)
 
 
+def _take_content(envelope: Envelope) -> bytes:
+    """The received message, let go by the envelope (aiosmtpd resets it after DATA anyway)."""
+    content = envelope.original_content or b""
+    envelope.content = envelope.original_content = None
+    return content
+
+
 class RelayHandler:
     """aiosmtpd hooks: translate protocol events into pipeline calls and pipeline outcomes into replies."""
 
@@ -162,8 +170,9 @@ class RelayHandler:
             authenticated=bool(session.authenticated),
             recipients=recipients,
         )
-        content = trace + without_envelope_line(envelope.original_content or b"")
-        return await self.pipeline.relay(project, envelope.mail_from or "", recipients, content)
+        # Handed over, not kept: the pipeline then holds the message's only copy (README "Memory").
+        return await self.pipeline.relay(project, envelope.mail_from or "", recipients,
+                                         trace + without_envelope_line(_take_content(envelope)))
 
     async def handle_exception(self, error: Exception) -> str:
         """A bug must not become aiosmtpd's `500 Error: (ValueError) ...`: a permanent refusal that
@@ -201,6 +210,8 @@ class Relay:
         self.throttle_sync = ThrottleSync(pipeline.store, self.authenticator.throttle, self.handler.rates)
         self.tls = tls_context(settings)
         self.sessions = Sessions()  # every connection on every listener, for the shutdown drain
+        # Each worker process holds an equal share of the ceiling (relay/memory.py).
+        self.memory = MemoryBudget(relay.max_inflight_bytes // relay.workers)
 
     async def listen(self, sock: socket.socket, *, implicit_tls: bool = False) -> asyncio.Server:
         """Serve SMTP on an already bound socket (so callers and tests can bind port 0).
@@ -225,6 +236,7 @@ class Relay:
                 auth_require_tls=relay.require_tls or not relay.allow_plaintext_auth,
                 command_call_limit=COMMAND_LIMITS,
                 authenticator=self.authenticator,
+                memory=self.memory,
                 loop=loop,
             ))
 

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +129,46 @@ def smtp_data_block(data: bytes) -> bytes:
     return (b"." if stuffed.startswith(b".") else b"") + stuffed + b".\r\n"
 
 
+# A body goes out in pieces of this size, each dot-stuffed as it is written: the event loop is held ~1 ms
+# per piece, and no second whole-message copy (the stuffed block) is ever made.
+PIECE_BYTES = 256 * 1024
+
+
+class DataBody:
+    """A message as DATA sends it: dot-stuffed, CRLF throughout, ending in CRLF "." CRLF (RFC 5321 §4.5.2).
+
+    Mail received over SMTP is CRLF throughout: it is stuffed piece by piece while it is written, so
+    a 50 MB copy is never held twice. Other data (LF endings, from an outbox-style source) is made
+    into a block at once, in the CPU pool when large (see smtp_data_block).
+    """
+
+    def __init__(self, data: bytes, *, stuffed: bool = False) -> None:
+        self._data = data
+        self._stuffed = stuffed
+        if stuffed:
+            self.size = len(data)
+        else:
+            ends = 0 if data.endswith(b"\r\n") else 2
+            self.size = len(data) + data.count(b"\n.") + data.startswith(b".") + ends + len(b".\r\n")
+
+    @staticmethod
+    def streamable(data: bytes) -> bool:
+        crlf = data.count(b"\r\n")
+        return data.count(b"\n") == crlf and data.count(b"\r") == crlf
+
+    def pieces(self, size: int = PIECE_BYTES) -> Iterator[bytes]:
+        data = self._data
+        if self._stuffed:
+            for start in range(0, len(data), size):
+                yield data[start:start + size]
+            return
+        for start in range(0, len(data), size):
+            piece = data[start:start + size].replace(b"\n.", b"\n..")
+            # A line starting right at the cut: its CRLF ended the previous piece (or it is the first line).
+            yield b"." + piece if piece.startswith(b".") and (start == 0 or data[start - 1] == 0x0A) else piece
+        yield (b"" if data.endswith(b"\r\n") else b"\r\n") + b".\r\n"
+
+
 class _StaleConnection(Exception):
     """A pooled connection was closed by the upstream while idle; nothing was sent on it."""
 
@@ -160,6 +200,8 @@ class _Replies(asyncio.Protocol):
         self._buffer = bytearray()
         self._arrived: asyncio.Event = asyncio.Event()
         self._lost: str | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
         self.replied = False  # at least one reply was read: the upstream saw this transaction
 
     def data_received(self, data: bytes) -> None:
@@ -174,13 +216,27 @@ class _Replies(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = self._lost or f"connection lost: {exc or 'closed'}"
         self._arrived.set()
+        self._writable.set()
         self._owner.connection_lost(exc)
 
-    def pause_writing(self) -> None:  # the body is written whole, as aiosmtplib's own DATA does
-        pass
+    def pause_writing(self) -> None:  # the transport's buffer is full: the next piece waits
+        self._writable.clear()
 
     def resume_writing(self) -> None:
-        pass
+        self._writable.set()
+
+    async def send_body(self, writer: asyncio.WriteTransport, body: DataBody, timeout: float) -> aiosmtplib.SMTPResponse:
+        """Write the body piece by piece as the upstream takes it, then read the final reply; all within `timeout`."""
+        try:
+            async with asyncio.timeout(timeout):
+                for piece in body.pieces():
+                    if self._lost is not None:
+                        raise _ConnectionClosed(self._lost)
+                    writer.write(piece)
+                    await self._writable.wait()
+                return await self.read(timeout)
+        except TimeoutError:
+            raise _ConnectionClosed(f"no reply to the body within {timeout:g} s") from None
 
     async def read(self, timeout: float) -> aiosmtplib.SMTPResponse:
         try:
@@ -249,11 +305,11 @@ class SmtpUpstream:
         self._reaper: asyncio.Task[None] | None = None
 
     async def send(self, mail_from: str, recipients: list[str], data: bytes) -> Results:
-        block = await self._data_block(data)
+        body = DataBody(data) if DataBody.streamable(data) else DataBody(await self._data_block(data), stuffed=True)
         for _ in range(2):
             try:
                 async with self._connection() as connection:
-                    return await self._transaction(connection, mail_from, recipients, block)
+                    return await self._transaction(connection, mail_from, recipients, body)
             except _StaleConnection:
                 continue  # the second round always opens a fresh connection, which is never stale
             except _Unreachable as exc:
@@ -327,13 +383,13 @@ class SmtpUpstream:
         client.timeout = self.timeouts.command
         return _Connection(client, time.monotonic())
 
-    async def _transaction(self, connection: _Connection, mail_from: str, recipients: list[str], block: bytes) -> Results:
+    async def _transaction(self, connection: _Connection, mail_from: str, recipients: list[str], body: DataBody) -> Results:
         if connection.client.supports_extension("pipelining"):
-            return await self._pipelined(connection, mail_from, recipients, block)
+            return await self._pipelined(connection, mail_from, recipients, body)
         client = connection.client
         results: Results = {}
         try:
-            options = [f"SIZE={len(block)}"] if client.supports_extension("size") else []
+            options = [f"SIZE={body.size}"] if client.supports_extension("size") else []
             try:
                 await client.mail(mail_from, options=options)
             except aiosmtplib.SMTPServerDisconnected as exc:
@@ -350,7 +406,7 @@ class SmtpUpstream:
                 except ValueError:  # not encodable without SMTPUTF8
                     results[recipient] = RecipientResult(553, "5.6.7 address cannot be sent without SMTPUTF8")
             if accepted:
-                reply = await self._data(client, block)
+                reply = await self._data(client, body)
                 results.update(dict.fromkeys(accepted, RecipientResult(reply.code, reply.message)))
             if any(not r.accepted for r in results.values()):
                 await self._reset(client)
@@ -368,7 +424,7 @@ class SmtpUpstream:
                 results.setdefault(recipient, RecipientResult(451, f"4.4.2 upstream connection lost: {exc}"))
         return results
 
-    async def _pipelined(self, connection: _Connection, mail_from: str, recipients: list[str], block: bytes) -> Results:
+    async def _pipelined(self, connection: _Connection, mail_from: str, recipients: list[str], body: DataBody) -> Results:
         """MAIL, every RCPT and DATA in one write, their replies read in order (RFC 2920), then the body.
 
         Two round trips per transaction instead of 3 + recipients. aiosmtplib reads one reply per
@@ -379,7 +435,7 @@ class SmtpUpstream:
         client = connection.client
         results: Results = {}
         try:
-            envelope = [_command(b"MAIL FROM:", mail_from, [f"SIZE={len(block)}"] if client.supports_extension("size") else [])]
+            envelope = [_command(b"MAIL FROM:", mail_from, [f"SIZE={body.size}"] if client.supports_extension("size") else [])]
         except ValueError:
             return dict.fromkeys(recipients, RecipientResult(553, "5.6.7 sender cannot be sent without SMTPUTF8"))
         listed = []
@@ -416,8 +472,8 @@ class SmtpUpstream:
             start = await replies.read(self.timeouts.command)
             if start.code == 354:
                 # With no recipient accepted a conforming server refuses DATA; one that does not gets an empty message.
-                writer.write(block if accepted else b".\r\n")
-                final = await replies.read(self.timeouts.data)
+                final = await replies.send_body(writer, body if accepted else DataBody(b".\r\n", stuffed=True),
+                                                self.timeouts.data)
             else:
                 final = start
             if accepted:
@@ -442,20 +498,28 @@ class SmtpUpstream:
             await self._reset(client)
         return results
 
-    async def _data(self, client: aiosmtplib.SMTP, block: bytes) -> aiosmtplib.SMTPResponse:
-        """DATA with a body already dot-stuffed (see smtp_data_block); the final reply, whatever its code."""
+    async def _data(self, client: aiosmtplib.SMTP, body: DataBody) -> aiosmtplib.SMTPResponse:
+        """DATA, the body, and the final reply, whatever its code (the body's pieces are read by `_Replies`)."""
         start = await client.execute_command(b"DATA")
         if start.code != 354:
             return start
         protocol = client.protocol
-        if protocol is None:
+        transport = protocol.transport if protocol is not None else None
+        if protocol is None or transport is None:
             raise aiosmtplib.SMTPServerDisconnected("connection lost before the message body")
+        replies = _Replies(protocol)
+        transport.set_protocol(replies)
         try:
-            protocol.write(block)
-            return await protocol.read_response(timeout=self.timeouts.data)
+            return await replies.send_body(cast(asyncio.WriteTransport, transport), body, self.timeouts.data)
+        except _ConnectionClosed as exc:
+            client.close()
+            raise aiosmtplib.SMTPServerDisconnected(str(exc)) from exc
         except BaseException:
             client.close()  # a reply may still arrive; it must never be read as the next command's
             raise
+        finally:
+            if not transport.is_closing():
+                transport.set_protocol(protocol)
 
     async def _reset(self, client: aiosmtplib.SMTP) -> None:
         if not client.is_connected:

@@ -12,6 +12,7 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
 from relay import upstream as upstream_module
 from relay.upstream import (
+    DataBody,
     FailoverUpstream,
     OutboxUpstream,
     SmtpEndpoint,
@@ -287,3 +288,14 @@ def test_pipelining_sends_the_envelope_in_one_write_and_reads_every_reply() -> N
     asyncio.run(scenario())
     [batch] = batches
     assert batch.startswith(b"MAIL FROM:<app@example.com> SIZE=") and batch.count(b"RCPT TO:") == 3
+
+
+@pytest.mark.parametrize("data", [
+    b"", b".", b"\r\n", b".a\r\n.b\r\n", b"a\r\n.\r\n..\r\nb", b"a.\r\n.b.", b"\r\n.\r\n", b"ab\r\n.c\r\n.d\r\n",
+])
+@pytest.mark.parametrize("piece", [1, 2, 3, 5, 1024])
+def test_a_body_streamed_in_pieces_equals_the_whole_block(data: bytes, piece: int) -> None:
+    """Dot-stuffing piece by piece, with cuts anywhere (even between CRLF and a dot), gives smtp_data_block."""
+    body = DataBody(data)
+    streamed = b"".join(body.pieces(piece))
+    assert streamed == smtp_data_block(data) and body.size == len(streamed)
