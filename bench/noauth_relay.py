@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import socket
 from pathlib import Path
 
 import uvloop
@@ -20,12 +21,14 @@ from aiosmtpd.smtp import Session
 
 from config.settings import ProjectSettings, Settings, load_settings
 from inflight.cli import configure_logging
-from inflight.service import bind
+from inflight.service import Listeners
+from inflight.supervisor import Slot, Supervisor, plan_slots
 from relay.pipeline import Pipeline
 from relay.server import COMMAND_LIMITS, RelayHandler, RelaySMTP
 from relay.throttle import RateLimiter
-from relay.upstream import upstream_from_url
-from store.sqlite import SqliteEventStore
+from relay.upstream import upstream_from_settings
+from relay.workers import cpu_pool
+from store import migrate_store, open_store
 from tracking.tokens import TokenKeys
 
 
@@ -40,18 +43,20 @@ class ProjectBoundHandler(RelayHandler):
         return self.project
 
 
-async def serve(settings: Settings, project: ProjectSettings) -> None:
-    store = SqliteEventStore.from_url(settings.store.url)
+async def serve(settings: Settings, project: ProjectSettings, sock: socket.socket) -> None:
+    store = open_store(settings.store.url)
     await store.open()
-    pipeline = Pipeline(settings=settings, upstream=upstream_from_url(settings.upstream.url), store=store,
-                        keys=TokenKeys(settings.tracker.secrets, [project.id]))
+    workers = cpu_pool(settings.relay.cpu_workers)
+    upstream = upstream_from_settings(settings.upstream, local_hostname=settings.relay.hostname, executor=workers)
+    pipeline = Pipeline(settings=settings, upstream=upstream, store=store,
+                        keys=TokenKeys(settings.tracker.secrets, [project.id]), executor=workers)
     handler = ProjectBoundHandler(settings, pipeline, project)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: RelaySMTP(handler, require_tls=False, data_size_limit=settings.relay.max_message_bytes,
                           hostname=settings.relay.hostname, ident="inflight", auth_required=False,
                           command_call_limit=COMMAND_LIMITS, loop=loop),
-        sock=bind(settings.relay.listen),
+        sock=sock,
     )
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -59,10 +64,12 @@ async def serve(settings: Settings, project: ProjectSettings) -> None:
     await stopping.wait()
     server.close()
     await server.wait_closed()
+    await upstream.close()
+    workers.shutdown(cancel_futures=True)
     await store.close()
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True, type=Path)
     parser.add_argument("--project", required=True, help="the project every session is bound to")
@@ -72,8 +79,22 @@ def main() -> None:
     if project is None:
         parser.error(f"no project {args.project!r} in {args.config}")
     configure_logging()  # as `inflight relay`: its line per message is part of what a message costs
-    uvloop.run(serve(settings, project))
+    listeners = Listeners.bind(settings, relay=True, tracker=False)
+
+    def worker(slot: Slot, inherited: Listeners) -> int:
+        assert inherited.relay is not None
+        uvloop.run(serve(settings, project, inherited.relay))
+        return 0
+
+    slots = plan_slots(settings, relay=True, tracker=False)
+    if len(slots) == 1:  # `[relay] workers` processes, as `inflight relay` runs them
+        return worker(slots[0], listeners)
+    def prepare() -> int:  # the schema once, before the workers open the store
+        asyncio.run(migrate_store(settings.store.url))
+        return 0
+
+    return Supervisor(settings, listeners, slots, worker=worker, prepare=prepare).run()
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
