@@ -85,6 +85,12 @@ class InstrumentationPlan:
     def _render(self, minter: LinkMinter) -> Instrumented:
         if any(part.html.already_instrumented(minter) for part in self._parts):
             return Instrumented(self._raw, "untouched", "already instrumented", 0)
+        pieces, links = self._pieces(minter)
+        untrackable = tuple(reason for part in self._parts for reason in part.html.untrackable)
+        # Joined once the URLs, edits and their cache are gone: for 100 k links they are as large as the copy.
+        return Instrumented(b"".join(pieces), "instrumented", "instrumented", links, untrackable)
+
+    def _pieces(self, minter: LinkMinter) -> tuple[list[bytes], int]:
         raw = self._raw
         markup = tracking_markup(minter)
         cache: dict[str, str | None] = {}
@@ -99,12 +105,12 @@ class InstrumentationPlan:
                 for (start, end, before, after), text in zip(part.positions, replacements, strict=True)
                 if text is not None
             ]
+            del replacements
             pieces.append(raw[done : part.entity.body_start])
             pieces.extend(part.body.render(edits))
             done = part.entity.body_end
         pieces.append(raw[done:])
-        untrackable = tuple(reason for part in self._parts for reason in part.html.untrackable)
-        return Instrumented(b"".join(pieces), "instrumented", "instrumented", links, untrackable)
+        return pieces, links
 
 
 def plan_instrumentation(raw: bytes) -> InstrumentationPlan:

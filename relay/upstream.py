@@ -188,6 +188,29 @@ def _command(verb: bytes, address: str, options: list[str] | None = None) -> byt
     return b" ".join([verb + quote_address(address).encode("ascii"), *(o.encode("ascii") for o in options or [])]) + b"\r\n"
 
 
+@contextlib.contextmanager
+def _lent(client: aiosmtplib.SMTP) -> Iterator[tuple[_Replies, asyncio.WriteTransport]]:
+    """The connection's transport, lent to a `_Replies` reader for one exchange and handed back to aiosmtplib.
+
+    On any failure the connection is closed: a reply may still arrive, and must never be read as
+    the next command's. _ConnectionClosed when there is no open connection to lend.
+    """
+    protocol = client.protocol
+    transport = protocol.transport if protocol is not None else None
+    if protocol is None or transport is None or transport.is_closing():
+        raise _ConnectionClosed("connection lost")
+    replies = _Replies(protocol)
+    transport.set_protocol(replies)
+    try:
+        yield replies, cast(asyncio.WriteTransport, transport)  # uvloop's transports are not asyncio subclasses
+    except BaseException:
+        client.close()
+        raise
+    finally:
+        if not transport.is_closing():
+            transport.set_protocol(protocol)
+
+
 class _Replies(asyncio.Protocol):
     """The replies of one pipelined transaction, in order, parsed as aiosmtplib does (multi-line joined by \\n).
 
@@ -447,40 +470,33 @@ class SmtpUpstream:
                 results[recipient] = RecipientResult(553, "5.6.7 address cannot be sent without SMTPUTF8")
         if not listed:
             return results
-        protocol = client.protocol
-        transport = protocol.transport if protocol is not None else None
-        if protocol is None or transport is None or transport.is_closing():
-            if connection.reused:
-                raise _StaleConnection
-            return {**dict.fromkeys(listed, RecipientResult(451, "4.4.2 upstream connection lost")), **results}
-        replies = _Replies(protocol)
-        writer = cast(asyncio.WriteTransport, transport)  # uvloop's transports are not asyncio subclasses
-        transport.set_protocol(replies)
         mail: aiosmtplib.SMTPResponse | None = None
+        replies: _Replies | None = None
         try:
-            writer.write(b"".join(envelope) + b"DATA\r\n")
-            mail = await replies.read(self.timeouts.command)
-            accepted = []
-            for recipient in listed:
-                reply = await replies.read(self.timeouts.command)
-                if mail.code != 250:
-                    results[recipient] = RecipientResult(mail.code, mail.message)
-                elif reply.code in (250, 251):
-                    accepted.append(recipient)
+            with _lent(client) as (replies, writer):
+                writer.write(b"".join(envelope) + b"DATA\r\n")
+                mail = await replies.read(self.timeouts.command)
+                accepted = []
+                for recipient in listed:
+                    reply = await replies.read(self.timeouts.command)
+                    if mail.code != 250:
+                        results[recipient] = RecipientResult(mail.code, mail.message)
+                    elif reply.code in (250, 251):
+                        accepted.append(recipient)
+                    else:
+                        results[recipient] = RecipientResult(reply.code, reply.message)
+                start = await replies.read(self.timeouts.command)
+                if start.code == 354:
+                    # With no recipient accepted a conforming server refuses DATA; one that does not gets an empty message.
+                    final = await replies.send_body(writer, body if accepted else DataBody(b".\r\n", stuffed=True),
+                                                    self.timeouts.data)
                 else:
-                    results[recipient] = RecipientResult(reply.code, reply.message)
-            start = await replies.read(self.timeouts.command)
-            if start.code == 354:
-                # With no recipient accepted a conforming server refuses DATA; one that does not gets an empty message.
-                final = await replies.send_body(writer, body if accepted else DataBody(b".\r\n", stuffed=True),
-                                                self.timeouts.data)
-            else:
-                final = start
-            if accepted:
-                results.update(dict.fromkeys(accepted, RecipientResult(final.code, final.message)))
+                    final = start
+                if accepted:
+                    results.update(dict.fromkeys(accepted, RecipientResult(final.code, final.message)))
         except _ConnectionClosed as exc:
             client.close()
-            if connection.reused and not replies.replied:
+            if connection.reused and (replies is None or not replies.replied):
                 raise _StaleConnection from exc  # closed while idle: nothing reached the upstream
             refused = mail is not None and mail.code != 250  # e.g. 421 to MAIL, then the upstream hung up
             lost = RecipientResult(mail.code, mail.message) if mail is not None and refused else \
@@ -488,12 +504,6 @@ class SmtpUpstream:
             for recipient in listed:
                 results.setdefault(recipient, lost)
             return results
-        except BaseException:
-            client.close()  # a reply may still arrive; it must never be read as the next command's
-            raise
-        finally:
-            if not transport.is_closing():
-                transport.set_protocol(protocol)
         if any(not r.accepted for r in results.values()):
             await self._reset(client)
         return results
@@ -503,23 +513,11 @@ class SmtpUpstream:
         start = await client.execute_command(b"DATA")
         if start.code != 354:
             return start
-        protocol = client.protocol
-        transport = protocol.transport if protocol is not None else None
-        if protocol is None or transport is None:
-            raise aiosmtplib.SMTPServerDisconnected("connection lost before the message body")
-        replies = _Replies(protocol)
-        transport.set_protocol(replies)
         try:
-            return await replies.send_body(cast(asyncio.WriteTransport, transport), body, self.timeouts.data)
+            with _lent(client) as (replies, writer):
+                return await replies.send_body(writer, body, self.timeouts.data)
         except _ConnectionClosed as exc:
-            client.close()
             raise aiosmtplib.SMTPServerDisconnected(str(exc)) from exc
-        except BaseException:
-            client.close()  # a reply may still arrive; it must never be read as the next command's
-            raise
-        finally:
-            if not transport.is_closing():
-                transport.set_protocol(protocol)
 
     async def _reset(self, client: aiosmtplib.SMTP) -> None:
         if not client.is_connected:
