@@ -31,7 +31,7 @@ def run(quick: bool, smoke: bool = False) -> list[dict[str, Any]]:
             store = work / f"events-{workers}.db"
             config = write_config(work / f"tracker-{workers}.toml", relay_port=free_port(), tracker_port=port, store=store,
                                   upstream=f"outbox:///{work}/outbox", projects={"bench": "ENABLED"}, workers=workers)
-            _, clicks = mint_paths(f"http://127.0.0.1:{port}", mode.pick(full=20_000, quick=10_000, smoke=50))
+            _, clicks = mint_paths(f"http://127.0.0.1:{port}", mode.pick(full=20_000, quick=10_000, smoke=50), store)
             paths = work / f"click-{workers}.txt"
             paths.write_text("\n".join(clicks))
             answered = 0
