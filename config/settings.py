@@ -41,6 +41,13 @@ class TrackingMode(StrEnum):
     MARKETING_ONLY = "MARKETING_ONLY"
 
 
+class SuppressionMode(StrEnum):
+    """What the relay does with a recipient on the project's suppression list."""
+
+    REFUSE = "refuse"  # 550 5.1.1 at RCPT, naming the reason; the other recipients go
+    OFF = "off"  # the list is kept but not enforced
+
+
 class IpMode(StrEnum):
     """How much of a client address the store keeps (tracker/privacy.py says why)."""
 
@@ -154,6 +161,16 @@ class WebhookSettings:
     concurrency: int = 16  # POSTs in flight per process
 
 
+@dataclass(frozen=True)
+class FeedbackSettings:
+    """Amazon SES notifications through SNS (`POST /v1/feedback/ses`)."""
+
+    # SNS signs with a certificate it serves from its own regional hosts; a message naming any
+    # other URL is refused before anything is fetched (AWS: "Verifying the signatures of Amazon SNS messages").
+    ses_cert_url_pattern: str = r"^https://sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/"
+    ses_topic_arns: tuple[str, ...] = ()  # the only topics accepted; empty = the endpoint refuses everything
+
+
 class TrackingEngine(enum.StrEnum):
     """Who writes the pixel and the tracked links: inflight itself, or the provider's configuration set."""
 
@@ -237,6 +254,7 @@ class ProjectSettings:
     def tracking_hosts(self) -> tuple[str, ...]:
         """tracking_domains as Host headers compare: lower case, no trailing dot."""
         return tuple(domain.lower().rstrip(".") for domain in self.tracking_domains)
+    suppression: SuppressionMode = SuppressionMode.REFUSE  # addresses that bounced for good or complained
 
 
 @dataclass(frozen=True)
@@ -255,6 +273,7 @@ class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
     projects: tuple[ProjectSettings, ...] = ()
     dkim: tuple[DkimSettings, ...] = ()
 
@@ -279,6 +298,7 @@ SECTIONS: dict[str, type] = {
     "store": StoreSettings,
     "upstream": UpstreamSettings,
     "webhooks": WebhookSettings,
+    "feedback": FeedbackSettings,
 }
 HOST_PATTERN = re.compile(r"(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.?")
 # A plain DNS name (sender domains, DKIM domains and selectors): labels of 1-63, no edge hyphens.
@@ -526,6 +546,11 @@ def _check(s: Settings) -> list[str]:
                         f"relay.workers ({least}), or the largest message allowed could never be received")
     if s.relay.max_recipients <= 0:
         problems.append("relay.max_recipients: must be at least 1")
+    try:
+        re.compile(s.feedback.ses_cert_url_pattern)
+    except re.error as exc:
+        problems.append(f"feedback.ses_cert_url_pattern: not a valid regular expression ({exc}); "
+                        r"the default is ^https://sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/")
     public = urlsplit(s.tracker.public_url)
     if public.scheme not in ("http", "https") or not public.netloc or public.query or public.fragment:
         problems.append(f"tracker.public_url: expected an http(s) base URL such as https://t.example.com, got {s.tracker.public_url!r}")

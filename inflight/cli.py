@@ -1,5 +1,5 @@
 """`inflight`: the operator's command line (serve, relay, tracker, check-config, migrate, settings, netdata
-refresh, contacts forget, domains check)."""
+refresh, contacts forget, domains check, suppressions)."""
 
 from __future__ import annotations
 
@@ -153,12 +153,17 @@ def _forget(args: argparse.Namespace) -> int:
         store = open_store(settings.store.url)
         await store.open()
         try:
-            return await store.forget(args.address, project=args.project)
+            counts = await store.forget(args.address, project=args.project)
+            # Mail already delivered still carries the address in its tokens: its later opens,
+            # clicks and feedback are not recorded (the address is kept only as a hash).
+            await store.remember_forgotten(args.address, project=args.project)
+            return counts
         finally:
             await store.close()
 
     events, webhooks = asyncio.run(forget())
-    print(f"forgot {args.address}: {events} event(s), {webhooks} pending webhook(s) deleted")
+    print(f"forgot {args.address}: {events} event(s), {webhooks} pending webhook(s) deleted; "
+          "later events from mail already delivered will not be recorded")
     return 0
 
 
@@ -190,6 +195,39 @@ def _domains_check(args: argparse.Namespace) -> int:
     for finding in findings:
         print(finding.line())
     return 0 if all(finding.ok for finding in findings) else 1
+
+
+def _suppressions(args: argparse.Namespace) -> int:
+    """The operator's twin of /v1/suppressions: list, add or remove a project's suppressed addresses."""
+    settings = _settings(args)
+    if settings.project(args.project) is None:
+        known = ", ".join(p.id for p in settings.projects)
+        print(f"error: unknown project {args.project!r} (known: {known})", file=sys.stderr)
+        return 2
+    if (args.address is None) != (args.action == "list"):
+        print(f"error: `suppressions {args.action}` {'takes no' if args.action == 'list' else 'needs an'} ADDRESS",
+              file=sys.stderr)
+        return 2
+
+    async def act() -> int:
+        store = open_store(settings.store.url)
+        await store.open()
+        try:
+            if args.action == "list":
+                for entry in await store.suppressions(args.project):
+                    print(f"{entry.address}\t{entry.reason}\t{entry.at}\t{entry.detail}")
+                return 0
+            if args.action == "add":
+                added = await store.suppress(args.project, args.address, reason="manual", detail="added with the CLI")
+                print(f"{'added' if added else 'already suppressed'}: {args.address}")
+                return 0
+            removed = await store.unsuppress(args.project, args.address)
+            print(f"{'removed' if removed else 'not suppressed'}: {args.address}")
+            return 0 if removed else 1
+        finally:
+            await store.close()
+
+    return asyncio.run(act())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--ca-file", help="PEM of the CAs to trust (default: the system's)")
     check.add_argument("--timeout", type=float, default=5.0, help="seconds per DNS query and per connection (default: 5)")
     check.set_defaults(func=_domains_check)
+    suppressions = command("suppressions", "a project's suppression list (refused at RCPT)")
+    suppressions.add_argument("action", choices=("list", "add", "remove"))
+    suppressions.add_argument("project", help="project id")
+    suppressions.add_argument("address", nargs="?", help="the address to add or remove")
+    suppressions.set_defaults(func=_suppressions)
     return parser
 
 

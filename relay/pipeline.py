@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -225,6 +226,7 @@ class Pipeline:
                         if copy.pixel:
                             pixels.update(copy.recipients)
                         await self._remember(project.id, message_id, [r for r, v in outcome.items() if v.accepted])
+                        await self._remember_provider_ids(project.id, message_id, outcome)
                         if all(v.unreachable for v in outcome.values()):
                             # The remaining copies would meet the same closed door: they wait for the retry.
                             return {**dict.fromkeys(pending, next(iter(outcome.values()))), **results}
@@ -247,6 +249,18 @@ class Pipeline:
             await self.store.record_delivered(project, message_id, recipients, self.settings.upstream.ledger_ttl_hours * 3600)
         except Exception:
             log.exception("ledger-write-failed message_id=%s recipients=%d", message_id, len(recipients))
+
+    async def _remember_provider_ids(self, project: str, message_id: str, outcome: Results) -> None:
+        """Keep the upstream's own id of an accepted copy (SES: `250 Ok <id>`): its feedback names that id."""
+        by_id: dict[str, list[str]] = {}
+        for recipient, result in outcome.items():
+            if result.accepted and (found := provider_id(result.text)) is not None:
+                by_id.setdefault(found, []).append(recipient)
+        for found, recipients in by_id.items():
+            try:
+                await self.store.record_provider_id(project, message_id, found, recipients)
+            except Exception:
+                log.exception("provider-id-write-failed message_id=%s", message_id)
 
     def _prepare_headers(self, message: SplitMessage, decision: Decision) -> tuple[SplitMessage, str]:
         message_id = (message.get("Message-ID") or "").strip().strip("<>")
@@ -393,6 +407,17 @@ class Pipeline:
             "outcome=%s project=%s message_id=%s recipients=%d %s bytes=%d ms=%.1f detail=%r",
             outcome, project, message_id, len(recipients), tracking, size, (time.monotonic() - started) * 1000, detail,
         )
+
+
+# The id an upstream gives an accepted message in its final reply: Amazon SES "Ok <id>"
+# (its SMTP interface), Postfix and most MTAs "queued as <id>".
+_PROVIDER_ID = re.compile(r"^(?:\d\.\d\.\d+ )?Ok:? (?=\S*\d)([\w.@<>-]{6,})$|queued as <?([\w.@-]{4,})>?", re.IGNORECASE)
+
+
+def provider_id(reply_text: str) -> str | None:
+    """The upstream's id for the message in its reply to DATA, when it gives one."""
+    match = _PROVIDER_ID.search(reply_text.strip())
+    return (match.group(1) or match.group(2)).strip("<>") if match else None
 
 
 def render_copies(data: bytes, minters: list[TrackingLinks], dkim: DkimSigner) -> list[Instrumented]:

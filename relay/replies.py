@@ -32,6 +32,12 @@ def accepted(message_id: str, recipients: int) -> str:
     return f"250 2.0.0 OK: {recipients} recipient(s) sent <{message_id}>"
 
 
+def suppressed(address: str, reason: str, detail: str) -> str:
+    """RCPT refused for an address on the project's suppression list (`suppression = "refuse"`)."""
+    why = " ".join(f"{reason}: {detail}".split())[:200]
+    return f"550 5.1.1 <{address[:254]}> is on this project's suppression list ({why})"
+
+
 def rate_limited(retry_after: float) -> str:
     return f"451 4.7.1 Sending rate limit of this project exceeded, try again in {max(1, round(retry_after))} s"
 

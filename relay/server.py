@@ -12,7 +12,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
-from config.settings import ProjectSettings, Settings
+from config.settings import ProjectSettings, Settings, SuppressionMode
 from relay import replies
 from relay.headers import without_envelope_line
 from relay.memory import MemoryBudget
@@ -147,9 +147,27 @@ class RelayHandler:
             return replies.BAD_ADDRESS
         if len(envelope.rcpt_tos) >= limit:
             return replies.TOO_MANY_RECIPIENTS
+        if project is not None and project.suppression is SuppressionMode.REFUSE:
+            refusal = await self._suppressed(project, address)
+            if refusal is not None:
+                return refusal
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
+
+    async def _suppressed(self, project: ProjectSettings, address: str) -> str | None:
+        """The refusal for an address on the project's suppression list; None to accept it."""
+        try:
+            found = await self.pipeline.store.suppressed(project.id, [address])
+        except Exception:
+            # An unreadable list must not stop all mail; the provider still bounces bad addresses.
+            log.exception("suppression-list-unreadable project=%s", project.id)
+            return None
+        entry = next(iter(found.values()), None)
+        if entry is None:
+            return None
+        log.info("rcpt-suppressed project=%s reason=%s", project.id, entry.reason)
+        return replies.suppressed(address, entry.reason, entry.detail)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         project = self._project(session)

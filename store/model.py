@@ -24,7 +24,7 @@ from tracking.claims import TrackedSend
 # can still tell it carries no client IP or user agent.
 HUMAN_OPEN_AGENTS: frozenset[str] = frozenset({"human", "image_proxy"})
 
-EVENT_NAMES = ("email.sent", "email.open", "email.click", "email.bounce")
+EVENT_NAMES = ("email.sent", "email.open", "email.click", "email.bounce", "email.delivery", "email.complaint")
 MAX_LIMIT = 1000
 
 
@@ -255,5 +255,94 @@ class Erasure(Protocol):
     async def forget(self, address: str, *, project: str | None = None) -> tuple[int, int]: ...
 
 
-class EventStore(Lifecycle, Events, TrackingModes, WebhookOutbox, DeliveryLedger, Sends, Throttles, Erasure, Protocol):
+# --- delivery feedback ------------------------------------------------------------------
+
+SUPPRESSION_REASONS = ("bounce", "complaint", "manual")
+
+
+def address_key(address: str) -> str:
+    """How an address is compared everywhere: trimmed and lower-cased (mailbox providers ignore case)."""
+    return address.strip().lower()
+
+
+def forgotten_key(address: str) -> str:
+    """What is kept of an erased contact: a SHA-256 of its key, enough to recognise a later hit
+    from mail already delivered to it, never the address itself."""
+    return hashlib.sha256(address_key(address).encode("utf-8")).hexdigest()
+
+
+def is_forgotten(forgotten: set[tuple[str, str]], project: str, *who: str) -> bool:
+    """Whether any of `who` (recipient, contact) was erased in `project` or in every project ('')."""
+    keys = {forgotten_key(w) for w in who}
+    return any((key, project) in forgotten or (key, "") in forgotten for key in keys)
+
+
+@dataclass(frozen=True)
+class Suppression:
+    """An address a project no longer sends to: why, the provider's words, and when."""
+
+    project: str
+    address: str  # address_key form
+    reason: str  # one of SUPPRESSION_REASONS
+    detail: str  # the bounce's diagnostic code, the complaint's feedback type, or who added it
+    at: str
+
+
+@dataclass(frozen=True)
+class ProviderCopy:
+    """One recipient of a copy the upstream accepted under its own id (SES's `250 Ok <id>`)."""
+
+    project: str
+    message_id: str
+    recipient: str
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A webhook delivery that was given up: the event it carried and the last error."""
+
+    id: int
+    project: str
+    event_id: int
+    key: str
+    attempts: int
+    last_error: str
+    created: float  # epoch seconds the event was recorded
+    buried: float  # epoch seconds it was given up
+
+
+class Suppressions(Protocol):
+    """Per-project addresses the relay refuses at RCPT: permanent bounces, complaints, by hand."""
+
+    async def suppress(self, project: str, address: str, *, reason: str, detail: str) -> bool: ...
+    async def unsuppress(self, project: str, address: str) -> bool: ...
+    async def suppressions(self, project: str) -> list[Suppression]: ...
+    async def suppressed(self, project: str, addresses: list[str]) -> dict[str, Suppression]: ...
+
+
+class ProviderIds(Protocol):
+    """The upstream's own id of each accepted copy, so its later feedback finds the message."""
+
+    async def record_provider_id(self, project: str, message_id: str, provider_id: str, recipients: list[str]) -> None: ...
+    async def provider_copies(self, provider_id: str) -> list[ProviderCopy]: ...
+
+
+class ForgottenContacts(Protocol):
+    """Erased contacts, kept only as forgotten_key hashes: later events from mail already delivered
+    to them (an open of an old mail, the provider's feedback) are not recorded."""
+
+    async def remember_forgotten(self, address: str, *, project: str | None) -> None: ...
+    async def forgotten_keys(self) -> set[tuple[str, str]]: ...
+
+
+class DeadLetters(Protocol):
+    """Webhook deliveries given up after `retry_hours`: kept, listed and replayable."""
+
+    async def bury_webhook(self, outbox_id: int, *, error: str, now: float) -> None: ...
+    async def dead_letters(self, project: str, *, limit: int) -> list[DeadLetter]: ...
+    async def replay_dead_letter(self, project: str, dead_letter_id: int, *, now: float) -> bool: ...
+
+
+class EventStore(Lifecycle, Events, TrackingModes, WebhookOutbox, DeliveryLedger, Sends, Throttles, Erasure,
+                 Suppressions, ProviderIds, ForgottenContacts, DeadLetters, Protocol):
     """Every aggregate of one backend; code that needs only one takes that one's protocol."""

@@ -47,6 +47,7 @@ from store.sql import (
     stats_sql,
 )
 from tracking.claims import TrackedSend
+from store.sqlite_feedback import FEEDBACK_SCHEMA, SqliteFeedback
 
 log = logging.getLogger("inflight.store")
 
@@ -145,7 +146,7 @@ CREATE TABLE IF NOT EXISTS throttle_events (
     at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS throttle_events_at ON throttle_events (at);
-"""
+""" + FEEDBACK_SCHEMA
 
 
 _INSERT = (f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)}) "
@@ -217,7 +218,7 @@ def _begin_and_write(db: sqlite3.Connection, writes: list[_Write]) -> list[tuple
     return [write(db) for write in writes]
 
 
-class SqliteEventStore:
+class SqliteEventStore(SqliteFeedback):
     """One connection, serialised by aiosqlite's worker thread; WAL lets other processes read.
 
     Every write is one `BEGIN IMMEDIATE` transaction: SQLite's write lock is taken before the

@@ -8,7 +8,7 @@ import ipaddress
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -25,10 +25,13 @@ from config.settings import IpMode, ProjectSettings, Settings
 from config.tracking import ModeRefused, TrackingSettings
 from store.model import EVENT_NAMES, MAX_LIMIT, Decision, EventQuery, EventStore, Judgement, NewEvent, StatsQuery, rfc3339
 from tracker.agents import AgentPolicy, Hit, PriorHit, classify, relabel
+from tracker.dead_letters import DeadLetterRoutes
+from tracker.feedback import FeedbackRoutes
 from tracker.netdata import NetworkLists, network_specs
-from tracker.privacy import stored_ip
+from tracker.privacy import ForgottenContacts, stored_ip
 from tracker.sends import SendDirectory
 from tracker.shapes import event_json, stats_json
+from tracker.suppressions import SuppressionRoutes
 from tracking.claims import TrackedSend, TrackingClaims
 from tracking.legacy import LegacyTokens
 from tracking.tokens import MAX_TOKEN_CHARS, TokenKeys, TokenVerifier
@@ -180,6 +183,10 @@ class Tracker:
         self.policy = AgentPolicy(sent_window_seconds=settings.tracker.sent_window_seconds)
         self.clock = clock  # event times; a test replays hours of traffic by setting it
         self._ip_modes = {p.id: p.ip_mode for p in settings.projects}
+        self.forgotten = ForgottenContacts(store)
+        self.feedback = FeedbackRoutes(settings, store)
+        self.suppressions = SuppressionRoutes(store)
+        self.dead_letters = DeadLetterRoutes(store)
 
     def _claims(self, request: Request, token: str, kind: str) -> TrackingClaims | None:
         """The claims of a `kind` token minted for a project this Host serves; None for any other token or Host."""
@@ -243,6 +250,8 @@ class Tracker:
         if send is None:
             log.info("hit-unrecorded project=%s kind=%s reason=unknown-send", claims.project, claims.kind)
             return  # purged or forgotten: the person still gets the pixel or the page
+        if await self.forgotten.covers(send.project, send.recipient, send.contact):
+            return  # an erased contact: a legacy token still carries the address; answered, not recorded
         hit = replace(hit, sent_at=send.sent_at)
         await self.store.record_engagement(self._event(claims, send, hit), self._judgement(hit))
 
@@ -275,6 +284,19 @@ class Tracker:
             if hmac.compare_digest(secret.encode(), token.strip().encode()):
                 return project
         return None
+
+    def authenticated(
+        self, handler: Callable[[Request, ProjectSettings], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """An endpoint that runs `handler` for the project whose secret is the bearer token, else 401."""
+
+        async def endpoint(request: Request) -> Response:
+            project = self._project(request)
+            if project is None:
+                return UNAUTHORIZED
+            return await handler(request, project)
+
+        return endpoint
 
     async def events(self, request: Request) -> Response:
         project = self._project(request)
@@ -383,6 +405,13 @@ def create_app(tracker: Tracker, *, manage_store: bool = False) -> Starlette:
         Route("/v1/stats", tracker.stats, methods=["GET"]),
         Route("/healthz", tracker.health, methods=["GET"]),
         Route("/tls/allowed", tracker.tls_allowed, methods=["GET"]),
+        Route("/v1/feedback/ses", tracker.feedback.ses, methods=["POST"]),
+        Route("/v1/feedback", tracker.authenticated(tracker.feedback.bridged), methods=["POST"]),
+        Route("/v1/suppressions", tracker.authenticated(tracker.suppressions.list), methods=["GET"]),
+        Route("/v1/suppressions", tracker.authenticated(tracker.suppressions.add), methods=["POST"]),
+        Route("/v1/suppressions/{address}", tracker.authenticated(tracker.suppressions.remove), methods=["DELETE"]),
+        Route("/v1/webhooks/dead-letters", tracker.authenticated(tracker.dead_letters.list), methods=["GET"]),
+        Route("/v1/webhooks/dead-letters/{id}/replay", tracker.authenticated(tracker.dead_letters.replay), methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(HardenedResponses)])
     # Starlette answers `/c/<token>/` with a 307 to an absolute URL built from the Host header:

@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from config.settings import IpMode
+from store.model import ForgottenContacts as ForgottenStore
+from store.model import is_forgotten
 
 log = logging.getLogger("inflight.privacy")
 
@@ -82,3 +85,25 @@ class RetentionPurge:
             except Exception:
                 log.exception("retention-purge-failed")
             await asyncio.sleep(self.interval)
+
+
+class ForgottenContacts:
+    """Erased contacts as the tracker checks them on every hit: the store's hashed list, re-read
+    at most every `refresh_seconds` (`inflight contacts forget` runs in another process), so a
+    hit costs no store read and a later open of old mail to an erased contact records nothing."""
+
+    def __init__(self, store: ForgottenStore, *, refresh_seconds: float = 5.0) -> None:
+        self.store = store
+        self.refresh_seconds = refresh_seconds
+        self._keys: set[tuple[str, str]] = set()
+        self._read_at = float("-inf")
+
+    async def covers(self, project: str, *who: str) -> bool:
+        now = time.monotonic()
+        if now - self._read_at >= self.refresh_seconds:
+            self._read_at = now
+            try:
+                self._keys = await self.store.forgotten_keys()
+            except Exception:
+                log.exception("forgotten-contacts-unreadable (the last list read is used)")
+        return bool(self._keys) and is_forgotten(self._keys, project, *who)

@@ -4,7 +4,8 @@ The event row and its outbox row are written in one transaction, so an event is 
 recorded without its webhook; the pixel and the redirect answer as soon as that commit is
 done and never wait for a receiver. This worker (one per process that runs a Service)
 claims due rows with a lease, POSTs them, and deletes them on a 2xx or reschedules them
-with exponential backoff until `retry_hours` after the event.
+with exponential backoff until `retry_hours` after the event, then moves them to the dead
+letters (listed and replayable over the API).
 
 The signature follows Standard Webhooks (https://www.standardwebhooks.com, spec v1):
 `webhook-id` (the idempotency key, identical on every retry), `webhook-timestamp` (Unix
@@ -64,6 +65,7 @@ class Outbox(Protocol):
     async def claim_webhooks(self, *, now: float, lease: float, limit: int) -> list[WebhookJob]: ...
     async def finish_webhook(self, outbox_id: int) -> None: ...
     async def retry_webhook(self, outbox_id: int, *, due: float, error: str) -> None: ...
+    async def bury_webhook(self, outbox_id: int, *, error: str, now: float) -> None: ...
 
 
 class WebhookWorker:
@@ -142,9 +144,10 @@ class WebhookWorker:
             return
         now = time.time()
         if now - job.created > self.settings.retry_hours * 3600:
-            log.error("webhook-given-up project=%s event=%s attempts=%d error=%r",
+            # Kept as a dead letter, listed and replayable over the API (tracker/dead_letters.py).
+            log.error("webhook-given-up project=%s event=%s attempts=%d error=%r dead_letter=true",
                       event["project"], event["id"], attempts, error)
-            await self.store.finish_webhook(job.outbox_id)
+            await self.store.bury_webhook(job.outbox_id, error=error, now=now)
             return
         delay = retry_delay(attempts, initial=self.settings.retry_initial_seconds, maximum=self.settings.retry_max_seconds)
         log.warning("webhook-failed project=%s event=%s attempts=%d error=%r retry_in=%.1fs",
