@@ -112,7 +112,8 @@ webhook_secret = "0123456789abcdef"
     forget = subprocess.run([sys.executable, "-m", "inflight.cli", "contacts", "forget", "GONE@example.com",
                              "--config", str(config)], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert forget.returncode == 0, forget.stderr
-    assert forget.stdout.strip() == "forgot GONE@example.com: 2 event(s), 2 pending webhook(s) deleted"
+    assert forget.stdout.strip() == ("forgot GONE@example.com: 2 event(s), 2 pending webhook(s) deleted; "
+                                     "later events from mail already delivered will not be recorded")
     with sqlite3.connect(tmp_path / "inflight.db") as db:
         assert db.execute("SELECT contact FROM events").fetchall() == [("kept@example.com",)]
         assert db.execute("SELECT count(*) FROM webhook_outbox").fetchone() == (1,)
@@ -128,3 +129,24 @@ def test_contacts_forget_refuses_an_unknown_project(tmp_path: Path) -> None:
                              "--project", "nope", "--config", str(config)], cwd=ROOT, capture_output=True, text=True,
                             timeout=30)
     assert forget.returncode == 2 and "no project 'nope'" in forget.stderr
+
+
+def test_suppressions_list_add_remove(tmp_path: Path) -> None:
+    config = tmp_path / "inflight.toml"
+    config.write_text(f'[store]\nurl = "sqlite:///{tmp_path}/x.db"\n[[projects]]\nid = "p"\nsecret = "demo-secret"\n')
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "inflight.cli", "suppressions", *args, "--config", str(config)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=30)
+
+    assert cli("add", "p", "Someone@Example.com").stdout.strip() == "added: Someone@Example.com"
+    assert cli("add", "p", "someone@example.com").stdout.strip() == "already suppressed: someone@example.com"
+    listed = cli("list", "p").stdout.strip().split("\t")
+    assert (listed[0], listed[1], listed[3]) == ("someone@example.com", "manual", "added with the CLI")
+    assert cli("remove", "p", "someone@example.com").returncode == 0
+    missing = cli("remove", "p", "someone@example.com")
+    assert missing.returncode == 1 and missing.stdout.strip() == "not suppressed: someone@example.com"
+    assert cli("list", "p").stdout == ""
+    unknown = cli("list", "nope")
+    assert unknown.returncode == 2 and "unknown project 'nope'" in unknown.stderr
+    assert cli("add", "p").returncode == 2 and cli("list", "p", "x@example.com").returncode == 2

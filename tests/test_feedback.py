@@ -14,7 +14,11 @@ import datetime
 import itertools
 import json
 import logging
+import sqlite3
+import subprocess
+import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,9 +34,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
+from relay.pipeline import provider_id
 from tests.conftest import PROJECT, PROJECT_SECRET, Delivered, RunningService, Sink, SinkHandler, make_settings
-from tests.test_flow import events, html_message, send
+from tests.test_flow import events, fetch, html_message, send, tracked_urls
 
+ROOT = Path(__file__).resolve().parents[1]
 TOPIC = "arn:aws:sns:eu-west-1:123456789012:inflight-ses"
 AUTH = {"Authorization": f"Bearer {PROJECT_SECRET}"}
 
@@ -79,7 +85,7 @@ def sns(sns_key: rsa.RSAPrivateKey) -> Iterator[SnsStandIn]:
     stand_in = SnsStandIn(sns_key, certificate_for(sns_key))
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             stand_in.fetched.append(self.path)
             body = stand_in.certificate_pem if self.path.endswith(".pem") else b"<ConfirmSubscriptionResponse/>"
             self.send_response(200)
@@ -344,3 +350,36 @@ def test_suppression_off_keeps_the_list_but_sends(tmp_path: Path, ses_sink: Sink
                           headers=AUTH).status_code == 201
         assert send(service.smtp_port, html_message(), recipients=["a@example.com", "b@example.com"]) == {}
     assert sorted(r for m in ses_sink.messages for r in m.recipients) == ["a@example.com", "b@example.com"]
+
+
+def test_forgotten_contact_records_no_later_opens_nor_feedback(tmp_path: Path, service, ses_sink, sns) -> None:
+    message_id, ses_id = sent_message(service, ses_sink, ["gone@example.com"])
+    pixel_url = tracked_urls(ses_sink.messages[0].data)[-1]
+    config = tmp_path / "cli.toml"
+    config.write_text(f'[store]\nurl = "sqlite:///{tmp_path}/inflight.db"\n'
+                      f'[[projects]]\nid = "{PROJECT}"\nsecret = "{PROJECT_SECRET}"\n')
+    forget = subprocess.run([sys.executable, "-m", "inflight.cli", "contacts", "forget", "Gone@example.com",
+                             "--config", str(config)], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert forget.returncode == 0, forget.stderr
+    time.sleep(5.1)  # the tracker re-reads the erased list at most every 5 s
+    assert fetch(service, pixel_url).status_code == 200  # old mail still works for the reader
+    assert post_sns(service, sns.sign(notification(ses_bounce(ses_id, message_id, "gone@example.com")))).status_code == 200
+    assert events(service) == []
+    assert httpx.get(f"{service.http_base}/v1/suppressions", headers=AUTH).json()["suppressions"] == []
+    with sqlite3.connect(tmp_path / "inflight.db") as db:
+        assert db.execute("SELECT count(*) FROM provider_ids").fetchone() == (0,)
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("Ok 0100018c5d3e8a5f-3b1a2c4d-1111-2222-3333-444455556666-000000",
+         "0100018c5d3e8a5f-3b1a2c4d-1111-2222-3333-444455556666-000000"),  # Amazon SES
+        ("2.0.0 Ok: queued as 4F1D2A3B", "4F1D2A3B"),  # Postfix
+        ("2.0.0 written to outbox", None),
+        ("2.0.0 Ok: queued", None),
+        ("OK", None),
+    ],
+)
+def test_provider_id_from_the_upstreams_reply(reply: str, expected: str | None) -> None:
+    assert provider_id(reply) == expected

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, make_settings
@@ -211,3 +212,31 @@ def test_retry_delays_double_up_to_the_cap() -> None:
     delays = [retry_delay(n, initial=10, maximum=3600) for n in range(1, 40)]
     assert 8 <= delays[0] <= 10 and 16 <= delays[1] <= 20 and 64 <= delays[3] <= 80
     assert all(2880 <= d <= 3600 for d in delays[12:])
+
+
+def test_given_up_deliveries_become_dead_letters_listed_and_replayable(tmp_path: Path, sink: Sink, receiver: Receiver) -> None:
+    receiver.down = True
+    auth = {"Authorization": f"Bearer {PROJECT_SECRET}"}
+    with RunningService(hooked_settings(tmp_path, sink, receiver)) as service:
+        send(service.smtp_port, html_message())
+        wait_for(lambda: len(receiver.attempts) >= 2)  # failing and being retried
+        # The event was recorded longer ago than retry_hours (72): the next failure gives it up.
+        with sqlite3.connect(tmp_path / "inflight.db") as db:
+            db.execute("UPDATE webhook_outbox SET created = created - 73 * 3600")
+        wait_for(lambda: outbox_rows(tmp_path) == 0)
+        listed = httpx.get(f"{service.http_base}/v1/webhooks/dead-letters", headers=auth)
+        [letter] = listed.json()["dead_letters"]
+        assert letter["project"] == PROJECT and letter["last_error"] == "HTTP 503" and letter["attempts"] >= 2
+        assert letter["key"] == receiver.attempts[0]
+        assert httpx.get(f"{service.http_base}/v1/webhooks/dead-letters").status_code == 401
+        other = httpx.post(f"{service.http_base}/v1/webhooks/dead-letters/999/replay", headers=auth)
+        assert other.status_code == 404
+
+        receiver.down = False
+        replayed = httpx.post(f"{service.http_base}/v1/webhooks/dead-letters/{letter['id']}/replay", headers=auth)
+        assert replayed.status_code == 202
+        wait_for(lambda: len(receiver.accepted_ids()) == 1)
+        assert receiver.accepted_ids() == Counter({letter["key"]: 1})  # the same webhook-id: receivers dedupe
+        assert httpx.get(f"{service.http_base}/v1/webhooks/dead-letters", headers=auth).json()["dead_letters"] == []
+        assert httpx.post(f"{service.http_base}/v1/webhooks/dead-letters/{letter['id']}/replay",
+                          headers=auth).status_code == 404

@@ -1,0 +1,97 @@
+"""The store's feedback aggregates (store.model Suppressions, ProviderIds, ForgottenContacts,
+DeadLetters): one contract, run against every backend by the `store_url` fixture."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from store import open_store
+from store.model import EventStore, NewEvent, ProviderCopy, forgotten_key, is_forgotten, now_rfc3339
+
+T = TypeVar("T")
+
+
+@pytest.fixture
+def store_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/inflight.db"
+
+
+def run(url: str, scenario: Callable[[EventStore], Awaitable[T]], **kwargs: Any) -> T:
+    async def main() -> T:
+        store = open_store(url, **kwargs)
+        await store.open()
+        try:
+            return await scenario(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def test_suppressions_are_per_project_case_insensitive_and_keep_the_first_reason(store_url: str) -> None:
+    async def scenario(store: EventStore) -> None:
+        assert await store.suppress("p", "A@Example.com", reason="bounce", detail="smtp; 550 5.1.1") is True
+        assert await store.suppress("p", "a@example.com", reason="complaint", detail="abuse") is False
+        assert await store.suppress("q", "a@example.com", reason="manual", detail="cli") is True
+        [entry] = await store.suppressions("p")
+        assert (entry.project, entry.address, entry.reason, entry.detail) == ("p", "a@example.com", "bounce", "smtp; 550 5.1.1")
+        found = await store.suppressed("p", ["A@EXAMPLE.COM", "b@example.com"])
+        assert list(found) == ["a@example.com"]
+        assert await store.suppressed("p", []) == {}
+        assert await store.unsuppress("p", "A@example.com") is True
+        assert await store.unsuppress("p", "a@example.com") is False
+        assert await store.suppressions("p") == [] and len(await store.suppressions("q")) == 1
+
+    run(store_url, scenario)
+
+
+def test_provider_ids_find_every_recipient_of_a_copy(store_url: str) -> None:
+    async def scenario(store: EventStore) -> None:
+        await store.record_provider_id("p", "m1@x", "ses-1", ["A@example.com", "b@example.com"])
+        await store.record_provider_id("p", "m2@x", "ses-2", ["c@example.com"])
+        assert sorted(await store.provider_copies("ses-1"), key=lambda c: c.recipient) == [
+            ProviderCopy("p", "m1@x", "a@example.com"), ProviderCopy("p", "m1@x", "b@example.com")]
+        assert await store.provider_copies("unknown") == []
+
+    run(store_url, scenario)
+
+
+def test_forgotten_contacts_are_kept_as_hashes_only(store_url: str) -> None:
+    async def scenario(store: EventStore) -> set[tuple[str, str]]:
+        await store.record_provider_id("p", "m1@x", "ses-1", ["gone@example.com", "kept@example.com"])
+        await store.remember_forgotten("Gone@Example.com", project=None)
+        await store.remember_forgotten("other@example.com", project="p")
+        assert [c.recipient for c in await store.provider_copies("ses-1")] == ["kept@example.com"]
+        return await store.forgotten_keys()
+
+    keys = run(store_url, scenario)
+    assert keys == {(forgotten_key("gone@example.com"), ""), (forgotten_key("other@example.com"), "p")}
+    assert is_forgotten(keys, "any", "GONE@example.com") and is_forgotten(keys, "p", "x", "other@example.com")
+    assert not is_forgotten(keys, "q", "other@example.com") and not is_forgotten(keys, "p", "kept@example.com")
+
+
+def test_dead_letters_are_buried_listed_and_replayed_once(store_url: str) -> None:
+    async def scenario(store: EventStore) -> None:
+        event = NewEvent(name="email.sent", project="p", contact="a@example.com", recipient="a@example.com",
+                         message_id="m1@x", at=now_rfc3339())
+        await store.record([event])
+        [job] = await store.claim_webhooks(now=10**10, lease=30, limit=10)
+        await store.bury_webhook(job.outbox_id, error="HTTP 503", now=1000.0)
+        assert await store.pending_webhooks() == 0
+        [letter] = await store.dead_letters("p", limit=10)
+        assert (letter.project, letter.key, letter.attempts, letter.last_error, letter.buried) == (
+            "p", job.key, job.attempts + 1, "HTTP 503", 1000.0)
+        assert await store.dead_letters("q", limit=10) == []
+        assert await store.replay_dead_letter("q", letter.id, now=2000.0) is False  # another project's
+        assert await store.replay_dead_letter("p", letter.id, now=2000.0) is True
+        assert await store.replay_dead_letter("p", letter.id, now=2000.0) is False
+        [again] = await store.claim_webhooks(now=2000.0, lease=30, limit=10)
+        assert (again.key, again.attempts, again.created, again.event["id"]) == (job.key, 0, 2000.0, job.event["id"])
+        assert await store.dead_letters("p", limit=10) == []
+
+    run(store_url, scenario, webhook_projects=("p",))
