@@ -144,6 +144,7 @@ class Pipeline:
             outcome = "deferred"
         elif failed:
             await self._record("email.bounce", list(failed), message, message_id, project, hints, decision, results, pixels)
+            await self._suppress_bad_mailboxes(project.id, failed)
             if sent:
                 reply = replies.partially_accepted(message_id, sent, len(recipients), failed)
                 outcome = "partial"
@@ -249,6 +250,17 @@ class Pipeline:
             await self.store.record_delivered(project, message_id, recipients, self.settings.upstream.ledger_ttl_hours * 3600)
         except Exception:
             log.exception("ledger-write-failed message_id=%s recipients=%d", message_id, len(recipients))
+
+    async def _suppress_bad_mailboxes(self, project: str, failed: dict[str, tuple[int, str]]) -> None:
+        """A permanent refusal with an addressing status (5.1.x, RFC 3463: no such mailbox, bad
+        domain, ...) is a permanent bounce: suppress the address. Other 5xx (content, policy) are not
+        the address's fault."""
+        for recipient, (code, text) in failed.items():
+            if 500 <= code < 600 and _ADDRESSING_STATUS.match(text):
+                try:
+                    await self.store.suppress(project, recipient, reason="bounce", detail=f"{code} {text}")
+                except Exception:
+                    log.exception("suppression-write-failed project=%s", project)
 
     async def _remember_provider_ids(self, project: str, message_id: str, outcome: Results) -> None:
         """Keep the upstream's own id of an accepted copy (SES: `250 Ok <id>`): its feedback names that id."""
@@ -412,6 +424,9 @@ class Pipeline:
 # The id an upstream gives an accepted message in its final reply: Amazon SES "Ok <id>"
 # (its SMTP interface), Postfix and most MTAs "queued as <id>".
 _PROVIDER_ID = re.compile(r"^(?:\d\.\d\.\d+ )?Ok:? (?=\S*\d)([\w.@<>-]{6,})$|queued as <?([\w.@-]{4,})>?", re.IGNORECASE)
+
+
+_ADDRESSING_STATUS = re.compile(r"\s*5\.1\.\d{1,3}\b")
 
 
 def provider_id(reply_text: str) -> str | None:

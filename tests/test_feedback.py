@@ -37,6 +37,7 @@ from cryptography.x509.oid import NameOID
 from relay.pipeline import provider_id
 from tests.conftest import PROJECT, PROJECT_SECRET, Delivered, RunningService, Sink, SinkHandler, make_settings
 from tests.test_flow import events, fetch, html_message, send, tracked_urls
+from tests.upstreams import faulty_sink
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPIC = "arn:aws:sns:eu-west-1:123456789012:inflight-ses"
@@ -383,3 +384,18 @@ def test_forgotten_contact_records_no_later_opens_nor_feedback(tmp_path: Path, s
 )
 def test_provider_id_from_the_upstreams_reply(reply: str, expected: str | None) -> None:
     assert provider_id(reply) == expected
+
+
+def test_upstream_refusing_a_mailbox_suppresses_it_but_not_a_policy_refusal(tmp_path: Path) -> None:
+    with faulty_sink() as upstream:
+        upstream.handler.rcpt_replies = {"gone@example.com": "550 5.1.1 no such user",
+                                         "blocked@example.com": "554 5.7.1 rejected by policy"}
+        with RunningService(make_settings(tmp_path, upstream.url)) as service:
+            reply = send(service.smtp_port, html_message(), recipients=["a@example.com", "gone@example.com",
+                                                                         "blocked@example.com"])
+            assert reply == {}  # the app gets 250 with the refused named (README: Delivery)
+            listed = httpx.get(f"{service.http_base}/v1/suppressions", headers=AUTH).json()["suppressions"]
+            assert [(s["address"], s["reason"], s["detail"]) for s in listed] == [
+                ("gone@example.com", "bounce", "550 5.1.1 no such user")]
+            refused = send(service.smtp_port, html_message(), recipients=["gone@example.com", "a@example.com"])
+            assert refused["gone@example.com"][0] == 550
