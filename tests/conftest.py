@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -122,15 +123,21 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     return files
 
 
-@pytest.fixture
-def sink() -> Iterator[Sink]:
-    handler = SinkHandler()
+@contextlib.contextmanager
+def running_sink(handler: SinkHandler) -> Iterator[Sink]:
+    """An upstream on a free loopback port for the block, answering with `handler`."""
     controller = Controller(handler, hostname="127.0.0.1", port=free_port())
     controller.start()
     try:
         yield Sink(handler, controller.port)
     finally:
         controller.stop()
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    with running_sink(SinkHandler()) as running:
+        yield running
 
 
 # --- PostgreSQL: the store of several nodes -------------------------------------------------------

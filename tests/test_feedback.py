@@ -35,7 +35,16 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
 from relay.pipeline import provider_id
-from tests.conftest import PROJECT, PROJECT_SECRET, Delivered, RunningService, Sink, SinkHandler, make_settings
+from tests.conftest import (
+    PROJECT,
+    PROJECT_SECRET,
+    Delivered,
+    RunningService,
+    Sink,
+    SinkHandler,
+    make_settings,
+    running_sink,
+)
 from tests.test_flow import events, fetch, html_message, send, tracked_urls
 from tests.upstreams import faulty_sink
 
@@ -123,17 +132,8 @@ class SesLikeHandler(SinkHandler):
 
 @pytest.fixture
 def ses_sink() -> Iterator[Sink]:
-    from aiosmtpd.controller import Controller
-
-    from tests.conftest import free_port
-
-    handler = SesLikeHandler()
-    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    try:
-        yield Sink(handler, controller.port)
-    finally:
-        controller.stop()
+    with running_sink(SesLikeHandler()) as running:
+        yield running
 
 
 @pytest.fixture
