@@ -258,6 +258,9 @@ class Erasure(Protocol):
 # --- delivery feedback ------------------------------------------------------------------
 
 SUPPRESSION_REASONS = ("bounce", "complaint", "manual")
+# Complaints arrive days after delivery (a person marks old mail as spam); after this long the
+# Message-ID in the notification still finds the message through its email.sent event.
+PROVIDER_ID_TTL_SECONDS = 30 * 24 * 3600
 
 
 def address_key(address: str) -> str:

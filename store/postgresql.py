@@ -45,6 +45,7 @@ from store.model import (
     now_rfc3339,
     rfc3339,
 )
+from store.postgresql_feedback import PostgresFeedback
 from store.sql import (
     COLUMN,
     COLUMNS,
@@ -181,7 +182,7 @@ def _columns(events: Sequence[Sequence[Any]]) -> list[list[Any]]:
     return [list(column) for column in zip(*events, strict=True)] if events else [[] for _ in COLUMNS]
 
 
-class PostgresEventStore:
+class PostgresEventStore(PostgresFeedback):
     """A connection pool per process; every contract of store/model.py holds across processes."""
 
     def __init__(self, url: str, *, webhook_projects: Collection[str] = (), pool_size: int = POOL_SIZE) -> None:

@@ -46,8 +46,8 @@ from store.sql import (
     stats_counts,
     stats_sql,
 )
-from tracking.claims import TrackedSend
 from store.sqlite_feedback import FEEDBACK_SCHEMA, SqliteFeedback
+from tracking.claims import TrackedSend
 
 log = logging.getLogger("inflight.store")
 

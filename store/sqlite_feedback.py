@@ -12,11 +12,15 @@ from typing import Any, Protocol
 
 import aiosqlite
 
-from store.model import DeadLetter, ProviderCopy, Suppression, address_key, forgotten_key, now_rfc3339
-
-# Complaints arrive days after delivery (a person marks old mail as spam); after this long the
-# Message-ID in the notification still finds the message through its email.sent event.
-PROVIDER_ID_TTL_SECONDS = 30 * 24 * 3600
+from store.model import (
+    PROVIDER_ID_TTL_SECONDS,
+    DeadLetter,
+    ProviderCopy,
+    Suppression,
+    address_key,
+    forgotten_key,
+    now_rfc3339,
+)
 
 FEEDBACK_SCHEMA = """
 CREATE TABLE IF NOT EXISTS suppressions (

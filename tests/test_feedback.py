@@ -137,9 +137,13 @@ def ses_sink() -> Iterator[Sink]:
 
 
 @pytest.fixture
-def service(tmp_path: Path, ses_sink: Sink, sns: SnsStandIn) -> Iterator[RunningService]:
+def service(request: pytest.FixtureRequest, tmp_path: Path, ses_sink: Sink, sns: SnsStandIn) -> Iterator[RunningService]:
+    """The relay and tracker on SQLite, or on PostgreSQL for tests parametrised with backend="postgresql"."""
+    backend = request.node.callspec.params.get("backend", "sqlite") if hasattr(request.node, "callspec") else "sqlite"
+    url = request.getfixturevalue("pg_url") if backend == "postgresql" else f"sqlite:///{tmp_path}/inflight.db"
     pattern = "^" + sns.base.replace(".", r"\.") + "/"
-    settings = make_settings(tmp_path, ses_sink.url, feedback={"ses_cert_url_pattern": pattern, "ses_topic_arns": [TOPIC]})
+    settings = make_settings(tmp_path, ses_sink.url, store={"url": url},
+                             feedback={"ses_cert_url_pattern": pattern, "ses_topic_arns": [TOPIC]})
     with RunningService(settings) as running:
         yield running
 
@@ -177,8 +181,12 @@ def sent_message(service: RunningService, ses_sink: Sink, to: list[str]) -> tupl
 # --- SNS signatures, both versions, and the mapping to the right message and contact ------------
 
 
+BACKENDS = pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+
+
+@BACKENDS
 @pytest.mark.parametrize("version", ["1", "2"])
-def test_signed_bounce_maps_through_the_ses_id_and_suppresses(service, ses_sink, sns, version) -> None:
+def test_signed_bounce_maps_through_the_ses_id_and_suppresses(service, ses_sink, sns, version, backend) -> None:
     message_id, ses_id = sent_message(service, ses_sink, ["a@example.com"])
     # The Message-ID in the notification matches nothing: the SES id alone must find the message.
     response = post_sns(service, sns.sign(notification(ses_bounce(ses_id, "<unrelated@x>", "A@example.com")), version=version))
@@ -191,7 +199,8 @@ def test_signed_bounce_maps_through_the_ses_id_and_suppresses(service, ses_sink,
     assert [(s["address"], s["reason"]) for s in listed["suppressions"]] == [("a@example.com", "bounce")]
 
 
-def test_complaint_and_delivery_map_through_the_message_id_header(service, ses_sink, sns) -> None:
+@BACKENDS
+def test_complaint_and_delivery_map_through_the_message_id_header(service, ses_sink, sns, backend) -> None:
     message_id, _ = sent_message(service, ses_sink, ["a@example.com"])
     mail = {"messageId": "not-an-id-we-know", "commonHeaders": {"messageId": f"<{message_id}>"}}
     delivery = {"notificationType": "Delivery", "mail": mail,
@@ -209,7 +218,8 @@ def test_complaint_and_delivery_map_through_the_message_id_header(service, ses_s
     assert [(s["address"], s["reason"], s["detail"]) for s in listed] == [("a@example.com", "complaint", "complaint: abuse")]
 
 
-def test_transient_bounce_is_recorded_but_does_not_suppress(service, ses_sink, sns) -> None:
+@BACKENDS
+def test_transient_bounce_is_recorded_but_does_not_suppress(service, ses_sink, sns, backend) -> None:
     message_id, ses_id = sent_message(service, ses_sink, ["a@example.com"])
     signed = sns.sign(notification(ses_bounce(ses_id, message_id, "a@example.com", permanent=False)))
     assert post_sns(service, signed).status_code == 200
@@ -317,7 +327,8 @@ def test_bridged_feedback_authenticates_validates_and_maps(service, ses_sink) ->
 # --- the suppression list at RCPT, over the API and forgotten contacts ---------------------------
 
 
-def test_suppressed_address_is_refused_at_rcpt_and_the_others_are_delivered(service, ses_sink) -> None:
+@BACKENDS
+def test_suppressed_address_is_refused_at_rcpt_and_the_others_are_delivered(service, ses_sink, backend) -> None:
     added = httpx.post(f"{service.http_base}/v1/suppressions", json={"address": "B@example.com", "detail": "asked us"},
                        headers=AUTH)
     assert added.status_code == 201

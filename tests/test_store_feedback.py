@@ -5,20 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, TypeVar
-
-import pytest
 
 from store import open_store
 from store.model import EventStore, NewEvent, ProviderCopy, forgotten_key, is_forgotten, now_rfc3339
 
 T = TypeVar("T")
-
-
-@pytest.fixture
-def store_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path}/inflight.db"
 
 
 def run(url: str, scenario: Callable[[EventStore], Awaitable[T]], **kwargs: Any) -> T:
