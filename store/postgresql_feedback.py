@@ -7,7 +7,7 @@ Every write is one statement or one transaction, so any node may run it at any t
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
+from typing import Protocol
 
 import asyncpg
 
@@ -29,10 +29,6 @@ class _Store(Protocol):
     def pool(self) -> asyncpg.Pool: ...
 
 
-def _suppression(row: Any) -> Suppression:
-    return Suppression(project=row["project"], address=row["address"], reason=row["reason"], detail=row["detail"], at=row["at"])
-
-
 class PostgresFeedback:
     """Suppressions, ProviderIds, ForgottenContacts and DeadLetters (store.model) over PostgreSQL."""
 
@@ -49,7 +45,7 @@ class PostgresFeedback:
 
     async def suppressions(self: _Store, project: str) -> list[Suppression]:
         rows = await self.pool.fetch("SELECT * FROM suppressions WHERE project = $1 ORDER BY address", project)
-        return [_suppression(row) for row in rows]
+        return [Suppression(**dict(row)) for row in rows]
 
     async def suppressed(self: _Store, project: str, addresses: list[str]) -> dict[str, Suppression]:
         keys = sorted({address_key(a) for a in addresses})
@@ -57,7 +53,7 @@ class PostgresFeedback:
             return {}
         rows = await self.pool.fetch("SELECT * FROM suppressions WHERE project = $1 AND address = ANY($2::text[])",
                                      project, keys)
-        return {row["address"]: _suppression(row) for row in rows}
+        return {row["address"]: Suppression(**dict(row)) for row in rows}
 
     async def record_provider_id(self: _Store, project: str, message_id: str, provider_id: str, recipients: list[str]) -> None:
         now = int(time.time())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiosqlite
 
@@ -71,10 +71,6 @@ class _Store(Protocol):
     def _transaction(self) -> AbstractAsyncContextManager[aiosqlite.Connection]: ...
 
 
-def _suppression(row: Any) -> Suppression:
-    return Suppression(project=row["project"], address=row["address"], reason=row["reason"], detail=row["detail"], at=row["at"])
-
-
 class SqliteFeedback:
     """Suppressions, ProviderIds, ForgottenContacts and DeadLetters (store.model) over SQLite."""
 
@@ -96,7 +92,7 @@ class SqliteFeedback:
 
     async def suppressions(self: _Store, project: str) -> list[Suppression]:
         async with self.db.execute("SELECT * FROM suppressions WHERE project = ? ORDER BY address", (project,)) as cursor:
-            return [_suppression(row) for row in await cursor.fetchall()]
+            return [Suppression(**dict(row)) for row in await cursor.fetchall()]
 
     async def suppressed(self: _Store, project: str, addresses: list[str]) -> dict[str, Suppression]:
         """The suppressed ones among `addresses`, by address_key."""
@@ -105,7 +101,7 @@ class SqliteFeedback:
             return {}
         sql = f"SELECT * FROM suppressions WHERE project = ? AND address IN ({', '.join('?' for _ in keys)})"
         async with self.db.execute(sql, [project, *keys]) as cursor:
-            return {row["address"]: _suppression(row) for row in await cursor.fetchall()}
+            return {row["address"]: Suppression(**dict(row)) for row in await cursor.fetchall()}
 
     # --- the upstream's ids ---------------------------------------------------------------
 

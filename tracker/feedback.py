@@ -165,7 +165,7 @@ class FeedbackRoutes:
         try:
             await self.verifier.verify(message)
         except Refused as refused:
-            log.warning("feedback-refused source=ses reason=%r topic=%s", str(refused), str(message.get("TopicArn"))[:200])
+            log.warning("feedback-refused source=ses reason=%r topic=%r", str(refused), str(message.get("TopicArn"))[:200])
             return FORBIDDEN
         kind = message["Type"]
         if kind == "SubscriptionConfirmation":
@@ -175,7 +175,7 @@ class FeedbackRoutes:
                 log.warning("feedback-refused source=ses reason=%r", str(refused))
                 return FORBIDDEN
             except ConfirmationFailed as failed:
-                log.warning("sns-subscription-failed topic=%s error=%s", message.get("TopicArn"), failed)
+                log.warning("sns-subscription-failed topic=%r error=%s", message.get("TopicArn"), failed)
                 return JSONResponse({"error": "could not confirm the subscription"}, status_code=502)
             return JSONResponse({"confirmed": True})
         if kind != "Notification":
@@ -185,7 +185,7 @@ class FeedbackRoutes:
         except (json.JSONDecodeError, TypeError):
             notification = None
         if not isinstance(notification, dict):
-            log.warning("feedback-unreadable source=ses sns_message_id=%s", message.get("MessageId"))
+            log.warning("feedback-unreadable source=ses sns_message_id=%r", str(message.get("MessageId"))[:100])
             return JSONResponse({"ignored": "Message is not an SES notification"})
         mail = notification.get("mail") or {}
         ses_id = str(mail.get("messageId") or "")
@@ -198,7 +198,7 @@ class FeedbackRoutes:
         for feedback in ses_feedback(notification):
             outcome = await self.recorder.record(candidates, feedback, key=str(message.get("MessageId")))
             if outcome is None:
-                log.warning("feedback-unmatched source=ses ses_message_id=%s message_id=%s event=email.%s",
+                log.warning("feedback-unmatched source=ses ses_message_id=%r message_id=%r event=email.%s",
                             ses_id[:200], header_id[:200], feedback.kind)
             results.append(outcome or {"recorded": False, "reason": "no email.sent matches"})
         return JSONResponse({"results": results})

@@ -129,7 +129,7 @@ class SnsVerifier:
             if len(self._keys) >= MAX_CERTIFICATES:
                 self._keys.pop(next(iter(self._keys)))
             self._keys[url] = public_key
-            log.info("sns-certificate-fetched url=%s", url)
+            log.info("sns-certificate-fetched url=%r", url)
             return public_key
 
     async def confirm_subscription(self, message: Mapping[str, Any]) -> None:
@@ -143,4 +143,4 @@ class SnsVerifier:
             response.raise_for_status()
         except httpx.HTTPError as exc:
             raise ConfirmationFailed(type(exc).__name__) from None
-        log.info("sns-subscription-confirmed topic=%s", message.get("TopicArn"))
+        log.info("sns-subscription-confirmed topic=%r", message.get("TopicArn"))
