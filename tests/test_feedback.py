@@ -47,6 +47,7 @@ from tests.conftest import (
 )
 from tests.test_flow import events, fetch, html_message, send, tracked_urls
 from tests.upstreams import faulty_sink
+from tracker.feedback import Feedback, ses_feedback
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPIC = "arn:aws:sns:eu-west-1:123456789012:inflight-ses"
@@ -410,3 +411,15 @@ def test_upstream_refusing_a_mailbox_suppresses_it_but_not_a_policy_refusal(tmp_
                 ("gone@example.com", "bounce", "550 5.1.1 no such user")]
             refused = send(service.smtp_port, html_message(), recipients=["gone@example.com", "a@example.com"])
             assert refused["gone@example.com"][0] == 550
+
+
+def test_ses_feedback_reads_both_notification_formats() -> None:
+    # SES's event publishing (configuration sets) names the kind `eventType`; its notifications `notificationType`.
+    published = {"eventType": "Bounce", "bounce": {"bounceType": "Undetermined", "bounceSubType": "Undetermined",
+                                                   "bouncedRecipients": [{"emailAddress": "a@x.example"}]}}
+    assert ses_feedback(published) == [Feedback("bounce", "a@x.example", False, "Undetermined")]
+    complaint = {"notificationType": "Complaint", "complaint": {"complainedRecipients": [{"emailAddress": "b@x.example"}]}}
+    [feedback] = ses_feedback(complaint)
+    assert feedback.suppresses and feedback.reason == "complaint: unspecified"
+    malformed = {"notificationType": "Bounce", "bounce": {"bouncedRecipients": [{"no": "address"}, "junk"]}}
+    assert ses_feedback(malformed) == [] and ses_feedback({"notificationType": "Received"}) == []
