@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sqlite3
 import threading
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from store import open_store
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, make_settings
 from tests.test_flow import events, fetch, html_message, send, tracked_urls
 from tracker.webhooks import retry_delay, signature, signing_key
@@ -97,15 +99,27 @@ def receiver() -> Iterator[Receiver]:
         running.server.server_close()
 
 
-def hooked_settings(tmp_path: Path, sink: Sink, receiver: Receiver):  # type: ignore[no-untyped-def]
+def hooked_settings(tmp_path: Path, sink: Sink, receiver: Receiver, store_url: str | None = None):  # type: ignore[no-untyped-def]
     project = {"id": PROJECT, "secret": PROJECT_SECRET, "webhook_url": receiver.url, "webhook_secret": SECRET}
-    return make_settings(tmp_path, sink.url, projects=[project], webhooks=FAST_RETRIES)
+    store = {"url": store_url} if store_url else {}
+    return make_settings(tmp_path, sink.url, projects=[project], webhooks=FAST_RETRIES, store=store)
 
 
-def outbox_rows(tmp_path: Path) -> int:
-    """Rows left in the outbox, read from the database file as another process would."""
-    with sqlite3.connect(tmp_path / "inflight.db") as db:
-        return int(db.execute("SELECT count(*) FROM webhook_outbox").fetchone()[0])
+def outbox_rows(where: Path | str) -> int:
+    """Rows left in the outbox (a store URL, or the test's SQLite directory), read as another process would."""
+    if isinstance(where, Path):
+        with sqlite3.connect(where / "inflight.db") as db:
+            return int(db.execute("SELECT count(*) FROM webhook_outbox").fetchone()[0])
+
+    async def count() -> int:
+        store = open_store(where)
+        await store.open()
+        try:
+            return await store.pending_webhooks()
+        finally:
+            await store.close()
+
+    return asyncio.run(count())
 
 
 def wait_for(condition: Callable[[], bool], seconds: float = 20.0) -> None:
@@ -125,10 +139,10 @@ def engage(service: RunningService, sink: Sink) -> None:
 
 
 def test_receiver_that_fails_then_recovers_gets_every_event_exactly_once(
-    tmp_path: Path, sink: Sink, receiver: Receiver
+    tmp_path: Path, sink: Sink, receiver: Receiver, store_url: str
 ) -> None:
     receiver.down = True
-    with RunningService(hooked_settings(tmp_path, sink, receiver)) as service:
+    with RunningService(hooked_settings(tmp_path, sink, receiver, store_url)) as service:
         engage(service, sink)
         stored = events(service)
         assert [e["name"] for e in stored] == ["email.click", "email.open", "email.open", "email.sent"]
@@ -141,12 +155,12 @@ def test_receiver_that_fails_then_recovers_gets_every_event_exactly_once(
         assert set(receiver.attempts) == set(receiver.accepted_ids())
         assert sorted((e for _, e in receiver.accepted), key=lambda e: e["id"]) == sorted(stored, key=lambda e: e["id"])
         assert receiver.rejected == []
-        assert outbox_rows(tmp_path) == 0
+        assert outbox_rows(store_url) == 0
 
 
-def test_restart_in_the_middle_of_retries_loses_nothing(tmp_path: Path, sink: Sink, receiver: Receiver) -> None:
+def test_restart_in_the_middle_of_retries_loses_nothing(tmp_path: Path, sink: Sink, receiver: Receiver, store_url: str) -> None:
     receiver.down = True
-    settings = hooked_settings(tmp_path, sink, receiver)
+    settings = hooked_settings(tmp_path, sink, receiver, store_url)
     with RunningService(settings) as service:
         engage(service, sink)
         stored = events(service)
@@ -157,7 +171,7 @@ def test_restart_in_the_middle_of_retries_loses_nothing(tmp_path: Path, sink: Si
         wait_for(lambda: len(receiver.accepted_ids()) == 4)
         time.sleep(0.5)
     assert set(receiver.accepted_ids()) == before
-    assert outbox_rows(tmp_path) == 0
+    assert outbox_rows(store_url) == 0
     assert sorted(receiver.accepted_ids().values()) == [1, 1, 1, 1]
     assert sorted(e["id"] for _, e in receiver.accepted) == sorted(e["id"] for e in stored)
 
