@@ -143,15 +143,37 @@ async def _check_dns(project: str, domain: str, tracker: Tracker, resolver: Reso
     return Finding(True, project, domain, "dns", f"resolves{alias} to {', '.join(sorted(resolved.addresses))} (the tracker)")
 
 
+async def _connect(address: str, port: int, domain: str, context: ssl.SSLContext) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(address, port, ssl=context, server_hostname=domain)
+
+
+async def _get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, domain: str, path: str) -> tuple[str, bytes]:
+    """(status line, whole answer) of one GET on an open connection, which it closes; at most 64 KB read."""
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {domain}\r\nConnection: close\r\n"
+                     "User-Agent: inflight-domains-check\r\n\r\n".encode("ascii"))
+        answer = b""
+        try:
+            while len(answer) < 65536 and (chunk := await reader.read(65536 - len(answer))):
+                answer += chunk
+        except (ssl.SSLEOFError, ConnectionResetError):
+            if not answer:
+                raise  # many servers close TLS without close_notify after answering: that is an end, not a failure
+    finally:
+        writer.close()
+    return answer.split(b"\r\n", 1)[0].decode("latin-1"), answer
+
+
 async def _check_https(
     project: str, domain: str, address: str, *, port: int, context: ssl.SSLContext, timeout: float
 ) -> list[Finding]:
-    """A TLS handshake with the domain's name at the tracker's address, then GET /healthz on that connection."""
+    """A TLS handshake with the domain's name at the tracker's address; then, through it, /healthz and
+    whether the tracker there serves this domain (it runs the configuration being checked)."""
     where = f"{address}:{port}"
     fix = f"fix: a TLS reverse proxy at {where} with a certificate for {domain} (README: Tracking domains)"
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(address, port, ssl=context, server_hostname=domain)
+            reader, writer = await _connect(address, port, domain, context)
     except ssl.SSLCertVerificationError as exc:
         return [Finding(False, project, domain, "https", f"certificate not valid for {domain} ({exc.verify_message}); {fix}")]
     except ssl.SSLError as exc:
@@ -160,24 +182,29 @@ async def _check_https(
         return [Finding(False, project, domain, "https", f"cannot connect to {where} ({exc or 'timeout'}); {fix}")]
     certificate = writer.get_extra_info("peercert") or {}
     found = [Finding(True, project, domain, "https", f"certificate valid for {domain} until {certificate.get('notAfter', '?')}")]
-    try:
-        async with asyncio.timeout(timeout):
-            writer.write(f"GET /healthz HTTP/1.1\r\nHost: {domain}\r\nConnection: close\r\n"
-                         "User-Agent: inflight-domains-check\r\n\r\n".encode("ascii"))
-            answer = await reader.read(65536)
-    except (OSError, TimeoutError) as exc:
-        answer = b""
-        status_line = f"no answer ({exc or 'timeout'})"
-    else:
-        status_line = answer.split(b"\r\n", 1)[0].decode("latin-1")
-    finally:
-        writer.close()
-    if status_line.split(" ")[1:2] == ["200"] and b'"store"' in answer:
+    answers: list[tuple[str, bytes]] = []
+    for path in ("/healthz", f"/tls/allowed?domain={domain}"):
+        try:
+            async with asyncio.timeout(timeout):
+                if answers:
+                    reader, writer = await _connect(address, port, domain, context)
+                answers.append(await _get(reader, writer, domain, path))
+        except (OSError, TimeoutError) as exc:
+            answers.append((f"no answer ({exc or 'timeout'})", b""))
+    (health, health_answer), (routing, _) = answers
+    if health.split(" ")[1:2] == ["200"] and b'"store"' in health_answer:
         found.append(Finding(True, project, domain, "healthz", f"https://{domain}/healthz answered 200 (the tracker)"))
     else:
         found.append(Finding(False, project, domain, "healthz",
-                             f"https://{domain}/healthz answered {status_line or 'nothing'!r}, not the tracker's 200; "
+                             f"https://{domain}/healthz answered {health or 'nothing'!r}, not the tracker's 200; "
                              "fix: the proxy must forward to tracker.listen and pass the Host header"))
+        return found
+    if routing.split(" ")[1:2] == ["200"]:
+        found.append(Finding(True, project, domain, "routing", f"the tracker there serves {domain}'s links"))
+    else:
+        found.append(Finding(False, project, domain, "routing",
+                             f"the tracker there answered {routing!r} for {domain}: it runs a configuration without this "
+                             "domain, and its links would get 404; fix: deploy this configuration to it and restart it"))
     return found
 
 

@@ -3,6 +3,7 @@ our own) and the real tracker, all on loopback; and the configuration of trackin
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import socket
 import ssl
@@ -33,6 +34,7 @@ ZONE: dict[str, list[tuple[str, str]]] = {
     "click.b.test": [("CNAME", "elsewhere.test")],
     "elsewhere.test": [("A", "192.0.2.7")],
     "click.c.test": [("A", "127.0.0.1")],  # resolves, but the proxy has no certificate for it
+    "click.f.test": [("A", "127.0.0.1")],  # all ready, but the running tracker's configuration lacks it
 }
 PROJECTS = [
     {"id": "a", "secret": "secret-of-a", "tracking_domains": ["click.a.test", "t.a.test"]},
@@ -40,6 +42,7 @@ PROJECTS = [
     {"id": "c", "secret": "secret-of-c", "tracking_domains": ["click.c.test", "click.d.test"]},  # d: no such name
     {"id": "e", "secret": "secret-of-e"},
 ]
+NOT_DEPLOYED = {"id": "f", "secret": "secret-of-f", "tracking_domains": ["click.f.test"]}
 
 
 class LoopbackDns:
@@ -154,6 +157,10 @@ class TlsProxy:
         except OSError:
             pass
         finally:
+            # shutdown, not just close: the other direction's thread still holds the socket in recv,
+            # and a close alone would send no FIN while it does.
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_RDWR)
             sink.close()
 
     def close(self) -> None:
@@ -162,7 +169,7 @@ class TlsProxy:
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[tuple[Path, LoopbackDns, TlsProxy, Pki]]:
-    pki = make_pki(tmp_path, ["click.a.test", "t.a.test", "click.b.test"])
+    pki = make_pki(tmp_path, ["click.a.test", "t.a.test", "click.b.test", "click.f.test"])
     settings = make_settings(tmp_path, f"outbox:///{tmp_path}/outbox", projects=PROJECTS,
                              tracker={"public_addresses": ["127.0.0.1"]})
     dns_server = LoopbackDns(ZONE)
@@ -171,7 +178,7 @@ def world(tmp_path: Path) -> Iterator[tuple[Path, LoopbackDns, TlsProxy, Pki]]:
         '[tracker]', 'public_url = "https://t.example.com"', 'secrets = ["test-secret-1"]', 'public_addresses = ["127.0.0.1"]',
         '[store]', f'url = "sqlite:///{tmp_path}/inflight.db"',
         *(f'[[projects]]\nid = "{p["id"]}"\nsecret = "{p["secret"]}"\ntracking_domains = {p.get("tracking_domains", [])!r}'
-          .replace("'", '"') for p in PROJECTS),
+          .replace("'", '"') for p in [*PROJECTS, NOT_DEPLOYED]),
     ]))
     with RunningService(settings, relay=False) as service:
         assert service.service.tracker_address is not None
@@ -193,9 +200,8 @@ def test_each_domain_is_reported_ok_or_missing_with_the_fix(world, capsys: pytes
     assert check(config, "a", *options) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[:4] for line in out] == [
-        ["ok", "a", "click.a.test", "dns:"], ["ok", "a", "click.a.test", "https:"], ["ok", "a", "click.a.test", "healthz:"],
-        ["ok", "a", "t.a.test", "dns:"], ["ok", "a", "t.a.test", "https:"], ["ok", "a", "t.a.test", "healthz:"]]
-    assert "via CNAME tracker.test to 127.0.0.1" in out[3] and "answered 200" in out[2]
+        ["ok", "a", domain, check] for domain in ("click.a.test", "t.a.test") for check in ("dns:", "https:", "healthz:", "routing:")]
+    assert "via CNAME tracker.test to 127.0.0.1" in out[4] and "answered 200" in out[2]
 
     assert check(config, *options) == 1
     lines = {tuple(line.split()[1:4]): line for line in capsys.readouterr().out.splitlines()}
@@ -207,6 +213,9 @@ def test_each_domain_is_reported_ok_or_missing_with_the_fix(world, capsys: pytes
     assert lines[("c", "click.c.test", "dns:")].startswith("ok") and https_c.startswith("missing")
     assert "certificate not valid for click.c.test" in https_c and "fix: a TLS reverse proxy" in https_c
     assert ("c", "click.c.test", "healthz:") not in lines
+    routing_f = lines[("f", "click.f.test", "routing:")]
+    assert routing_f.startswith("missing") and "deploy this configuration to it and restart it" in routing_f
+    assert lines[("f", "click.f.test", "healthz:")].startswith("ok")
     assert "cannot resolve: no such name (NXDOMAIN)" in lines[("c", "click.d.test", "dns:")]
     assert not any(project == "e" for project, _, _ in lines)  # no tracking domains: nothing to check
 
@@ -221,7 +230,7 @@ def test_offline_every_domain_cannot_resolve(world, capsys: pytest.CaptureFixtur
     finally:
         silent.close()
     dns_lines = [line for line in capsys.readouterr().out.splitlines() if " dns: " in line]
-    assert len(dns_lines) == 5 and all(line.startswith("missing") and "cannot resolve" in line for line in dns_lines)
+    assert len(dns_lines) == 6 and all(line.startswith("missing") and "cannot resolve" in line for line in dns_lines)
 
 
 def test_unknown_project_and_no_domains(world, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
