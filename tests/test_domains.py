@@ -3,6 +3,7 @@ our own) and the real tracker, all on loopback; and the configuration of trackin
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import socket
@@ -121,7 +122,11 @@ def make_pki(directory: Path, names: list[str]) -> Pki:
 
 
 class TlsProxy:
-    """The reverse proxy in front of the tracker: TLS ends here, bytes go on to the tracker's port."""
+    """The reverse proxy in front of the tracker: TLS ends here, bytes go on to the tracker's port.
+
+    asyncio in a thread of its own: one TLS connection must not be read and written from two threads
+    (OpenSSL objects are not thread-safe), which a thread per direction would do.
+    """
 
     def __init__(self, pki: Pki, target_port: int) -> None:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -129,42 +134,37 @@ class TlsProxy:
         self.target_port = target_port
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        threading.Thread(target=self._run, args=(started,), daemon=True).start()
+        started.wait(10)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+    def _run(self, started: threading.Event) -> None:
+        async def main() -> None:
+            self.server = await asyncio.start_server(self._serve, sock=self.sock, ssl=self.context)
+            started.set()
+            await self.server.serve_forever()
 
-    def _serve(self, client: socket.socket) -> None:
-        try:
-            tls = self.context.wrap_socket(client, server_side=True)
-        except (ssl.SSLError, OSError):
-            client.close()  # the checker refused our certificate
-            return
-        upstream = socket.create_connection(("127.0.0.1", self.target_port))
-        threading.Thread(target=self._pump, args=(upstream, tls), daemon=True).start()
-        self._pump(tls, upstream)
+        with contextlib.suppress(asyncio.CancelledError):
+            self.loop.run_until_complete(main())
+
+    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        await asyncio.gather(self._pump(client_reader, writer), self._pump(reader, client_writer))
 
     @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
         try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        except (OSError, ssl.SSLError):
             pass
         finally:
-            # shutdown, not just close: the other direction's thread still holds the socket in recv,
-            # and a close alone would send no FIN while it does.
-            with contextlib.suppress(OSError):
-                sink.shutdown(socket.SHUT_RDWR)
             sink.close()
 
     def close(self) -> None:
-        self.sock.close()
+        self.loop.call_soon_threadsafe(self.server.close)
 
 
 @pytest.fixture
