@@ -27,7 +27,7 @@ from config.tracking import TrackingSettings
 from relay.pipeline import Pipeline
 from relay.server import Relay
 from relay.upstream import Upstream, upstream_from_settings
-from relay.workers import cpu_pool
+from relay.workers import cpu_pool, give_back_large_buffers
 from store import open_store
 from tracker.app import MAX_REQUEST_HEAD_BYTES, Tracker, create_app
 from tracker.privacy import RetentionPurge
@@ -222,6 +222,7 @@ class Service:
         if self.primary:
             self._background.append(asyncio.create_task(self.purge.run()))
         if self.run_relay and listeners.relay is not None:
+            give_back_large_buffers()
             self._workers = cpu_pool(self.settings.relay.cpu_workers)
             self._upstream = upstream_from_settings(
                 self.settings.upstream, local_hostname=self.settings.relay.hostname, executor=self._workers
