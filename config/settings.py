@@ -540,10 +540,10 @@ def _check(s: Settings) -> list[str]:
             problems.append(f"relay.{key}: file {path!r} does not exist")
     if s.relay.max_message_bytes <= 0:
         problems.append("relay.max_message_bytes: must be a positive number of bytes")
-    least = MEMORY_PER_MESSAGE_BYTE * s.relay.max_message_bytes * max(s.relay.workers, 1)
+    least = MEMORY_PER_MESSAGE_BYTE * s.relay.max_message_bytes
     if s.relay.max_inflight_bytes < least:
-        problems.append(f"relay.max_inflight_bytes: must be at least {MEMORY_PER_MESSAGE_BYTE} × relay.max_message_bytes × "
-                        f"relay.workers ({least}), or the largest message allowed could never be received")
+        problems.append(f"relay.max_inflight_bytes: must be at least {MEMORY_PER_MESSAGE_BYTE} × relay.max_message_bytes "
+                        f"({least}), or the largest message allowed could never be received")
     if s.relay.max_recipients <= 0:
         problems.append("relay.max_recipients: must be at least 1")
     try:

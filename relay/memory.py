@@ -13,8 +13,11 @@ from zero, as its memory does.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from config.settings import MEMORY_PER_MESSAGE_BYTE
+
+log = logging.getLogger("inflight.relay")
 
 # How long a message waits for memory before it is refused (well under a client's DATA timeout of minutes).
 MEMORY_WAIT_SECONDS = 30.0
@@ -80,6 +83,23 @@ class Reservation:
         held, self.held = self.held, 0
         if held:
             await self.budget.give_back(held)
+
+
+def memory_share(ceiling: int, workers: int, max_message_bytes: int) -> int:
+    """This worker's part of `relay.max_inflight_bytes`: an equal share, but always room for the largest message.
+
+    On a small machine with many cores the shares of the default ceiling (RAM / 4) could be too
+    small for one message of max_message_bytes, which would then be refused for ever; the share is
+    raised to fit it, and the overshoot logged so the operator can lower `workers`.
+    """
+    share = ceiling // max(workers, 1)
+    least = MEMORY_PER_MESSAGE_BYTE * max_message_bytes
+    if share < least:
+        log.warning("memory-share-raised share=%d to=%d detail='relay.max_inflight_bytes / relay.workers is below "
+                    "3 x max_message_bytes: all workers together may hold up to %d; lower relay.workers'",
+                    share, least, least * workers)
+        return least
+    return share
 
 
 def declared_size(mail_options: list[str]) -> int:

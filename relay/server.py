@@ -15,7 +15,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, sy
 from config.settings import ProjectSettings, Settings, SuppressionMode
 from relay import replies
 from relay.headers import without_envelope_line
-from relay.memory import MemoryBudget
+from relay.memory import MemoryBudget, memory_share
 from relay.pipeline import Pipeline
 from relay.receive import ChunkedDataSMTP
 from relay.senders import domain_allowed
@@ -228,8 +228,7 @@ class Relay:
         self.throttle_sync = ThrottleSync(pipeline.store, self.authenticator.throttle, self.handler.rates)
         self.tls = tls_context(settings)
         self.sessions = Sessions()  # every connection on every listener, for the shutdown drain
-        # Each worker process holds an equal share of the ceiling (relay/memory.py).
-        self.memory = MemoryBudget(relay.max_inflight_bytes // relay.workers)
+        self.memory = MemoryBudget(memory_share(relay.max_inflight_bytes, relay.workers, relay.max_message_bytes))
 
     async def listen(self, sock: socket.socket, *, implicit_tls: bool = False) -> asyncio.Server:
         """Serve SMTP on an already bound socket (so callers and tests can bind port 0).

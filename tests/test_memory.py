@@ -13,7 +13,7 @@ import pytest
 
 from config.settings import MEMORY_PER_MESSAGE_BYTE
 from relay import memory as memory_module
-from relay.memory import MemoryBudget, declared_size
+from relay.memory import MemoryBudget, declared_size, memory_share
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, make_settings
 from tests.upstreams import FaultySink, faulty_sink
 
@@ -107,3 +107,10 @@ def test_beyond_the_ceiling_new_data_waits_then_gets_452(tmp_path: Path, slow_up
         slow_upstream.handler.data_delay = 0
         assert raw_send(service.smtp_port, data).startswith("250")  # memory given back: the retry goes
     assert [m.recipients for m in slow_upstream.handler.messages] == [["b@example.com"], ["b@example.com"]]
+
+
+def test_each_worker_gets_an_equal_share_but_always_room_for_the_largest_message(caplog: pytest.LogCaptureFixture) -> None:
+    assert memory_share(1_200, workers=4, max_message_bytes=100) == 300
+    assert not caplog.records
+    assert memory_share(1_200, workers=8, max_message_bytes=100) == 300  # 150 would refuse a 100-byte message for ever
+    assert "memory-share-raised" in caplog.text and "lower relay.workers" in caplog.text
