@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -299,3 +303,37 @@ def test_a_body_streamed_in_pieces_equals_the_whole_block(data: bytes, piece: in
     body = DataBody(data)
     streamed = b"".join(body.pieces(piece))
     assert streamed == smtp_data_block(data) and body.size == len(streamed)
+
+
+def test_pipelined_transactions_against_postfix_smtp_sink(tmp_path: Path) -> None:
+    """Postfix's own sink (it offers PIPELINING): envelopes batched, several recipients, the pool reused."""
+    sink = shutil.which("smtp-sink") or ("/usr/sbin/smtp-sink" if Path("/usr/sbin/smtp-sink").exists() else None)
+    if sink is None:
+        pytest.skip("Postfix's smtp-sink not installed (Debian package postfix)")
+    port = free_port()
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    process = subprocess.Popen([sink, *user, f"127.0.0.1:{port}", "16"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None, "smtp-sink did not listen"
+                time.sleep(0.05)
+
+        async def scenario() -> None:
+            upstream = smtp(port)
+            for n in range(3):
+                recipients = [f"a{n}@example.com", f"b{n}@example.com"]
+                results = await upstream.send("app@example.com", recipients, MESSAGE + b"x" * 300_000 + b"\r\n")
+                assert codes(results) == dict.fromkeys(recipients, 250), results
+            [connection] = upstream._idle
+            assert connection.client.supports_extension("pipelining")
+            await upstream.close()
+
+        asyncio.run(scenario())
+    finally:
+        process.terminate()
+        process.wait(5)
