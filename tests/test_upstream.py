@@ -25,10 +25,11 @@ from relay.upstream import (
     smtp_data_block,
     upstream_from_url,
 )
-from tests.conftest import free_port
-from tests.upstreams import FaultySink, RawUpstream, faulty_sink, self_signed_cert
+from tests.conftest import TlsFiles, free_port
+from tests.upstreams import FaultySink, RawUpstream, _Tls, faulty_sink, self_signed_cert
 
 MESSAGE = b"From: app@example.com\r\nTo: a@example.com\r\nSubject: hi\r\n\r\nbody\r\n.leading dot\r\n"
+BIG_BODY = b"".join(b".%069d\r\n" % n for n in range(5_000))  # 360 KB in several pieces, every line dot-stuffed
 FAST = Timeouts(connect=1.0, command=1.0, data=1.0)
 
 
@@ -327,7 +328,7 @@ def test_pipelined_transactions_against_postfix_smtp_sink(tmp_path: Path) -> Non
             upstream = smtp(port)
             for n in range(3):
                 recipients = [f"a{n}@example.com", f"b{n}@example.com"]
-                results = await upstream.send("app@example.com", recipients, MESSAGE + b"x" * 300_000 + b"\r\n")
+                results = await upstream.send("app@example.com", recipients, MESSAGE + BIG_BODY)
                 assert codes(results) == dict.fromkeys(recipients, 250), results
             [connection] = upstream._idle
             assert connection.client.supports_extension("pipelining")
@@ -337,3 +338,23 @@ def test_pipelined_transactions_against_postfix_smtp_sink(tmp_path: Path) -> Non
     finally:
         process.terminate()
         process.wait(5)
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+def test_a_message_over_starttls_with_the_transport_lent_to_the_reply_reader(
+    tls_files: TlsFiles, monkeypatch: pytest.MonkeyPatch, pipelining: bool
+) -> None:
+    """The body and its replies go through the TLS transport handed to `_Replies` and back (asyncio's SSL transport)."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_files.cert))  # the upstream's certificate is trusted, and checked
+
+    async def scenario(port: int) -> None:
+        upstream = smtp(port, scheme="smtp")
+        for n in range(2):
+            results = await upstream.send("app@example.com", [f"r{n}@example.com"], MESSAGE + BIG_BODY)
+            assert codes(results) == {f"r{n}@example.com": 250}
+        await upstream.close()
+
+    with faulty_sink(_Tls(tls_files.cert, tls_files.key), pipelining=pipelining) as sink:
+        asyncio.run(scenario(sink.port))
+        assert [m.recipients for m in sink.handler.messages] == [["r0@example.com"], ["r1@example.com"]]
+        assert sink.handler.messages[0].data.endswith(BIG_BODY) and sink.handler.ehlos == 2  # before and after STARTTLS
