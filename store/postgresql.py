@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
 import re
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 
@@ -63,6 +64,8 @@ from store.sql import (
 from tracking.claims import TrackedSend
 
 log = logging.getLogger("inflight.store")
+P = ParamSpec("P")
+T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).parent / "migrations" / "postgresql"
 # Advisory lock keys (64-bit space): the message locks use the two-key form, a separate space.
@@ -173,6 +176,36 @@ def next_month(month: str) -> str:
 
 def partition_name(month: str) -> str:
     return f"events_p{month.replace('-', '_')}"
+
+
+# The database restarting or failing over: the same call succeeds once it is back. Every store call
+# can be repeated (events by their uid, the ledger by its owner, the rest are reads or upserts).
+_TRANSIENT = (OSError, asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError,
+              asyncpg.exceptions.TooManyConnectionsError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError)
+RETRY_SECONDS = 20.0  # how long a call waits for the database to come back before it fails
+
+
+def _retrying(call: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Repeat a store call while the database is away (a restart), then give up with its error."""
+
+    @functools.wraps(call)
+    async def repeated(*args: P.args, **kwargs: P.kwargs) -> T:
+        deadline = time.monotonic() + RETRY_SECONDS
+        delay = 0.1
+        while True:
+            try:
+                return await call(*args, **kwargs)
+            except _TRANSIENT as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("store-unavailable call=%s retry_in=%.1fs: %s", call.__name__, delay, type(exc).__name__)
+                pool = getattr(args[0], "_pool", None)
+                if pool is not None:  # its other connections were cut too: the pool opens new ones
+                    await pool.expire_connections()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    return repeated
 
 
 def _message_lock(project: str, message_id: str) -> tuple[int, int]:
@@ -310,6 +343,7 @@ class PostgresEventStore(PostgresFeedback):
             inserted.update((row["uid"], row["id"]) for row in found)
         return inserted
 
+    @_retrying
     async def record(self, events: list[NewEvent]) -> list[int]:
         """Store `events` (in order); their ids once committed. Known uids store nothing: their ids."""
         if not events:
@@ -336,6 +370,7 @@ class PostgresEventStore(PostgresFeedback):
             self.outbox_added.set()
         return [ids[uid] for uid in uids]
 
+    @_retrying
     async def record_engagement(self, event: NewEvent, judgement: Judgement | None = None) -> list[int]:
         """Record an open or a click with its counters (and its verdict, when judged), under the
         message's lock: exact on any number of nodes. Returns the ids stored, in order."""
@@ -348,7 +383,7 @@ class PostgresEventStore(PostgresFeedback):
             try:
                 ids, queued = await self._engagement_in(connection, event, judgement, uids)
             except BaseException:
-                with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):  # a lost connection rolled back
+                with contextlib.suppress(*_TRANSIENT, asyncpg.PostgresError):  # a lost connection rolled back by itself
                     await connection.execute("ROLLBACK")
                 raise
             await connection.execute(f"NOTIFY {OUTBOX_CHANNEL}; COMMIT" if queued else "COMMIT")
@@ -377,12 +412,14 @@ class PostgresEventStore(PostgresFeedback):
             await connection.executemany(_LABEL + _IMPLIED_OF, labels)
         return [inserted[r[COLUMN["uid"]]] for r in rows], event.project in self.webhook_projects
 
+    @_retrying
     async def events(self, query: EventQuery) -> list[StoredEvent]:
         where, args = filters(query, ("contact", "name", "campaign", "message_id"), _mark)
         args.append(max(1, min(query.limit, MAX_LIMIT)))
         rows = await self.pool.fetch(f"SELECT * FROM events WHERE {where} ORDER BY at DESC, id DESC LIMIT ${len(args)}", *args)
         return [dict(row) for row in rows]
 
+    @_retrying
     async def stats(self, query: StatsQuery) -> StatsCounts:
         condition, args = filters(query, ("campaign", "template"), _mark)
         totals_sql, links_sql = stats_sql(condition, _PAIR)
@@ -393,12 +430,14 @@ class PostgresEventStore(PostgresFeedback):
 
     # --- settings --------------------------------------------------------------------
 
+    @_retrying
     async def tracking_mode(self, project: str) -> str | None:
         """Read per relayed message: a primary-key look-up on a pooled connection, prepared once
         per connection, so a change made on any node applies to the next message on every node."""
         mode = await self.pool.fetchval("SELECT mode FROM tracking_settings WHERE project = $1", project)
         return None if mode is None else str(mode)
 
+    @_retrying
     async def set_tracking_mode(self, project: str, mode: str) -> None:
         await self.pool.execute(
             "INSERT INTO tracking_settings (project, mode, updated_at) VALUES ($1, $2, $3) "
@@ -407,6 +446,7 @@ class PostgresEventStore(PostgresFeedback):
 
     # --- webhook outbox --------------------------------------------------------------
 
+    @_retrying
     async def claim_webhooks(self, *, now: float, lease: float, limit: int) -> list[WebhookJob]:
         """Take up to `limit` due rows for `lease` seconds; rows another node holds are skipped, not waited for."""
         async with self.pool.acquire() as connection, connection.transaction():
@@ -425,18 +465,22 @@ class PostgresEventStore(PostgresFeedback):
                            event=events[row["event_id"]])
                 for row in sorted(claimed, key=lambda r: r["id"]) if row["event_id"] in events]
 
+    @_retrying
     async def finish_webhook(self, outbox_id: int) -> None:
         await self.pool.execute("DELETE FROM webhook_outbox WHERE id = $1", outbox_id)
 
+    @_retrying
     async def retry_webhook(self, outbox_id: int, *, due: float, error: str) -> None:
         await self.pool.execute("UPDATE webhook_outbox SET attempts = attempts + 1, due = $1, last_error = $2 WHERE id = $3",
                                 due, error[:500], outbox_id)
 
+    @_retrying
     async def pending_webhooks(self) -> int:
         return int(await self.pool.fetchval("SELECT count(*) FROM webhook_outbox"))
 
     # --- delivery ledger -------------------------------------------------------------
 
+    @_retrying
     async def delivered_recipients(self, project: str, message_id: str, recipients: list[str]) -> set[str]:
         """The recipients (lower-cased) already accepted upstream for this message and not yet expired."""
         rows = await self.pool.fetch(
@@ -445,6 +489,7 @@ class PostgresEventStore(PostgresFeedback):
             project, message_id, int(time.time()), sorted({r.lower() for r in recipients}))
         return {row[0] for row in rows}
 
+    @_retrying
     async def claim_deliveries(self, project: str, message_id: str, recipients: list[str], *, lease_seconds: int) -> DeliveryClaim:
         """Claim the recipients no attempt sent or is sending; one row per recipient decides, so of two
         attempts on two nodes exactly one sends each recipient."""
@@ -458,8 +503,8 @@ class PostgresEventStore(PostgresFeedback):
                 "SELECT $1, $2, r, $4, 'sending', $6 FROM unnest($3::text[]) r "
                 "ON CONFLICT (project, message_id, recipient) DO UPDATE "
                 "SET expires_at = excluded.expires_at, state = 'sending', owner = excluded.owner "
-                "WHERE deliveries.expires_at <= $5 OR (deliveries.state = 'sending' AND deliveries.owner <> $6 "
-                "AND pg_try_advisory_xact_lock(deliveries.owner)) RETURNING recipient",
+                "WHERE deliveries.expires_at <= $5 OR (deliveries.state = 'sending' AND (deliveries.owner = $6 "
+                "OR pg_try_advisory_xact_lock(deliveries.owner))) RETURNING recipient",
                 project, message_id, wanted, now + lease_seconds, now, self.owner)
             taken = {row[0] for row in claimed}
             others = await connection.fetch(
@@ -469,11 +514,13 @@ class PostgresEventStore(PostgresFeedback):
                              delivered={r for r, state in others if state == "delivered"},
                              busy={r for r, state in others if state != "delivered"})
 
+    @_retrying
     async def release_deliveries(self, project: str, message_id: str, recipients: list[str]) -> None:
         """Give back claims of recipients the upstream did not accept, so a retry may send them."""
         await self.pool.execute("DELETE FROM deliveries WHERE project = $1 AND message_id = $2 AND state = 'sending' "
                                 "AND recipient = ANY($3::text[])", project, message_id, [r.lower() for r in recipients])
 
+    @_retrying
     async def record_delivered(self, project: str, message_id: str, recipients: list[str], ttl_seconds: int) -> None:
         await self.pool.execute(
             "INSERT INTO deliveries (project, message_id, recipient, expires_at, state) "
@@ -481,6 +528,7 @@ class PostgresEventStore(PostgresFeedback):
             "ON CONFLICT (project, message_id, recipient) DO UPDATE SET expires_at = excluded.expires_at, state = 'delivered'",
             project, message_id, [r.lower() for r in recipients], int(time.time()) + ttl_seconds)
 
+    @_retrying
     async def purge_deliveries(self) -> int:
         result = await self.pool.execute("DELETE FROM deliveries WHERE expires_at <= $1", int(time.time()))
         return int(result.split()[-1])
@@ -507,6 +555,7 @@ class PostgresEventStore(PostgresFeedback):
 
     # --- throttles -------------------------------------------------------------------
 
+    @_retrying
     async def share_throttle_events(self, events: list[ThrottleEvent]) -> list[ThrottleEvent]:
         """Store this node's throttle events and answer the other nodes' new ones, in one transaction."""
         now = time.time()
@@ -549,6 +598,7 @@ class PostgresEventStore(PostgresFeedback):
             project)
         return not other
 
+    @_retrying
     async def purge(self, project: str, before: datetime) -> int:
         """Delete a project's events recorded before `before` (retention). A month wholly before it
         that holds only this project's events is dropped as a partition (no row-by-row delete, no
@@ -580,6 +630,7 @@ class PostgresEventStore(PostgresFeedback):
                                      "WHERE i.inhparent = 'events'::regclass")
         return {row[0].removeprefix("events_p").replace("_", "-") for row in rows}
 
+    @_retrying
     async def forget(self, address: str, *, project: str | None = None) -> tuple[int, int]:
         """Erase a contact: every event whose contact or recipient is `address`, its pending webhooks and ledger rows.
 

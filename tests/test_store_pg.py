@@ -133,3 +133,27 @@ def test_the_service_runs_on_a_postgresql_store(pg_url: str, tmp_path: Path, sin
     assert names == ["email.click", "email.open", "email.sent"]
     assert (stats["sent"], stats["opens"]["unique"], stats["clicks"]["total"]) == (1, 1, 1)
     assert tracked_urls(sink.messages[1].data) == []  # the next message follows the mode stored in PostgreSQL
+
+
+def test_calls_wait_for_the_database_to_come_back(pg_url: str) -> None:
+    """Every connection cut at once, as a restart does: the next calls reconnect and succeed, a hit
+    is counted once, and the session (LISTEN, ledger owner) comes back by itself."""
+    from tests.test_store import hit
+
+    async def scenario() -> tuple[list[int], list[int], str | None]:
+        async with opened(pg_url, webhook_projects=("p",)) as store:
+            await store.record([sent("m1", "a")])
+            first = await store.record_engagement(hit("email.open", "m1", "a"))
+            await store.set_tracking_mode("p", "DISABLED")
+            cut = await fetchval(pg_url, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                         "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+            assert cut >= 2  # the pool's and the session's
+            second = await store.record_engagement(hit("email.open", "m1", "a"))
+            opens = [e["opens"] for e in await store.events(EventQuery(project="p", name="email.open"))]
+            mode = await store.tracking_mode("p")
+            store.outbox_added.clear()
+            await asyncio.wait_for(store.outbox_added.wait(), timeout=10)  # the session reconnected and says so
+        return first + second, sorted(opens), mode
+
+    ids, opens, mode = run(scenario())
+    assert len(set(ids)) == 2 and opens == [1, 2] and mode == "DISABLED"
