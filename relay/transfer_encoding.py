@@ -192,17 +192,19 @@ class QuotedPrintableBody:
         if not data:
             return [0] * len(offsets)
         out = []
+        size, find, a2b_qp = len(data), data.find, binascii.a2b_qp
         start, end = 0, self._next_line(0)
         line = data[start:end]
         decoded_start, line_decoded = 0, binascii.a2b_qp(line)
         column = consumed = 0  # in the current line: the previous offset's column and the decoded bytes before it
         for offset in offsets:
             # The last line whose decoded text starts at or before the offset (lines that decode to nothing are passed).
-            while decoded_start + len(line_decoded) <= offset and end < len(data):
+            while decoded_start + len(line_decoded) <= offset and end < size:
                 decoded_start += len(line_decoded)
-                start, end = end, self._next_line(end)
+                start = end
+                end = find(b"\n", start) + 1 or size  # inlined _next_line: this loop runs once per line
                 line = data[start:end]
-                line_decoded = binascii.a2b_qp(line)
+                line_decoded = a2b_qp(line)
                 column = consumed = 0
             wanted = offset - decoded_start
             if wanted < consumed:
