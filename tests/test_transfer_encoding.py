@@ -40,3 +40,11 @@ def test_transfer_encoding_spellings_of_real_mail(value: str | None, canonical: 
 def test_unknown_transfer_encoding_stays_unsupported() -> None:
     with pytest.raises(UnsupportedEncoding, match="x-gzip"):
         body_for(canonical_encoding("X-Gzip"), b"data", b"\r\n")
+
+
+@pytest.mark.parametrize("data", [b"a=3Db\rc=\r\nd\r\n", b"a\r\rb=\nc", b"x=41\ry", b"ab\r"])
+def test_quoted_printable_lines_break_at_lf_only_like_a2b_qp(data: bytes) -> None:
+    body = QuotedPrintableBody(data, b"\r\n")
+    assert body.decoded == binascii.a2b_qp(data)
+    positions = body.positions(list(range(len(body.decoded) + 1)))
+    assert all(binascii.a2b_qp(data[:p] + b"x")[:-1] == body.decoded[:i] for i, p in enumerate(positions))
