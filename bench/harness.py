@@ -161,12 +161,13 @@ def write_config(
     *,
     relay_port: int,
     tracker_port: int,
-    store: Path,
+    store: Path | str,
     upstream: str,
     projects: dict[str, str],
     workers: int | None = None,
 ) -> Path:
-    """An inflight TOML config for one bench: `projects` maps project id → tracking mode.
+    """An inflight TOML config for one bench: `store` is a SQLite file or a store URL, `projects` maps
+    project id → tracking mode.
 
     `workers` sets relay and tracker workers; None leaves the default (one per core), as deployed.
     """
@@ -176,7 +177,7 @@ def write_config(
         "allow_plaintext_auth = true", "max_recipients = 50", *per_process, "",
         "[tracker]", f'listen = "127.0.0.1:{tracker_port}"', f'public_url = "http://127.0.0.1:{tracker_port}"',
         f'secrets = ["{TRACKER_SECRET}"]', *per_process, "",
-        "[store]", f'url = "sqlite:///{store}"', "",
+        "[store]", f'url = "{store if isinstance(store, str) else f"sqlite:///{store}"}"', "",
         "[upstream]", f'url = "{upstream}"', "",
     ]
     for project, tracking in projects.items():

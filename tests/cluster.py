@@ -157,6 +157,7 @@ class LossyLink:
         self.relay_port = relay_port
         self.port = 0
         self.lost_replies: list[bytes] = []
+        self._sessions: set[asyncio.Task[None]] = set()
         self._armed = threading.Event()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -190,6 +191,12 @@ class LossyLink:
             self._loop.close()
 
     async def _session(self, app_reader: asyncio.StreamReader, app_writer: asyncio.StreamWriter) -> None:
+        # Held here: once the app's side is closed, asyncio keeps this task only through weak
+        # references, and the garbage collector would end it before the relay's reply comes.
+        task = asyncio.current_task()
+        assert task is not None
+        self._sessions.add(task)
+        task.add_done_callback(self._sessions.discard)
         relay_reader, relay_writer = await asyncio.open_connection("127.0.0.1", self.relay_port)
         dot_passed = asyncio.Event()
 
