@@ -3,7 +3,9 @@
 Every node is the real CLI (`inflight relay`, `inflight tracker`) in its own process (tests/cluster.py);
 apps, recipients and webhook receivers talk to them over loopback sockets. Each guarantee here held
 inside one process by construction (one writer, one lock, one event loop); these tests check it holds
-when the work for one message is spread over several nodes at the same instant.
+when the work for one message is spread over several nodes at the same instant. Each test runs on
+both backends (conftest's `store_url`): PostgreSQL, the store for several nodes, and SQLite, whose
+WAL file two processes on one box may share.
 """
 
 from __future__ import annotations
@@ -27,12 +29,6 @@ from tests.upstreams import FaultySink, faulty_sink
 
 BEARER = {"Authorization": f"Bearer {PROJECT_SECRET}"}
 HITS = 200
-
-
-@pytest.fixture(params=["sqlite"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The store every node shares: one SQLite file in WAL mode (two processes on one file)."""
-    return f"sqlite:///{tmp_path}/inflight.db"
 
 
 @pytest.fixture
@@ -154,8 +150,6 @@ def test_a_tracker_killed_with_webhooks_pending_leaves_every_event_delivered_onc
     assert receiver.rejected == []
 
 
-@pytest.mark.xfail(strict=True, reason="needs ledger claims by rows (issue 10 item 3, store): today relay B sees no row "
-                                       "while relay A still waits for the upstream, and sends a second copy")
 def test_a_retry_through_the_other_relay_while_the_first_attempt_is_still_upstream_is_not_sent_twice(
         tmp_path: Path, store_url: str, sink: FaultySink) -> None:
     """The app's connection to relay A is cut after its dot while A still waits for the upstream's
