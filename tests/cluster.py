@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.conftest import PROJECT, PROJECT_SECRET
+from tests.conftest import PROJECT, PROJECT_SECRET, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LISTENING = re.compile(rb"(relay|tracker) listening on [0-9.]+:(\d+)")
@@ -142,6 +145,55 @@ def cluster(directory: Path, config: Path, *, relays: int = 2, trackers: int = 2
             if node.process is not None and node.process.poll() is None and node.stop() != 0:
                 problems.append(f"{node.verb} exited {node.process.returncode}:\n{node.output()[-3000:]}")
         assert not problems, "\n".join(problems)
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of one test's own (initdb and pg_ctl into a temporary directory, on a free
+    port), so the test may stop and start it: the shared server on 5432 serves every other engineer
+    and test, and restarting it would break them. Run as the `postgres` user when we are root (the
+    server refuses to run as root)."""
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        self.directory = Path(tempfile.mkdtemp(prefix="inflight-pg-"))
+        self.data = self.directory / "data"
+        self.port = free_port()
+        self._as_owner: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(self.directory, user="postgres")
+            self._as_owner = ["runuser", "-u", "postgres", "--"]
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, program: str, *args: str) -> None:
+        done = subprocess.run([*self._as_owner, str(self.bindir / program), *args], capture_output=True, text=True,
+                              timeout=120, cwd=self.directory)
+        assert done.returncode == 0, f"{program} failed:\n{done.stdout}\n{done.stderr}"
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.directory / "server.log"), "-o", options, "-w", "start")
+
+    def stop(self) -> None:
+        """A fast shutdown, as a restart does: sessions are ended, open transactions rolled back."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def remove(self) -> None:
+        with contextlib.suppress(AssertionError):
+            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def postgres_bindir() -> Path | None:
+    """Where initdb and pg_ctl are (Debian keeps them out of PATH), or None."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
 
 
 class LossyLink:

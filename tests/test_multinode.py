@@ -11,6 +11,8 @@ WAL file two processes on one box may share.
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,7 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.cluster import LossyLink, cluster, cluster_config
+from tests.cluster import LossyLink, PrivatePostgres, cluster, cluster_config, postgres_bindir
 from tests.conftest import PROJECT_SECRET
 from tests.test_faults import attempt, message
 from tests.test_flow import events, html_message, send, tracked_urls
@@ -169,3 +171,92 @@ def test_a_retry_through_the_other_relay_while_the_first_attempt_is_still_upstre
                 codes.append(attempt(second.port, data, ["a@example.com"]))
         assert codes[-1] == 250, codes
         assert sink.handler.copies() == {"a@example.com": 1}, codes
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    bindir = postgres_bindir()
+    if bindir is None:
+        reason = "initdb and pg_ctl not found (Debian: postgresql-15)"
+        if os.environ.get("INFLIGHT_REQUIRE_PG") == "1":
+            pytest.fail(f"{reason}; INFLIGHT_REQUIRE_PG=1 requires them")
+        pytest.skip(reason)
+    server = PrivatePostgres(bindir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
+def test_postgresql_restarted_under_load_loses_nothing_duplicates_nothing_and_mail_keeps_flowing(
+        tmp_path: Path, sink: FaultySink, private_postgres: PrivatePostgres, capsys: pytest.CaptureFixture[str]) -> None:
+    """A real restart (`pg_ctl stop -m fast`, 3 s down, start) of a PostgreSQL server of this test's own
+    (tests/cluster.py PrivatePostgres: the shared server on 5432 cannot be restarted under the other
+    tests), while an app sends through both relays and recipients open through both trackers.
+
+    The app retries a 4xx or a lost connection as MTAs do. Afterwards: every message reached the
+    upstream exactly once and got its 250, the store holds exactly one `email.sent` per message, and
+    exactly as many opens as the trackers answered with a pixel, each counted once.
+    """
+    config = cluster_config(tmp_path / "inflight.toml", store_url=private_postgres.url, upstream_url=sink.url)
+    messages = 30
+    replies: dict[int, list[int | None]] = {}
+    pixels: list[int] = []
+    with cluster(tmp_path, config, relays=2, trackers=2) as nodes:
+
+        def app() -> None:
+            for index in range(messages):
+                data = html_message({"Message-ID": f"<restart-{index}@app.example>"}, to=f"r{index}@example.com")
+                codes = replies.setdefault(index, [])
+                while (not codes or codes[-1] != 250) and len(codes) < 60:
+                    if codes:
+                        time.sleep(0.25)
+                    codes.append(attempt(nodes.relays[(index + len(codes)) % 2].port, data.as_bytes(),
+                                         [f"r{index}@example.com"]))
+
+        def recipients() -> None:  # open the mail delivered so far, in turn, on both trackers, all along
+            hit = 0
+            while sender.is_alive():
+                delivered = list(sink.handler.messages)
+                if delivered:
+                    path = pixel_path(delivered[hit % len(delivered)].data)
+                    try:
+                        pixels.append(httpx.get(nodes.trackers[hit % 2].http_base + path, timeout=30).status_code)
+                    except httpx.TransportError:
+                        pixels.append(0)
+                    hit += 1
+                time.sleep(0.05)
+
+        sender, opener = threading.Thread(target=app), threading.Thread(target=recipients)
+        sender.start()
+        opener.start()
+        wait_for(lambda: len(replies) > messages // 3, seconds=60)
+        private_postgres.stop()
+        time.sleep(3)
+        private_postgres.start()
+        sender.join(180)
+        opener.join(60)
+        assert not sender.is_alive() and not opener.is_alive()
+        sent = []
+
+        def stored() -> bool:
+            sent[:] = events(nodes.trackers[0], name="email.sent", limit="1000")
+            return len(sent) >= messages
+
+        wait_for(stored, seconds=30)
+        opens = events(nodes.trackers[1], name="email.open", limit="1000")
+    copies = sink.handler.copies()
+    duplicates = sum(n - 1 for n in copies.values())
+    with capsys.disabled():
+        seen = Counter(code for codes in replies.values() for code in codes)
+        print(f"\nPostgreSQL restart under load: messages={messages} replies={dict(seen)} pixels={dict(Counter(pixels))} "
+              f"lost={messages - len(copies)} duplicates={duplicates}")
+    assert [codes[-1] for codes in replies.values()] == [250] * messages, replies
+    assert copies == {f"r{index}@example.com": 1 for index in range(messages)}
+    assert sorted(e["message_id"] for e in sent) == sorted(f"restart-{index}@app.example" for index in range(messages))
+    assert len(opens) == pixels.count(200)
+    by_message: dict[str, list[int]] = {}
+    for event in opens:
+        by_message.setdefault(event["message_id"], []).append(event["opens"])
+    assert all(sorted(counts) == list(range(1, len(counts) + 1)) for counts in by_message.values()), by_message
