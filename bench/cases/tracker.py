@@ -31,7 +31,7 @@ from bench.harness import (
     write_config,
 )
 from relay.links import TrackingLinks
-from store.sqlite import SqliteEventStore
+from store import open_store
 from tracking.claims import TrackedSend, TrackingClaims
 from tracking.legacy import LegacyTokens, claims_to_dict
 from tracking.tokens import TokenKeys, TokenVerifier, new_send_id
@@ -41,8 +41,9 @@ CONNECTIONS = 16
 LINK = f"{SHOP}/p/7?utm_source=newsletter&utm_medium=email&utm_campaign=spring"
 
 
-def mint_paths(public_url: str, sends: int, store: Path) -> tuple[list[str], list[str]]:
-    """Pixel and click paths for `sends` distinct recipients of one campaign, their sends stored as the relay does."""
+def mint_paths(public_url: str, sends: int, store: Path | str) -> tuple[list[str], list[str]]:
+    """Pixel and click paths for `sends` distinct recipients of one campaign, their sends stored as the relay does
+    (`store`: a SQLite file or a store URL)."""
     tokens = TokenKeys([TRACKER_SECRET], ["bench"]).project("bench")
     pixels, clicks, rows = [], [], []
     for index in range(sends):
@@ -57,7 +58,7 @@ def mint_paths(public_url: str, sends: int, store: Path) -> tuple[list[str], lis
         clicks.append(urlsplit(click).path)
 
     async def record() -> None:
-        events = SqliteEventStore(store)
+        events = open_store(store if isinstance(store, str) else f"sqlite:///{store}")
         await events.open()
         try:
             await events.record_sends(rows)
