@@ -177,7 +177,7 @@ def label(count: int) -> str:
 def backend_rows(backend: Backend, mode: Mode, work: Path) -> list[dict[str, Any]]:
     count = mode.pick(full=1_000_000, quick=100_000, smoke=2_000)
     repeats = mode.pick(full=5, quick=3, smoke=1)
-    seconds = mode.pick(full=3.0, quick=1.0, smoke=0.3)
+    seconds = mode.pick(full=3.0, quick=1.0, smoke=0.5)
     rounds = mode.pick(full=3, quick=2, smoke=1)
     started = time.monotonic()
     backend.fill(count)
@@ -193,6 +193,8 @@ def backend_rows(backend: Backend, mode: Mode, work: Path) -> list[dict[str, Any
             rows.append(row(CASE, f"{backend.name}: /v1/stats {name}, {label(count)}", "ms", timings))
     results = [run_json(python("bench.store_load", "--url", backend.url, "--seconds", seconds, "--warmup", 0.3,
                                "--writers", 32), timeout=seconds + 120) for _ in range(rounds)]
+    if any(r["p99_ms"] is None for r in results):
+        raise AssertionError(f"{backend.name}: no event recorded within the {seconds:g} s window: {results}")
     recorded = sum(r["recorded"] for r in results)
     stored = backend.events()
     if stored != count + recorded:
