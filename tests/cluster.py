@@ -33,7 +33,8 @@ START_SECONDS = 30.0  # two cores shared by the whole suite: imports alone can t
 
 def cluster_config(path: Path, *, store_url: str, upstream_url: str, webhook_url: str | None = None,
                    tracking: str = "ENABLED", extra: str = "") -> Path:
-    """One TOML file for every node: listeners on port 0, one store, one upstream, one project."""
+    """One TOML file for every node: listeners on port 0, one store, one upstream, one project. A node is
+    one process (`workers = 1`): the nodes here are the processes; two nodes' workers would only add load."""
     hooks = f'webhook_url = "{webhook_url}"\nwebhook_secret = "receiver-secret-0123456789"\n' if webhook_url else ""
     path.write_text(f"""
 [relay]
@@ -41,8 +42,10 @@ listen = "127.0.0.1:0"
 hostname = "relay.test"
 allow_plaintext_auth = true
 drain_timeout_seconds = 5
+workers = 1
 [tracker]
 listen = "127.0.0.1:0"
+workers = 1
 public_url = "http://127.0.0.1:1"
 secrets = ["test-secret-1"]
 [store]
