@@ -20,9 +20,9 @@ import uvloop
 from aiosmtpd.smtp import Session
 
 from config.settings import ProjectSettings, Settings, load_settings
-from inflight.cli import configure_logging
 from inflight.service import Listeners
 from inflight.supervisor import Slot, Supervisor, plan_slots
+from monitoring.logs import configure_logging
 from relay.pipeline import Pipeline
 from relay.server import COMMAND_LIMITS, RelayHandler, RelaySMTP
 from relay.throttle import RateLimiter

@@ -17,10 +17,13 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import difflib
 import enum
+import functools
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -32,6 +35,11 @@ from urllib.parse import urlsplit
 from config.dkim_keys import load_key
 
 DEFAULT_CONFIG = "config/dev.toml"
+# INFLIGHT_* variables that are not config overrides: the config path, and the test suite's and the
+# bench's switches (README, Tests; INFLIGHT_TEST_* and INFLIGHT_BENCH_* are theirs). Any other
+# INFLIGHT_* variable must name a key, so a typo is an error as in TOML.
+NON_CONFIG_VARIABLES = frozenset({"INFLIGHT_CONFIG", "INFLIGHT_REQUIRE_PG", "INFLIGHT_CORPUS", "INFLIGHT_NETDATA"})
+NON_CONFIG_PREFIXES = ("INFLIGHT_TEST_", "INFLIGHT_BENCH_")
 _T = typing.TypeVar("_T")
 
 
@@ -83,12 +91,17 @@ def default_inflight_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
     except (ValueError, OSError):
         return 1 << 30
+@functools.cache
+def machine_fqdn() -> str:
+    """This machine's fully qualified name: the EHLO name and Message-ID domain unless `relay.hostname` says
+    otherwise (an invented name such as relay.example.com in EHLO looks like spam to upstreams and DMARC reports)."""
+    return socket.getfqdn()
 
 
 @dataclass(frozen=True)
 class RelaySettings:
     listen: str = "127.0.0.1:2525"
-    hostname: str = "relay.example.com"
+    hostname: str = field(default_factory=machine_fqdn)
     tls_cert: str = ""
     tls_key: str = ""
     allow_plaintext_auth: bool = False
@@ -108,6 +121,7 @@ class RelaySettings:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     # Bytes of messages held in memory at once, all workers together; beyond it DATA waits, then 452 4.3.1.
     max_inflight_bytes: int = field(default_factory=default_inflight_bytes)
+    http_listen: str = ""  # host:port of the relay's own HTTP listener (/metrics, /healthz); empty = none
 
 
 @dataclass(frozen=True)
@@ -141,6 +155,25 @@ class TrackerSettings:
     # Where tracking domains must point (the reverse proxy's public IPs); empty: public_url's host's.
     public_addresses: tuple[str, ...] = ()
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # HTTP worker processes (README "Workers")
+    # Who may read /metrics on the public tracker port (project ids and volumes are not for everyone).
+    metrics_allow: tuple[str, ...] = ("127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class DashboardSettings:
+    enabled: bool = True  # nobody can sign in before `inflight users add`
+    listen: str = ""  # host:port of a listener of its own; empty = on the tracker, under /dashboard
+
+
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    format: LogFormat = LogFormat.TEXT  # text: key=value lines; json: one object per line
+    access_log: bool = False  # the tracker logs one line per HTTP request (inflight.access)
 
 
 @dataclass(frozen=True)
@@ -232,6 +265,19 @@ class UpstreamSettings:
         return tuple(mode for mode in TrackingMode if self.missing_for(mode) is None)
 
 
+class ApiAccess(StrEnum):
+    READ = "read"  # GET /v1/events, /v1/stats, /v1/settings/tracking
+    ADMIN = "admin"  # and PUT /v1/settings/tracking
+
+
+@dataclass(frozen=True)
+class ApiKeySettings:
+    """One `[[projects.api_keys]]` entry: a bearer token for the API that is not the SMTP password."""
+
+    key: str = field(repr=False, metadata=SECRET)
+    access: ApiAccess = ApiAccess.READ
+
+
 @dataclass(frozen=True)
 class ProjectSettings:
     id: str
@@ -255,6 +301,7 @@ class ProjectSettings:
         """tracking_domains as Host headers compare: lower case, no trailing dot."""
         return tuple(domain.lower().rstrip(".") for domain in self.tracking_domains)
     suppression: SuppressionMode = SuppressionMode.REFUSE  # addresses that bounced for good or complained
+    api_keys: tuple[ApiKeySettings, ...] = ()  # API bearer tokens besides the secret (read-only unless access = "admin")
 
 
 @dataclass(frozen=True)
@@ -274,6 +321,8 @@ class Settings:
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    dashboard: DashboardSettings = field(default_factory=DashboardSettings)
     projects: tuple[ProjectSettings, ...] = ()
     dkim: tuple[DkimSettings, ...] = ()
 
@@ -299,6 +348,8 @@ SECTIONS: dict[str, type] = {
     "upstream": UpstreamSettings,
     "webhooks": WebhookSettings,
     "feedback": FeedbackSettings,
+    "log": LogSettings,
+    "dashboard": DashboardSettings,
 }
 HOST_PATTERN = re.compile(r"(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.?")
 # A plain DNS name (sender domains, DKIM domains and selectors): labels of 1-63, no edge hyphens.
@@ -335,6 +386,7 @@ def settings_from_mapping(raw: Mapping[str, object], environ: Mapping[str, str] 
             continue
         table = {**table, **_env_overrides(name, cls, environ, problems)}
         sections[name] = _build(cls, table, name, problems)
+    problems.extend(_unknown_variables(environ))
     projects = _build_projects(raw.get("projects", []), problems)
     dkim = _build_tables(DkimSettings, raw.get("dkim", []), "dkim", problems) or ()
     if problems:
@@ -364,6 +416,25 @@ def _env_overrides(section: str, cls: type, environ: Mapping[str, str], problems
             overrides[f"{f.name}_file"] = environ[f"{var}_FILE"]
             overrides[f.name] = None
     return overrides
+
+
+def _unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """INFLIGHT_* variables that override nothing: refused like an unknown TOML key, with the nearest name."""
+    known = set(NON_CONFIG_VARIABLES)
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            var = f"INFLIGHT_{section.upper()}_{f.name.upper()}"
+            known.add(var)
+            if f.metadata.get("secret"):
+                known.add(f"{var}_FILE")
+    problems = []
+    unknown = (name for name in environ
+               if name.startswith("INFLIGHT_") and name not in known and not name.startswith(NON_CONFIG_PREFIXES))
+    for var in sorted(unknown):
+        near = difflib.get_close_matches(var, known, n=1)
+        hint = f"did you mean {near[0]}?" if near else "INFLIGHT_<SECTION>_<KEY> overrides a key of a section"
+        problems.append(f"{var}: unknown environment variable ({hint})")
+    return problems
 
 
 def _from_env(text: str, hint: object) -> object | None:
@@ -518,6 +589,10 @@ def _check(s: Settings) -> list[str]:
     """Cross-field checks that types alone cannot express."""
     problems = []
     listens = [("relay.listen", s.relay.listen), ("tracker.listen", s.tracker.listen)]
+    if s.relay.http_listen:
+        listens.append(("relay.http_listen", s.relay.http_listen))
+    if s.dashboard.listen:
+        listens.append(("dashboard.listen", s.dashboard.listen))
     if s.relay.smtps_listen:
         listens.append(("relay.smtps_listen", s.relay.smtps_listen))
         if not s.relay.tls_cert:
@@ -561,11 +636,12 @@ def _check(s: Settings) -> list[str]:
             ipaddress.ip_address(address)
         except ValueError:
             problems.append(f"tracker.public_addresses: {address!r} is not an IP address (list the reverse proxy's public IPs)")
-    for proxy in s.tracker.trusted_proxies:
-        try:
-            ipaddress.ip_network(proxy, strict=False)
-        except ValueError:
-            problems.append(f"tracker.trusted_proxies: {proxy!r} is not an IP address or CIDR")
+    for key in ("trusted_proxies", "metrics_allow"):
+        for network in getattr(s.tracker, key):
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                problems.append(f"tracker.{key}: {network!r} is not an IP address or CIDR")
     problems.extend(_check_network_lists(s.tracker))
     if not s.store.url.startswith(STORE_URL_PREFIXES):
         scheme = urlsplit(s.store.url).scheme  # never the URL itself: it may carry a password
@@ -587,10 +663,24 @@ def _check(s: Settings) -> list[str]:
         problems.append("relay.drain_timeout_seconds: must be zero or more seconds")
     seen: set[str] = set()
     claimed: dict[str, str] = {}  # tracking domain -> the project that lists it
+    secrets: dict[str, tuple[int, str]] = {}
     for index, project in enumerate(s.projects):
         if project.id in seen:
             problems.append(f"projects[{index}].id: duplicate project id {project.id!r}")
         seen.add(project.id)
+        if project.secret in secrets:  # the secret is what AUTH and the API tell projects apart by
+            first, other = secrets[project.secret]
+            problems.append(f"projects[{index}].secret: project {project.id!r} has the same secret as project {other!r} "
+                            f"(projects[{first}]); give each project its own")
+        secrets.setdefault(project.secret, (index, project.id))
+        for number, api_key in enumerate(project.api_keys):
+            where = f"projects[{index}].api_keys[{number}].key"
+            if len(api_key.key) < 16:
+                problems.append(f"{where}: use at least 16 characters (e.g. openssl rand -hex 24)")
+            if api_key.key in secrets:
+                problems.append(f"{where}: the same token as another key or secret (of project {secrets[api_key.key][1]!r}); "
+                                "every token must name one project and one access")
+            secrets.setdefault(api_key.key, (index, project.id))
         if not project.id:
             problems.append(f"projects[{index}].id: must not be empty")
         if len(project.secret) < 8:

@@ -80,6 +80,25 @@ class TrackingSettings:
         log.info("tracking-mode-changed project=%s mode=%s previous=%s by=%s", project.id, mode.value, previous, by)
         return await self.view(project)
 
+    async def reset(self, project: ProjectSettings, *, by: str) -> dict[str, Any]:
+        """Forget the mode stored at runtime: the project follows `tracking` in the TOML again."""
+        previous = await self.store.tracking_mode(project.id)
+        await self.store.set_tracking_mode(project.id, None)
+        log.info("tracking-mode-reset project=%s mode=%s previous=%s by=%s", project.id, project.tracking.value,
+                 previous or project.tracking.value, by)
+        return await self.view(project)
+
+    async def overrides(self) -> list[str]:
+        """Projects whose stored mode differs from the TOML value: legal, but a TOML edit then changes nothing."""
+        notes = []
+        for project in self.settings.projects:
+            stored = await self.store.tracking_mode(project.id)
+            if stored is not None and stored != project.tracking.value:
+                notes.append(f"project {project.id!r}: tracking mode {stored} was set at runtime and wins over "
+                             f"tracking = {project.tracking.value!r} in the TOML; `inflight settings tracking "
+                             f"{project.id} --reset` returns to the TOML value")
+        return notes
+
     async def problems(self) -> list[str]:
         """Stored modes this configuration cannot honour (the upstream changed since): start and check-config refuse them."""
         problems = []

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
-import logging
 import ssl
 import sys
 from typing import Any
@@ -18,9 +18,12 @@ from config.tracking import ModeRefused, TrackingSettings
 from inflight.domains import DnsResolver, check_domains
 from inflight.service import ListenError, Listeners, Service
 from inflight.supervisor import Slot, Supervisor, plan_slots
+from monitoring.logs import configure_logging
 from store import is_sqlite, migrate_store, open_store
+from store.model import DashboardUser
 from store.sqlite import sqlite_path
-from tracker.netdata import network_specs, refresh
+from tracker.dashboard.auth import PASSWORD_MIN_CHARS, hash_password
+from tracker.netdata import missing_lists, network_specs, refresh
 
 
 def _fail(exc: ConfigError) -> SystemExit:
@@ -37,20 +40,10 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise _fail(exc) from None
 
 
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # aiosmtpd logs every SMTP command at INFO; our own one line per message is the useful record.
-    smtp_log = logging.getLogger("mail.log")
-    smtp_log.setLevel(logging.WARNING)
-    # aiosmtpd itself sets the deprecated Session.login_data on every successful AUTH and warns
-    # about its own assignment: a warning per message that no operator can act on.
-    smtp_log.addFilter(lambda record: "login_data is deprecated" not in record.getMessage())
-
-
 def _run(args: argparse.Namespace, *, relay: bool, tracker: bool) -> int:
     """Listen first (a busy address: one line, exit 1, nothing else touched), then serve in one process or in workers."""
     settings = _settings(args)
-    configure_logging()
+    configure_logging(settings.log.format, access_log=settings.log.access_log)
     try:
         listeners = Listeners.bind(settings, relay=relay, tracker=tracker)
     except ListenError as exc:
@@ -89,15 +82,22 @@ async def _with_tracking(settings: Settings, action: Any) -> Any:
 
 def _check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    warnings = missing_lists(settings, resolve_config_path(args.config))
     url = settings.store.url
     if not is_sqlite(url) or sqlite_path(url).exists():  # modes changed at runtime must still be available
+        async def review(tracking: TrackingSettings) -> tuple[list[str], list[str]]:
+            return await tracking.problems(), await tracking.overrides()
+
         try:
-            problems = asyncio.run(_with_tracking(settings, lambda tracking: tracking.problems()))
+            problems, overrides = asyncio.run(_with_tracking(settings, review))
         except OSError as exc:  # never the URL: it may carry a password
             print(f"error: store unreachable ({type(exc).__name__}: {exc.strerror or exc})", file=sys.stderr)
             return 1
         if problems:
             raise _fail(ConfigError(problems))
+        warnings += overrides
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"ok: {resolve_config_path(args.config)} ({len(settings.projects)} project(s))")
     return 0
 
@@ -111,7 +111,13 @@ def _settings_tracking(args: argparse.Namespace) -> int:
         print(f"error: unknown project {args.project!r} (known: {known})", file=sys.stderr)
         return 2
 
+    if args.reset and args.mode is not None:
+        print("error: give a MODE or --reset, not both", file=sys.stderr)
+        return 2
+
     def act(tracking: TrackingSettings) -> Any:
+        if args.reset:
+            return tracking.reset(project, by="cli")
         return tracking.view(project) if args.mode is None else tracking.change(project, args.mode, by="cli")
 
     try:
@@ -134,7 +140,8 @@ def _netdata_refresh(args: argparse.Namespace) -> int:
     for result in refresh(network_specs(settings.tracker.network_lists)):
         if result.error:
             failed += 1
-            print(f"failed  {result.name}: {result.error} (kept {result.path})", file=sys.stderr)
+            kept = f"kept {result.path}" if result.path.exists() else f"nothing was kept: {result.path} does not exist yet"
+            print(f"failed  {result.name}: {result.error} ({kept})", file=sys.stderr)
         elif result.skipped:
             print(f"skipped {result.name}: {result.skipped}")
         else:
@@ -145,6 +152,10 @@ def _netdata_refresh(args: argparse.Namespace) -> int:
 def _forget(args: argparse.Namespace) -> int:
     """GDPR erasure (Art. 17): works while the service runs, since SQLite WAL allows a second writer process."""
     settings = _settings(args)
+    problem = address_problem(args.address)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if args.project is not None and settings.project(args.project) is None:
         print(f"error: no project {args.project!r} in the configuration", file=sys.stderr)
         return 2
@@ -195,6 +206,52 @@ def _domains_check(args: argparse.Namespace) -> int:
     for finding in findings:
         print(finding.line())
     return 0 if all(finding.ok for finding in findings) else 1
+def _users_add(args: argparse.Namespace) -> int:
+    """Create or update a dashboard account; the password is read from the terminal (twice) or stdin."""
+    settings = _settings(args)
+    if args.project is not None and settings.project(args.project) is None:
+        print(f"error: no project {args.project!r} in the configuration", file=sys.stderr)
+        return 2
+    email = args.email.strip().lower()
+    if address_problem(email) is not None or "@" not in email:
+        print(f"error: {args.email!r} is not an email address", file=sys.stderr)
+        return 2
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("error: the two passwords differ", file=sys.stderr)
+            return 2
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < PASSWORD_MIN_CHARS:
+        print(f"error: use a password of at least {PASSWORD_MIN_CHARS} characters", file=sys.stderr)
+        return 2
+
+    async def save() -> None:
+        store = open_store(settings.store.url)
+        await store.open()
+        try:
+            await store.save_user(DashboardUser(email, hash_password(password), args.project, args.admin))
+        finally:
+            await store.close()
+
+    asyncio.run(save())
+    scope = f"project {args.project}" if args.project else "every project"
+    print(f"saved {email}: {scope}, {'admin' if args.admin else 'read-only'}")
+    return 0
+
+
+def address_problem(address: str) -> str | None:
+    """Why `address` cannot name a contact to erase, or None: an empty or malformed one would erase
+    nothing and report success, and the operator would believe the person's data gone."""
+    if not address.strip():
+        return "give the contact's address or id (it is empty)"
+    if any(ch.isspace() or not ch.isprintable() for ch in address):
+        return f"{address!r} contains spaces or control characters; give one address or contact id"
+    local, at, domain = address.rpartition("@")
+    if at and (not local or "" in domain.split(".")):
+        return f"{address!r} is not an address (expected local@domain.tld) nor a contact id"
+    return None
 
 
 def _suppressions(args: argparse.Namespace) -> int:
@@ -251,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     tracking = with_config(settings.add_parser("tracking", help="print or set a project's tracking mode (no restart needed)"))
     tracking.add_argument("project", help="project id")
     tracking.add_argument("mode", nargs="?", help="ENABLED | DISABLED | MARKETING_ONLY; omit to print the current settings")
+    tracking.add_argument("--reset", action="store_true", help="forget the mode set at runtime: follow the TOML value again")
     tracking.set_defaults(func=_settings_tracking)
     netdata = commands.add_parser("netdata", help="network lists of machine traffic").add_subparsers(dest="action", required=True)
     command("refresh", "download the configured lists from their official upstreams", netdata).set_defaults(func=_netdata_refresh)
@@ -272,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     suppressions.add_argument("project", help="project id")
     suppressions.add_argument("address", nargs="?", help="the address to add or remove")
     suppressions.set_defaults(func=_suppressions)
+    users = commands.add_parser("users", help="dashboard accounts").add_subparsers(dest="action", required=True)
+    add = command("add", "create or update a dashboard account (password from the terminal or stdin)", users)
+    add.add_argument("email")
+    add.add_argument("--project", help="limit the account to this project (default: every project)")
+    add.add_argument("--admin", action="store_true", help="may change settings and retry webhooks (default: read-only)")
+    add.set_defaults(func=_users_add)
     return parser
 
 

@@ -24,12 +24,13 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from config.settings import ConfigError, Settings, parse_listen
 from config.tracking import TrackingSettings
+from monitoring.http import monitoring_app
 from relay.pipeline import Pipeline
 from relay.server import Relay
 from relay.upstream import Upstream, upstream_from_settings
 from relay.workers import cpu_pool, give_back_large_buffers
 from store import open_store
-from tracker.app import MAX_REQUEST_HEAD_BYTES, Tracker, create_app
+from tracker.app import MAX_REQUEST_HEAD_BYTES, Tracker, create_app, dashboard_app
 from tracker.privacy import RetentionPurge
 from tracker.webhooks import WebhookWorker
 from tracking.tokens import TokenKeys
@@ -127,6 +128,8 @@ class Listeners:
     relay: socket.socket | None = None
     smtps: socket.socket | None = None
     tracker: socket.socket | None = None
+    relay_http: socket.socket | None = None  # [relay] http_listen: /metrics and /healthz
+    dashboard: socket.socket | None = None  # [dashboard] listen
 
     @classmethod
     def bind(cls, settings: Settings, *, relay: bool, tracker: bool) -> Listeners:
@@ -136,8 +139,12 @@ class Listeners:
             wanted.append(("relay", settings.relay.listen, "relay.listen"))
             if settings.relay.smtps_listen:
                 wanted.append(("smtps", settings.relay.smtps_listen, "relay.smtps_listen"))
+            if settings.relay.http_listen:
+                wanted.append(("relay_http", settings.relay.http_listen, "relay.http_listen"))
         if tracker:
             wanted.append(("tracker", settings.tracker.listen, "tracker.listen"))
+            if settings.dashboard.enabled and settings.dashboard.listen:
+                wanted.append(("dashboard", settings.dashboard.listen, "dashboard.listen"))
         listeners = cls()
         try:
             for name, listen, key in wanted:
@@ -149,16 +156,19 @@ class Listeners:
 
     def serving(self, *, relay: bool, tracker: bool) -> Listeners:
         """The listeners of these roles; the others are closed (in a worker that does not serve them)."""
-        kept = Listeners(self.relay if relay else None, self.smtps if relay else None, self.tracker if tracker else None)
-        for sock in (self.relay, self.smtps, self.tracker):
-            if sock is not None and sock not in (kept.relay, kept.smtps, kept.tracker):
+        kept = Listeners(self.relay if relay else None, self.smtps if relay else None, self.tracker if tracker else None,
+                         self.relay_http if relay else None, self.dashboard if tracker else None)
+        for sock in self._sockets():
+            if sock not in kept._sockets():
                 sock.close()
         return kept
 
+    def _sockets(self) -> list[socket.socket]:
+        return [s for s in (self.relay, self.smtps, self.tracker, self.relay_http, self.dashboard) if s is not None]
+
     def close(self) -> None:
-        for sock in (self.relay, self.smtps, self.tracker):
-            if sock is not None:
-                sock.close()
+        for sock in self._sockets():
+            sock.close()
 
 
 class Service:
@@ -200,8 +210,9 @@ class Service:
         self._relay: Relay | None = None
         self._upstream: Upstream | None = None
         self._workers: ProcessPoolExecutor | None = None
-        self._http: _EmbeddedUvicorn | None = None
-        self._http_task: asyncio.Task[None] | None = None
+        self.relay_http_address: tuple[str, int] | None = None
+        self.dashboard_address: tuple[str, int] | None = None
+        self._http_servers: list[tuple[_EmbeddedUvicorn, asyncio.Task[None]]] = []
 
     async def start(self) -> None:
         """Listen first, then open the store and serve.
@@ -242,16 +253,32 @@ class Service:
                 self.smtps_address = listeners.smtps.getsockname()[:2]
                 self._smtps = await relay.listen(listeners.smtps, implicit_tls=True)
                 log.info("relay listening with implicit TLS on %s:%d", *self.smtps_address)
+            if listeners.relay_http is not None:
+                self.relay_http_address = listeners.relay_http.getsockname()[:2]
+                await self._serve_http(monitoring_app(self.store), listeners.relay_http)
+                log.info("relay metrics and health on http://%s:%d", *self.relay_http_address)
         if self.run_tracker and listeners.tracker is not None:
-            app = create_app(Tracker(settings=self.settings, store=self.store, keys=self.keys))
+            dashboard = self.settings.dashboard
+            app = create_app(Tracker(settings=self.settings, store=self.store, keys=self.keys),
+                             dashboard=dashboard.enabled and not dashboard.listen)
             self.tracker_address = listeners.tracker.getsockname()[:2]
-            self._http = _EmbeddedUvicorn(http_config(app))
-            self._http_task = asyncio.create_task(self._http.serve(sockets=[listeners.tracker]))
-            while not self._http.started:
-                if self._http_task.done():
-                    self._http_task.result()  # re-raise the startup failure
-                await asyncio.sleep(0.01)
+            await self._serve_http(app, listeners.tracker)
             log.info("tracker listening on %s:%d (public_url=%s)", *self.tracker_address, self.settings.tracker.public_url)
+
+        if self.run_tracker and listeners.dashboard is not None:
+            self.dashboard_address = listeners.dashboard.getsockname()[:2]
+            await self._serve_http(dashboard_app(self.settings, self.store), listeners.dashboard)
+            log.info("dashboard on http://%s:%d/dashboard/", *self.dashboard_address)
+
+    async def _serve_http(self, app: ASGIApp, sock: socket.socket) -> None:
+        """Serve `app` on `sock` with uvicorn, returning once it accepts connections."""
+        server = _EmbeddedUvicorn(http_config(app))
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        self._http_servers.append((server, task))
+        while not server.started:
+            if task.done():
+                task.result()  # re-raise the startup failure
+            await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
         """Stop accepting, let SMTP transactions in flight finish (up to relay.drain_timeout_seconds), then close."""
@@ -266,9 +293,9 @@ class Service:
             await self._upstream.close()
         if self._workers is not None:
             await asyncio.to_thread(self._workers.shutdown, True, cancel_futures=True)
-        if self._http is not None and self._http_task is not None:
-            self._http.should_exit = True
-            await self._http_task
+        for http, serving in self._http_servers:
+            http.should_exit = True
+            await serving
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from config.dkim_keys import DkimError, load_key
 from config.settings import ProjectSettings, Settings, TrackingEngine
 from config.tracking import TrackingSettings
+from monitoring.metrics import FAIL_OPENS, MESSAGES, STORE_SECONDS, TRACKED, timed
 from relay import replies
 from relay.dkim import DkimSigner
 from relay.headers import SplitMessage, decoded_header, split_message
@@ -138,7 +139,7 @@ class Pipeline:
         if temporary:
             # Some recipient may still get it: the app must retry; the ledger keeps the retry from resending.
             if all(results[r].unreachable for r in temporary):
-                reply = replies.UPSTREAM_UNAVAILABLE
+                reply = replies.upstream_unavailable(results[next(iter(temporary))].text.partition("unreachable: ")[2])
             else:
                 reply = replies.upstream_failures(temporary, len(recipients), temporary=True, sent=sent)
             outcome = "deferred"
@@ -333,6 +334,7 @@ class Pipeline:
                 if result.outcome != "instrumented":
                     # Nothing to track in this message (no HTML, or it failed): send it as is, once.
                     if result.outcome == "failed":
+                        FAIL_OPENS.labels(project.id).inc()
                         log.warning("instrument-failed message_id=%s reason=%s", message_id, result.reason)
                     notes.append(f"instrument={result.outcome} ({result.reason})")
                     yield Copy(recipients[start + offset:], await self._offload(data, self.dkim.sign, data), pixel=False)
@@ -394,7 +396,8 @@ class Pipeline:
             for recipient in recipients
         ]
         try:
-            await self.store.record(events)
+            with timed(STORE_SECONDS, "record"):
+                await self.store.record(events)
         except Exception:
             log.exception("event-store-failed message_id=%s events=%d", message_id, len(events))
 
@@ -415,6 +418,9 @@ class Pipeline:
         detail: str,
     ) -> None:
         tracking = decision.describe() if decision else "tracked=false"
+        MESSAGES.labels(project, outcome).inc()
+        if decision is not None:
+            TRACKED.labels(project, "true" if decision.tracked else "false").inc()
         log.info(
             "outcome=%s project=%s message_id=%s recipients=%d %s bytes=%d ms=%.1f detail=%r",
             outcome, project, message_id, len(recipients), tracking, size, (time.monotonic() - started) * 1000, detail,

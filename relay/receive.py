@@ -59,7 +59,7 @@ class ChunkedDataSMTP(SMTP):
                 if reservation is not None and body.error is None and not await reservation.cover(body.size):
                     body.refuse(INSUFFICIENT_STORAGE)  # read on to the final dot, holding nothing
             if body.error is not None:
-                await self.push(body.error)
+                await self.push(self.data_refusal(body))
                 self._set_post_data_state()
                 return
             self.envelope.content = self.envelope.original_content = body.content()
@@ -71,6 +71,12 @@ class ChunkedDataSMTP(SMTP):
                 await reservation.release()
 
 
+    def data_refusal(self, body: Body) -> str:
+        """The reply to a body refused while it was read; aiosmtpd's own wording here."""
+        assert body.error is not None
+        return body.error
+
+
 class Body:
     """A DATA body fed in arbitrary pieces; pure, so it is tested byte for byte against aiosmtpd."""
 
@@ -80,6 +86,7 @@ class Body:
         self.size = 0
         self.complete = False
         self.error: str | None = None
+        self.bare_lf = False  # the over-long line holds a bare LF: mail with LF-only line endings, not a long line
         self._parts: list[bytes] = []
         self._partial = b""  # the current line so far; it always starts at a line start
 
@@ -95,6 +102,7 @@ class Body:
             longest = max(map(len, lines), default=0)
             if longest + 2 > self.line_limit or len(self._partial) + 2 > self.line_limit:
                 self.error = "500 Line too long (see RFC5321 4.5.3.1.6)"
+                self.bare_lf = any(b"\n" in line for line in (*lines, self._partial) if len(line) + 2 > self.line_limit)
             elif self.size_limit and self.size > self.size_limit:
                 self.error = "552 Error: Too much mail data"
         if self.error is not None:

@@ -7,7 +7,6 @@ from collections.abc import Mapping
 
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 PROJECT_MISMATCH = "550 5.7.1 X-Inflight-Project does not match the authenticated project"
-UPSTREAM_UNAVAILABLE = "451 4.4.1 Upstream unavailable, try again later"
 SETTINGS_UNAVAILABLE = "451 4.3.0 Tracking settings unavailable, try again later"
 AUTH_UNKNOWN_PROJECT = "535 5.7.8 Authentication credentials invalid"
 AUTH_REQUIRED = "530 5.7.0 Authentication required"
@@ -23,9 +22,31 @@ FROM_DOMAIN_REFUSED = "550 5.7.1 From header must be one address in a domain all
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 # RFC 3463 4.3.1: the relay's memory for messages in flight is spent (relay.max_inflight_bytes).
 INSUFFICIENT_STORAGE = "452 4.3.1 Insufficient system storage, try again later"
+# aiosmtpd's own refusals, said so that the app's log tells the fix (RFC 3463 codes added).
+LINE_TOO_LONG = "500 5.6.0 Line too long: a line is over 998 characters (RFC 5321 4.5.3.1.6); encode the body (quoted-printable or base64)"
+LINE_TOO_LONG_BARE_LF = ("500 5.6.0 Line too long: bare LF or line over 998 characters; the message has LF-only line endings, "
+                         "SMTP needs CRLF (RFC 5321 2.3.8)")
 MAX_LISTED_CHARS = 360  # an SMTP reply line is at most 512 octets (RFC 5321 §4.5.3.1.5)
 
 _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+def upstream_unavailable(detail: str) -> str:
+    """451 naming the cause and host (`refused at mx.example.com:587 (...)`), never the credentials."""
+    return f"451 4.4.1 Upstream unavailable: {' '.join(detail.split())[:300]}; try again later"
+
+
+def too_big(max_bytes: int | None) -> str:
+    return f"552 5.3.4 Message too big: the limit is {max_bytes} bytes (relay.max_message_bytes)"
+
+
+def explicit(status: str, *, max_bytes: int | None) -> str:
+    """aiosmtpd's terse wording of the size and line-length refusals replaced by one that states the limit."""
+    if status.startswith("552 Error:"):  # "Too much mail data", or a MAIL SIZE= over the limit
+        return too_big(max_bytes)
+    if status.startswith("500 Line too long"):
+        return LINE_TOO_LONG
+    return status
 
 
 def accepted(message_id: str, recipients: int) -> str:

@@ -8,16 +8,18 @@ import hmac
 import logging
 import socket
 import ssl
-from typing import Any
+import warnings
+from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from config.settings import ProjectSettings, Settings, SuppressionMode
+from monitoring.metrics import REFUSALS
 from relay import replies
 from relay.headers import without_envelope_line
 from relay.memory import MemoryBudget, memory_share
 from relay.pipeline import Pipeline
-from relay.receive import ChunkedDataSMTP
+from relay.receive import Body, ChunkedDataSMTP
 from relay.senders import domain_allowed
 from relay.sessions import Sessions
 from relay.throttle import AuthThrottle, RateLimiter, ThrottleSync, client_key
@@ -48,6 +50,25 @@ class RelaySMTP(ChunkedDataSMTP):
     def __init__(self, handler: Any, *, require_tls: bool, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.require_tls = require_tls
+        self.refusal_logged = False  # set by a hook that logged the refusal it returns, with more context
+
+    async def push(self, status: AnyStr) -> None:
+        """Every reply goes through here: aiosmtpd's own refusals are made explicit, and every
+        4xx/5xx is logged and counted (a hook that logged its own with more context says so)."""
+        await super().push(self._reviewed(status.decode("utf-8", "replace") if isinstance(status, bytes) else status))
+
+    def _reviewed(self, status: str) -> str:
+        if status.startswith(("4", "5")):
+            status = replies.explicit(status, max_bytes=self.data_size_limit)
+            REFUSALS.labels(status[:3]).inc()
+            if not self.refusal_logged:
+                log.info("smtp-refused peer=%s user=%s reply=%r", client_key(self.session.peer) if self.session else None,
+                         self.session.auth_data if self.session and self.session.authenticated else None, status)
+            self.refusal_logged = False
+        return status
+
+    def data_refusal(self, body: Body) -> str:
+        return replies.LINE_TOO_LONG_BARE_LF if body.bare_lf else super().data_refusal(body)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -87,6 +108,7 @@ class ProjectAuthenticator:
         login = auth_data.login.decode("utf-8", "replace")
         client = client_key(session.peer)
         wait = self.throttle.retry_after(client, login)
+        server.refusal_logged = True  # type: ignore[attr-defined]  # a failure is logged below, by name
         if wait > 0:
             log.warning("auth-throttled peer=%s user=%s retry_after=%.0f", client, self._shown(login), wait)
             return AuthResult(success=False, handled=False, message=replies.AUTH_THROTTLED)
@@ -98,6 +120,7 @@ class ProjectAuthenticator:
             log.warning("auth-failed peer=%s user=%s mechanism=%s failures_ip=%d failures_user=%d",
                         client, self._shown(login), mechanism, by_ip, by_user)  # never the password
             return AuthResult(success=False, handled=False)
+        server.refusal_logged = False  # type: ignore[attr-defined]
         self.throttle.succeeded(client, login)
         return AuthResult(success=True, auth_data=login)
 
@@ -129,6 +152,7 @@ class RelayHandler:
         if has_control_characters(address):
             return replies.BAD_ADDRESS
         if not domain_allowed(address, project.sender_domains):
+            server.refusal_logged = True  # type: ignore[attr-defined]
             log.info("sender-refused project=%s mail_from_domain=%s", project.id, address.rpartition("@")[2][:255])
             return replies.SENDER_DOMAIN_REFUSED
         wait = self.rates.retry_after(project.id, project.rate_limit_per_minute)
@@ -189,8 +213,10 @@ class RelayHandler:
             recipients=recipients,
         )
         # Handed over, not kept: the pipeline then holds the message's only copy (README "Memory").
-        return await self.pipeline.relay(project, envelope.mail_from or "", recipients,
-                                         trace + without_envelope_line(_take_content(envelope)))
+        reply = await self.pipeline.relay(project, envelope.mail_from or "", recipients,
+                                          trace + without_envelope_line(_take_content(envelope)))
+        server.refusal_logged = True  # type: ignore[attr-defined]  # the pipeline's outcome line has it
+        return reply
 
     async def handle_exception(self, error: Exception) -> str:
         """A bug must not become aiosmtpd's `500 Error: (ValueError) ...`: a permanent refusal that
@@ -229,6 +255,10 @@ class Relay:
         self.tls = tls_context(settings)
         self.sessions = Sessions()  # every connection on every listener, for the shutdown drain
         self.memory = MemoryBudget(memory_share(relay.max_inflight_bytes, relay.workers, relay.max_message_bytes))
+        if relay.allow_plaintext_auth and not relay.require_tls:
+            log.warning("auth-without-tls listen=%s detail='relay.allow_plaintext_auth = true: passwords may cross the "
+                        "network in clear on connections without STARTTLS; keep it to loopback or a private network'",
+                        relay.listen)
 
     async def listen(self, sock: socket.socket, *, implicit_tls: bool = False) -> asyncio.Server:
         """Serve SMTP on an already bound socket (so callers and tests can bind port 0).
@@ -242,20 +272,22 @@ class Relay:
             raise ValueError("relay.smtps_listen needs relay.tls_cert and relay.tls_key")
 
         def protocol() -> SMTP:
-            return self.sessions.track(RelaySMTP(
-                self.handler,
-                require_tls=relay.require_tls and not implicit_tls,
-                data_size_limit=relay.max_message_bytes,
-                hostname=relay.hostname,
-                ident="inflight",
-                tls_context=None if implicit_tls else self.tls,
-                auth_required=True,
-                auth_require_tls=relay.require_tls or not relay.allow_plaintext_auth,
-                command_call_limit=COMMAND_LIMITS,
-                authenticator=self.authenticator,
-                memory=self.memory,
-                loop=loop,
-            ))
+            with warnings.catch_warnings():  # aiosmtpd warns per connection; said once above, at start
+                warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS", UserWarning)
+                return self.sessions.track(RelaySMTP(
+                    self.handler,
+                    require_tls=relay.require_tls and not implicit_tls,
+                    data_size_limit=relay.max_message_bytes,
+                    hostname=relay.hostname,
+                    ident="inflight",
+                    tls_context=None if implicit_tls else self.tls,
+                    auth_required=True,
+                    auth_require_tls=relay.require_tls or not relay.allow_plaintext_auth,
+                    command_call_limit=COMMAND_LIMITS,
+                    authenticator=self.authenticator,
+                    memory=self.memory,
+                    loop=loop,
+                ))
 
         if implicit_tls:
             return await loop.create_server(protocol, sock=sock, ssl=self.tls,

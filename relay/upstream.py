@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.policy
+import errno
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Protocol, cast
 from urllib.parse import unquote, urlsplit
@@ -26,6 +30,7 @@ from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
 from config.settings import UpstreamSettings
+from monitoring.metrics import POOL_CONNECTIONS, UPSTREAM_FAILURES, UPSTREAM_SECONDS, failure_cause, timed
 
 log = logging.getLogger("inflight.upstream")
 
@@ -70,27 +75,62 @@ def unreachable(recipients: list[str], detail: str) -> Results:
 
 
 class OutboxUpstream:
-    """Writes each delivered message to DIR as an .eml file (development and demos)."""
+    """Writes each delivered message to DIR as one .eml file per recipient (development and demos).
+
+    A file is named `<message-id>.<recipient>.eml` (characters outside [A-Za-z0-9@._+-] become `_`),
+    so the copies of a tracked message, one per recipient with its own tokens, can be told apart and
+    found from the events API's `message_id`. The envelope is kept in the file as a local delivery
+    agent keeps it: `Return-Path:` (MAIL FROM) and `Delivered-To:` (the recipient) on top.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
     async def send(self, mail_from: str, recipients: list[str], data: bytes) -> Results:
         try:
-            await asyncio.to_thread(self._write, data)
+            await asyncio.to_thread(self._write, mail_from, recipients, data)
         except OSError as exc:
             return dict.fromkeys(recipients, RecipientResult(451, f"4.3.0 outbox write failed: {exc.strerror}"))
         return dict.fromkeys(recipients, RecipientResult(250, "2.0.0 written to outbox"))
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, mail_from: str, recipients: list[str], data: bytes) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        name = f"{uuid.uuid4().hex}.eml"
-        temporary = self.directory / f".{name}.tmp"
-        temporary.write_bytes(data)
-        os.replace(temporary, self.directory / name)  # readers never see half a file
+        newline = b"\r\n" if b"\r\n" in data[: data.find(b"\n") + 1] else b"\n"
+        message_id = _header_value(data, "message-id").strip().strip("<>") or uuid.uuid4().hex
+        for recipient in recipients:
+            envelope = b"Return-Path: <%s>%sDelivered-To: %s%s" % (
+                mail_from.encode(), newline, recipient.encode(), newline)
+            temporary = self.directory / f".{uuid.uuid4().hex}.tmp"
+            temporary.write_bytes(envelope + data)
+            try:
+                self._publish(temporary, f"{_safe_name(message_id)}.{_safe_name(recipient)}")
+            finally:
+                temporary.unlink(missing_ok=True)
+
+    def _publish(self, temporary: Path, stem: str) -> None:
+        """Link the finished file under its name (readers never see half a file); a resend of the same
+        message to the same recipient gets `.1`, `.2`... rather than replacing the earlier copy."""
+        for attempt in range(1000):
+            try:
+                os.link(temporary, self.directory / (f"{stem}.eml" if attempt == 0 else f"{stem}.{attempt}.eml"))
+                return
+            except FileExistsError:
+                continue
+        raise FileExistsError(errno.EEXIST, "too many copies", stem)
 
     async def close(self) -> None:
         return None
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9@._+-]", "_", text).lstrip(".")[:120] or "_"
+
+
+def _header_value(data: bytes, name: str) -> str:
+    """One header of the message's header block (unfolded), or '' when absent."""
+    end = min((i for i in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if i >= 0), default=len(data))
+    headers = BytesHeaderParser(policy=email.policy.compat32).parsebytes(data[: end + 2])
+    return str(headers.get(name, "") or "")
 
 
 @dataclass(frozen=True)
@@ -329,6 +369,10 @@ class SmtpUpstream:
 
     async def send(self, mail_from: str, recipients: list[str], data: bytes) -> Results:
         body = DataBody(data) if DataBody.streamable(data) else DataBody(await self._data_block(data), stuffed=True)
+        with timed(UPSTREAM_SECONDS, self.endpoint.host):
+            return await self._send(mail_from, recipients, body)
+
+    async def _send(self, mail_from: str, recipients: list[str], body: DataBody) -> Results:
         for _ in range(2):
             try:
                 async with self._connection() as connection:
@@ -343,6 +387,7 @@ class SmtpUpstream:
         if self._reaper is not None:
             self._reaper.cancel()
         idle, self._idle = self._idle, []
+        self._count_idle()
         await asyncio.gather(*(self._quit(c.client) for c in idle))
 
     async def _data_block(self, data: bytes) -> bytes:
@@ -354,16 +399,24 @@ class SmtpUpstream:
     async def _connection(self) -> AsyncIterator[_Connection]:
         async with self._slots:
             connection = await self._take_idle() or await self._connect()
+            busy = POOL_CONNECTIONS.labels(self.endpoint.host, "busy")
+            busy.inc()
             try:
                 yield connection
             except BaseException:
                 connection.client.close()  # state unknown (cancelled, timed out, stale): never reuse
                 raise
+            finally:
+                busy.dec()
             if connection.client.is_connected:
                 connection.idle_since = time.monotonic()
                 self._idle.append(connection)
                 if self._reaper is None or self._reaper.done():
                     self._reaper = asyncio.create_task(self._reap())
+            self._count_idle()
+
+    def _count_idle(self) -> None:
+        POOL_CONNECTIONS.labels(self.endpoint.host, "idle").set(len(self._idle))
 
     async def _take_idle(self) -> _Connection | None:
         while self._idle:
@@ -401,8 +454,10 @@ class SmtpUpstream:
                     await client.ehlo()
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             client.close()
-            detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            raise _Unreachable(f"{e}: {detail}") from exc
+            cause = failure_cause(exc)
+            UPSTREAM_FAILURES.labels(e.host, cause).inc()
+            detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:160] if str(exc) else type(exc).__name__
+            raise _Unreachable(f"{cause} at {e.host}:{e.port} ({detail})") from exc  # never the credentials
         client.timeout = self.timeouts.command
         return _Connection(client, time.monotonic())
 
@@ -533,6 +588,7 @@ class SmtpUpstream:
             now = time.monotonic()
             expired = [c for c in self._idle if now - c.idle_since > self.idle_seconds or not c.client.is_connected]
             self._idle = [c for c in self._idle if c not in expired]
+            self._count_idle()
             await asyncio.gather(*(self._quit(c.client) for c in expired))
 
     async def _quit(self, client: aiosmtplib.SMTP) -> None:

@@ -78,12 +78,27 @@ def implied_uid(uid: str) -> str:
 @dataclass(frozen=True)
 class EventQuery:
     project: str
-    contact: str | None = None
+    contact: str | None = None  # matched as contact_forms(contact): the domain of an address in any case
     name: str | None = None
     campaign: str | None = None
     message_id: str | None = None
     since: str | None = None
     limit: int = 100
+    before: tuple[str, int] | None = None  # (at, id) of the last event of the previous page: newer ones are skipped
+    agent: str | None = None  # opens and clicks with this verdict
+    until: str | None = None  # events before this time (RFC 3339, stored form)
+
+
+def contact_forms(contact: str) -> tuple[str, ...]:
+    """The stored contacts a query for `contact` matches: as given, with the domain lower-cased, all lower-cased.
+
+    Domains are case-insensitive (RFC 5321 §2.4) and recipients are stored lower-cased, so
+    `B@Example.com` finds `b@example.com`. A local part is case-sensitive in principle; a contact id
+    set with X-Inflight-Contact matches as given or lower-cased, never folded the other way.
+    """
+    local, at, domain = contact.rpartition("@")
+    forms = [contact, f"{local}@{domain.lower()}" if at else contact, contact.lower()]
+    return tuple(dict.fromkeys(forms))
 
 
 @dataclass(frozen=True)
@@ -159,6 +174,49 @@ class StatsCounts:
     links: list[LinkCounts]  # clicks per link, most clicked first
 
 
+@dataclass(frozen=True)
+class DailyCounts:
+    """One UTC day of a selection, for the dashboard's charts: the counts of `stats`, per day."""
+
+    day: str  # YYYY-MM-DD
+    delivered: int
+    opens: EngagementCounts
+    clicks: EngagementCounts
+
+
+@dataclass(frozen=True)
+class DashboardUser:
+    email: str  # lower-cased
+    password_hash: str  # argon2id, never the password
+    project: str | None  # None: every project
+    admin: bool  # may change settings and retry webhooks; otherwise read-only
+
+
+@dataclass(frozen=True)
+class DashboardSession:
+    email: str
+    csrf: str  # the token every form of this session must carry
+
+
+class Reports(Protocol):
+    """What the dashboard reads beyond the API: counts per day and per agent, the webhook queue."""
+
+    async def daily(self, query: StatsQuery) -> list[DailyCounts]: ...
+    async def agent_counts(self, query: StatsQuery) -> dict[str, dict[str, int]]: ...  # event name -> agent -> count
+    async def webhook_rows(self, project: str, limit: int) -> list[dict[str, Any]]: ...
+    async def retry_webhook_now(self, project: str, outbox_id: int, *, now: float) -> bool: ...
+
+
+class Accounts(Protocol):
+    """Dashboard accounts and their sessions; a session is stored by the hash of its cookie."""
+
+    async def save_user(self, user: DashboardUser) -> None: ...
+    async def user(self, email: str) -> DashboardUser | None: ...
+    async def create_session(self, token_hash: str, session: DashboardSession, *, expires: float) -> None: ...
+    async def session(self, token_hash: str, *, now: float) -> DashboardSession | None: ...
+    async def delete_session(self, token_hash: str) -> None: ...
+
+
 class Lifecycle(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -179,7 +237,7 @@ class TrackingModes(Protocol):
     applies to the next message on every node."""
 
     async def tracking_mode(self, project: str) -> str | None: ...
-    async def set_tracking_mode(self, project: str, mode: str) -> None: ...
+    async def set_tracking_mode(self, project: str, mode: str | None) -> None: ...
 
 
 class WebhookOutbox(Protocol):
@@ -193,6 +251,7 @@ class WebhookOutbox(Protocol):
     async def finish_webhook(self, outbox_id: int) -> None: ...
     async def retry_webhook(self, outbox_id: int, *, due: float, error: str) -> None: ...
     async def pending_webhooks(self) -> int: ...
+    async def webhook_backlog(self) -> tuple[int, float | None]: ...  # (rows waiting, oldest `created`)
 
 
 @dataclass(frozen=True)
@@ -347,5 +406,5 @@ class DeadLetters(Protocol):
 
 
 class EventStore(Lifecycle, Events, TrackingModes, WebhookOutbox, DeliveryLedger, Sends, Throttles, Erasure,
-                 Suppressions, ProviderIds, ForgottenContacts, DeadLetters, Protocol):
+                 Suppressions, ProviderIds, ForgottenContacts, DeadLetters, Reports, Accounts, Protocol):
     """Every aggregate of one backend; code that needs only one takes that one's protocol."""

@@ -47,6 +47,7 @@ from store.model import (
     now_rfc3339,
     rfc3339,
 )
+from store.postgresql_dashboard import PostgresDashboardQueries
 from store.postgresql_feedback import PostgresFeedback
 from store.sql import (
     COLUMN,
@@ -226,8 +227,10 @@ def _columns(events: Sequence[Sequence[Any]]) -> list[list[Any]]:
     return [list(column) for column in zip(*events, strict=True)] if events else [[] for _ in COLUMNS]
 
 
-class PostgresEventStore(PostgresFeedback):
+class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
     """A connection pool per process; every contract of store/model.py holds across processes."""
+
+    PAIR = _PAIR  # for the dashboard queries
 
     def __init__(self, url: str, *, webhook_projects: Collection[str] = (), pool_size: int = POOL_SIZE) -> None:
         self.url = url
@@ -414,8 +417,8 @@ class PostgresEventStore(PostgresFeedback):
 
     @_retrying
     async def events(self, query: EventQuery) -> list[StoredEvent]:
-        where, args = filters(query, ("contact", "name", "campaign", "message_id"), _mark)
-        args.append(max(1, min(query.limit, MAX_LIMIT)))
+        where, args = filters(query, ("contact", "name", "campaign", "message_id", "agent"), _mark)
+        args.append(max(1, min(query.limit, MAX_LIMIT + 1)))  # +1: the API reads one more to know a next page exists
         rows = await self.pool.fetch(f"SELECT * FROM events WHERE {where} ORDER BY at DESC, id DESC LIMIT ${len(args)}", *args)
         return [dict(row) for row in rows]
 
@@ -438,7 +441,11 @@ class PostgresEventStore(PostgresFeedback):
         return None if mode is None else str(mode)
 
     @_retrying
-    async def set_tracking_mode(self, project: str, mode: str) -> None:
+    async def set_tracking_mode(self, project: str, mode: str | None) -> None:
+        """Store the mode set at runtime; None forgets it, so the project follows its TOML value again."""
+        if mode is None:
+            await self.pool.execute("DELETE FROM tracking_settings WHERE project = $1", project)
+            return
         await self.pool.execute(
             "INSERT INTO tracking_settings (project, mode, updated_at) VALUES ($1, $2, $3) "
             "ON CONFLICT (project) DO UPDATE SET mode = excluded.mode, updated_at = excluded.updated_at",
@@ -477,6 +484,12 @@ class PostgresEventStore(PostgresFeedback):
     @_retrying
     async def pending_webhooks(self) -> int:
         return int(await self.pool.fetchval("SELECT count(*) FROM webhook_outbox"))
+
+    @_retrying
+    async def webhook_backlog(self) -> tuple[int, float | None]:
+        """Deliveries waiting and when the oldest was recorded (epoch seconds): the /metrics gauges."""
+        row = await self.pool.fetchrow("SELECT count(*) AS n, min(created) AS oldest FROM webhook_outbox")
+        return (int(row["n"]), row["oldest"]) if row else (0, None)
 
     # --- delivery ledger -------------------------------------------------------------
 

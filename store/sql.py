@@ -6,11 +6,12 @@ single distinct value, and in how they serialise writers; everything else is wri
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from store.model import (
     HUMAN_OPEN_AGENTS,
+    DailyCounts,
     EngagementCounts,
     EventQuery,
     LinkCounts,
@@ -18,6 +19,7 @@ from store.model import (
     StatsCounts,
     StatsQuery,
     ThrottleEvent,
+    contact_forms,
 )
 
 COLUMNS = tuple(NewEvent.__dataclass_fields__)
@@ -35,14 +37,26 @@ def filters(query: EventQuery | StatsQuery, columns: tuple[str, ...], mark: Call
     the n-th placeholder (1-based)."""
     where = [f"project = {mark(1)}"]
     args: list[Any] = [query.project]
+
+    def placeholder(value: Any) -> str:
+        args.append(value)
+        return mark(len(args))
+
     for column in columns:
         value = getattr(query, column)
-        if value is not None:
-            args.append(value)
-            where.append(f"{column} = {mark(len(args))}")
+        if value is None:
+            continue
+        if column == "contact":  # an address's domain in any case (contact_forms)
+            where.append(f"contact IN ({', '.join(placeholder(form) for form in contact_forms(value))})")
+        else:
+            where.append(f"{column} = {placeholder(value)}")
     if query.since is not None:
-        args.append(query.since)
-        where.append(f"at >= {mark(len(args))}")
+        where.append(f"at >= {placeholder(query.since)}")
+    if isinstance(query, EventQuery):
+        if query.until is not None:
+            where.append(f"at < {placeholder(query.until)}")
+        if query.before is not None:  # keyset pagination: the index order, no OFFSET scan
+            where.append(f"(at, id) < ({placeholder(query.before[0])}, {placeholder(query.before[1])})")
     return " AND ".join(where), args
 
 
@@ -150,3 +164,34 @@ class ThrottleCursor:
         self.purged = now
         return True
 
+def daily_sql(condition: str, pair: str) -> str:
+    """Per UTC day (`at` is RFC 3339 text in both backends): delivered copies, opens and clicks, unique
+    per message and contact within the day, raw and human-only; the dashboard's charts."""
+    columns = ["count(*) FILTER (WHERE name = 'email.sent') AS delivered"]
+    for kind in ("open", "click"):
+        for human, suffix in (("", ""), (f" AND {HUMAN}", "_human")):
+            columns.append(f"count(*) FILTER (WHERE name = 'email.{kind}'{human}) AS {kind}_total{suffix}")
+            columns.append(f"count(DISTINCT {pair}) FILTER (WHERE name = 'email.{kind}'{human}) AS {kind}_unique{suffix}")
+    return (f"SELECT substr(at, 1, 10) AS day, {', '.join(columns)} FROM events WHERE {condition} "
+            "GROUP BY substr(at, 1, 10) ORDER BY day")
+
+
+def daily_counts(rows: Iterable[Any]) -> list[DailyCounts]:
+    def counts(row: Any, kind: str) -> EngagementCounts:
+        return EngagementCounts(unique=row[f"{kind}_unique"], total=row[f"{kind}_total"],
+                                unique_human=row[f"{kind}_unique_human"], total_human=row[f"{kind}_total_human"])
+
+    return [DailyCounts(day=row["day"], delivered=row["delivered"], opens=counts(row, "open"), clicks=counts(row, "click"))
+            for row in rows]
+
+
+def agents_sql(condition: str) -> str:
+    return (f"SELECT name, coalesce(agent, 'human') AS agent, count(*) AS n FROM events WHERE {condition} "
+            "AND name IN ('email.open', 'email.click') GROUP BY name, coalesce(agent, 'human')")
+
+
+def agent_counts(rows: Iterable[Any]) -> dict[str, dict[str, int]]:
+    found: dict[str, dict[str, int]] = {}
+    for row in rows:
+        found.setdefault(row["name"], {})[row["agent"]] = int(row["n"])
+    return found

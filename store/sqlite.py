@@ -46,6 +46,7 @@ from store.sql import (
     stats_counts,
     stats_sql,
 )
+from store.sqlite_dashboard import SqliteDashboardQueries
 from store.sqlite_feedback import FEEDBACK_SCHEMA, SqliteFeedback
 from tracking.claims import TrackedSend
 
@@ -146,6 +147,19 @@ CREATE TABLE IF NOT EXISTS throttle_events (
     at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS throttle_events_at ON throttle_events (at);
+-- Dashboard accounts (`inflight users add`) and their sessions, kept by the hash of the cookie.
+CREATE TABLE IF NOT EXISTS dashboard_users (
+    email TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    project TEXT,
+    admin INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS dashboard_sessions (
+    token_hash TEXT PRIMARY KEY,
+    email TEXT NOT NULL,
+    csrf TEXT NOT NULL,
+    expires REAL NOT NULL
+);
 """ + FEEDBACK_SCHEMA
 
 
@@ -218,7 +232,7 @@ def _begin_and_write(db: sqlite3.Connection, writes: list[_Write]) -> list[tuple
     return [write(db) for write in writes]
 
 
-class SqliteEventStore(SqliteFeedback):
+class SqliteEventStore(SqliteFeedback, SqliteDashboardQueries):
     """One connection, serialised by aiosqlite's worker thread; WAL lets other processes read.
 
     Every write is one `BEGIN IMMEDIATE` transaction: SQLite's write lock is taken before the
@@ -238,6 +252,8 @@ class SqliteEventStore(SqliteFeedback):
     happens to fill it: that commit, and every hit waiting on it, paid for the whole copy
     (bench tracker: p99 about 11 -> 6 ms).
     """
+
+    PAIR = _PAIR  # for the dashboard queries
 
     def __init__(self, path: Path, *, webhook_projects: Collection[str] = ()) -> None:
         self.path = path
@@ -433,8 +449,8 @@ class SqliteEventStore(SqliteFeedback):
         return ids, event.project in self.webhook_projects
 
     async def events(self, query: EventQuery) -> list[StoredEvent]:
-        where, args = filters(query, ("contact", "name", "campaign", "message_id"), _MARK)
-        args.append(max(1, min(query.limit, MAX_LIMIT)))
+        where, args = filters(query, ("contact", "name", "campaign", "message_id", "agent"), _MARK)
+        args.append(max(1, min(query.limit, MAX_LIMIT + 1)))  # +1: the API reads one more to know a next page exists
         sql = f"SELECT * FROM events WHERE {where} ORDER BY at DESC, id DESC LIMIT ?"
         async with self.db.execute(sql, args) as cursor:
             return [dict(row) for row in await cursor.fetchall()]
@@ -449,11 +465,15 @@ class SqliteEventStore(SqliteFeedback):
         rows = await self.db.execute_fetchall("SELECT mode FROM tracking_settings WHERE project = ?", (project,))
         return next((str(row[0]) for row in rows), None)
 
-    async def set_tracking_mode(self, project: str, mode: str) -> None:
+    async def set_tracking_mode(self, project: str, mode: str | None) -> None:
+        """Store the mode set at runtime; None forgets it, so the project follows its TOML value again."""
         sql = ("INSERT INTO tracking_settings (project, mode, updated_at) VALUES (?, ?, ?) "
                "ON CONFLICT (project) DO UPDATE SET mode = excluded.mode, updated_at = excluded.updated_at")
         async with self._write_lock:
-            await self.db.execute(sql, (project, mode, now_rfc3339()))
+            if mode is None:
+                await self.db.execute("DELETE FROM tracking_settings WHERE project = ?", (project,))
+            else:
+                await self.db.execute(sql, (project, mode, now_rfc3339()))
             await self.db.commit()
 
     async def stats(self, query: StatsQuery) -> StatsCounts:
@@ -509,6 +529,12 @@ class SqliteEventStore(SqliteFeedback):
         async with self.db.execute("SELECT count(*) FROM webhook_outbox") as cursor:
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
+
+    async def webhook_backlog(self) -> tuple[int, float | None]:
+        """Deliveries waiting and when the oldest was recorded (epoch seconds): the /metrics gauges."""
+        async with self.db.execute("SELECT count(*), min(created) FROM webhook_outbox") as cursor:
+            row = await cursor.fetchone()
+        return (int(row[0]), row[1]) if row else (0, None)
 
     # --- privacy ---------------------------------------------------------------------
 

@@ -110,7 +110,7 @@ def test_availability_rule(engine: str, tracking_set: str, quiet_set: str, avail
 def test_unavailable_mode_fails_at_load_naming_project_and_key() -> None:
     found = problems({"upstream": {"tracking_engine": "provider", "configuration_set": "track"},
                       "projects": [{"id": "shop", "secret": "secret-123", "tracking": "MARKETING_ONLY"},
-                                   {"id": "ok", "secret": "secret-123", "tracking": "ENABLED"}]})
+                                   {"id": "ok", "secret": "secret-456", "tracking": "ENABLED"}]})
     assert found == ['projects[0].tracking: project \'shop\': MARKETING_ONLY needs upstream.no_tracking_configuration_set '
                      'when tracking_engine = "provider"; set it, or choose one of ENABLED']
     [relay_found] = problems({"upstream": {"configuration_set": "track"},

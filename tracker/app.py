@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import dataclasses
 import functools
 import hmac
 import ipaddress
@@ -18,13 +21,16 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from config.settings import IpMode, ProjectSettings, Settings
+from config.settings import ApiAccess, IpMode, ProjectSettings, Settings
 from config.tracking import ModeRefused, TrackingSettings
+from monitoring.http import AccessLog, health_response, metrics_response
+from monitoring.metrics import HITS, STORE_SECONDS, timed
 from store.model import EVENT_NAMES, MAX_LIMIT, Decision, EventQuery, EventStore, Judgement, NewEvent, StatsQuery, rfc3339
 from tracker.agents import AgentPolicy, Hit, PriorHit, classify, relabel
+from tracker.dashboard.app import Dashboard
 from tracker.dead_letters import DeadLetterRoutes
 from tracker.feedback import FeedbackRoutes
 from tracker.netdata import NetworkLists, network_specs
@@ -119,6 +125,9 @@ class TrustedProxies:
             return False
         return any(ip in network for network in self._networks)
 
+    def contains(self, address: str) -> bool:
+        return self._trusted(address)
+
     def client_ip(self, request: Request) -> str | None:
         """The nearest address that is not a trusted proxy, walking X-Forwarded-For from the right."""
         peer = request.client.host if request.client else None
@@ -178,7 +187,9 @@ class Tracker:
             self.hosts.update(dict.fromkeys(project.tracking_hosts, frozenset({project.id})))
         self.proxies = TrustedProxies(settings.tracker.trusted_proxies)
         self.tracking = TrackingSettings(settings, store)
-        self._tokens = {p.secret: p for p in settings.projects}
+        # Bearer tokens: each project's secret (full access, as before api_keys) and its API keys.
+        self._tokens = {p.secret: (p, ApiAccess.ADMIN) for p in settings.projects}
+        self._tokens.update({k.key: (p, k.access) for p in settings.projects for k in p.api_keys})
         self.networks = NetworkLists(network_specs(settings.tracker.network_lists))
         self.policy = AgentPolicy(sent_window_seconds=settings.tracker.sent_window_seconds)
         self.clock = clock  # event times; a test replays hours of traffic by setting it
@@ -187,6 +198,7 @@ class Tracker:
         self.feedback = FeedbackRoutes(settings, store)
         self.suppressions = SuppressionRoutes(store)
         self.dead_letters = DeadLetterRoutes(store)
+        self._metrics_readers = TrustedProxies(settings.tracker.metrics_allow)
 
     def _claims(self, request: Request, token: str, kind: str) -> TrackingClaims | None:
         """The claims of a `kind` token minted for a project this Host serves; None for any other token or Host."""
@@ -195,13 +207,14 @@ class Tracker:
             return None
         return self.tokens.verify(token, kind, self.hosts[host])
 
-    def _judgement(self, hit: Hit) -> Judgement:
+    def _judgement(self, hit: Hit, agents: list[str]) -> Judgement:
         """The verdict on `hit` and the earlier events of its message that it exposes, made by the
-        store from the message's recent hits in the transaction that records it."""
+        store from the message's recent hits in the transaction that records it (its agent appended to `agents`)."""
 
         def decide(rows: list[Mapping[str, Any]]) -> Decision:
             recent = [prior_hit(row) for row in rows]
             verdict = classify(hit, networks=self.networks, recent=recent, policy=self.policy)
+            agents.append(verdict.agent)
             exposed = relabel(hit, verdict, recent=recent, policy=self.policy)
             return verdict.agent, verdict.reason, {event_id: (v.agent, v.reason) for event_id, v in exposed.items()}
 
@@ -253,7 +266,10 @@ class Tracker:
         if await self.forgotten.covers(send.project, send.recipient, send.contact):
             return  # an erased contact: a legacy token still carries the address; answered, not recorded
         hit = replace(hit, sent_at=send.sent_at)
-        await self.store.record_engagement(self._event(claims, send, hit), self._judgement(hit))
+        agents: list[str] = []
+        with timed(STORE_SECONDS, "record_engagement"):
+            await self.store.record_engagement(self._event(claims, send, hit), self._judgement(hit, agents))
+        HITS.labels(hit.kind, agents[-1] if agents else "none").inc()
 
     async def pixel(self, request: Request) -> Response:
         claims = self._claims(request, request.path_params["token"].removesuffix(".gif"), "open")
@@ -276,42 +292,54 @@ class Tracker:
         # serialisation (the event keeps the link as written). RedirectResponse would re-quote it.
         return Response(status_code=302, headers={**NO_CACHE, "Location": location})
 
-    def _project(self, request: Request) -> ProjectSettings | None:
+    def _project(self, request: Request, *, admin: bool = False) -> ProjectSettings | Response:
+        """The project the bearer token belongs to, or the 401/403 answer to give instead."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
-            return None
-        for secret, project in self._tokens.items():
+            return UNAUTHORIZED
+        found = None
+        for secret, caller in self._tokens.items():  # every one compared, in constant time
             if hmac.compare_digest(secret.encode(), token.strip().encode()):
-                return project
-        return None
+                found = caller
+        if found is None:
+            return UNAUTHORIZED
+        project, access = found
+        if admin and access is not ApiAccess.ADMIN:
+            return JSONResponse({"error": "this API key is read-only (access = \"read\"); changes need an admin key"},
+                                status_code=403)
+        return project
 
     def authenticated(
         self, handler: Callable[[Request, ProjectSettings], Awaitable[Response]]
     ) -> Callable[[Request], Awaitable[Response]]:
-        """An endpoint that runs `handler` for the project whose secret is the bearer token, else 401."""
+        """An endpoint that runs `handler` for the project whose secret or API key is the bearer token,
+        else 401; a change (any method but GET) needs an admin token, else 403."""
 
         async def endpoint(request: Request) -> Response:
-            project = self._project(request)
-            if project is None:
-                return UNAUTHORIZED
+            project = self._project(request, admin=request.method != "GET")
+            if isinstance(project, Response):
+                return project
             return await handler(request, project)
 
         return endpoint
 
     async def events(self, request: Request) -> Response:
         project = self._project(request)
-        if project is None:
-            return UNAUTHORIZED
+        if isinstance(project, Response):
+            return project
         query = parse_event_query(project.id, request.query_params)
         if isinstance(query, list):
             return JSONResponse({"error": "; ".join(query)}, status_code=422)
-        return JSONResponse({"events": [event_json(row) for row in await self.store.events(query)]})
+        rows = await self.store.events(dataclasses.replace(query, limit=query.limit + 1))
+        page = [event_json(row) for row in rows[: query.limit]]
+        more = len(rows) > query.limit
+        return JSONResponse({"events": page, "next": event_cursor(page[-1]) if more else None})
 
     async def tracking_settings(self, request: Request) -> Response:
         """GET or PUT /v1/settings/tracking: the project's mode, changed for the next message relayed."""
-        project = self._project(request)
-        if project is None:
-            return UNAUTHORIZED
+        project = self._project(request, admin=request.method != "GET")
+        if isinstance(project, Response):
+            return project
         if request.method == "GET":
             return JSONResponse(await self.tracking.view(project))
         try:
@@ -328,8 +356,8 @@ class Tracker:
 
     async def stats(self, request: Request) -> Response:
         project = self._project(request)
-        if project is None:
-            return UNAUTHORIZED
+        if isinstance(project, Response):
+            return project
         params = request.query_params
         since = parse_since(params.get("since"))
         if isinstance(since, list):
@@ -341,10 +369,15 @@ class Tracker:
         """200 only for a configured tracking host: the `ask` endpoint of a proxy's on-demand TLS
         (Caddy), so certificates are obtained for our domains and for no name a stranger points here."""
         return Response(status_code=200 if host_name(request.query_params.get("domain", "")) in self.hosts else 404)
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus metrics, to the addresses in tracker.metrics_allow only (404 to others, as for any unknown path)."""
+        peer = request.client.host if request.client else ""
+        if not self._metrics_readers.contains(peer):
+            return NOT_FOUND
+        return await metrics_response(self.store)
 
     async def health(self, request: Request) -> Response:
-        ok = await self.store.ping()
-        return JSONResponse({"ok": ok, "store": "ok" if ok else "unreachable"}, status_code=200 if ok else 503)
+        return await health_response(self.store)
 
 
 def parse_since(since: str | None) -> str | list[str] | None:
@@ -359,9 +392,27 @@ def parse_since(since: str | None) -> str | list[str] | None:
     return rfc3339(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
 
 
+def event_cursor(event: Mapping[str, Any]) -> str:
+    """The `next` of a page of events: where the following page starts (opaque to clients, no personal data)."""
+    return base64.urlsafe_b64encode(f"{event['at']}|{event['id']}".encode()).decode().rstrip("=")
+
+
+def parse_cursor(cursor: str) -> tuple[str, int] | None:
+    try:
+        at, _, event_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().partition("|")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+    return (at, int(event_id)) if event_id.isdigit() and at else None
+
+
 def parse_event_query(project: str, params: Mapping[str, str]) -> EventQuery | list[str]:
     """The filters of GET /v1/events, or the list of problems with them."""
     problems = []
+    before = None
+    if "cursor" in params:
+        before = parse_cursor(params["cursor"])
+        if before is None:
+            problems.append("cursor: not a cursor from this API; pass the `next` of the previous page unchanged")
     limit = params.get("limit", "100")
     if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIMIT:
         problems.append(f"limit: expected an integer from 1 to {MAX_LIMIT}")
@@ -381,11 +432,13 @@ def parse_event_query(project: str, params: Mapping[str, str]) -> EventQuery | l
         message_id=params.get("message_id"),
         since=since,
         limit=int(limit),
+        before=before,
     )
 
 
-def create_app(tracker: Tracker, *, manage_store: bool = False) -> Starlette:
-    """Build the ASGI app. With manage_store, the app opens and closes the store in its lifespan."""
+def create_app(tracker: Tracker, *, manage_store: bool = False, dashboard: bool = False) -> Starlette:
+    """Build the ASGI app. With manage_store, the app opens and closes the store in its lifespan;
+    with dashboard, the dashboard is served under /dashboard."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -397,7 +450,7 @@ def create_app(tracker: Tracker, *, manage_store: bool = False) -> Starlette:
             if manage_store:
                 await tracker.store.close()
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/o/{token}", tracker.pixel, methods=["GET", "HEAD"]),
         Route("/c/{token}", tracker.click, methods=["GET", "HEAD"]),
         Route("/v1/events", tracker.events, methods=["GET"]),
@@ -412,9 +465,20 @@ def create_app(tracker: Tracker, *, manage_store: bool = False) -> Starlette:
         Route("/v1/suppressions/{address}", tracker.authenticated(tracker.suppressions.remove), methods=["DELETE"]),
         Route("/v1/webhooks/dead-letters", tracker.authenticated(tracker.dead_letters.list), methods=["GET"]),
         Route("/v1/webhooks/dead-letters/{id}/replay", tracker.authenticated(tracker.dead_letters.replay), methods=["POST"]),
+        Route("/metrics", tracker.metrics, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(HardenedResponses)])
+    if dashboard:
+        routes += Dashboard(tracker.settings, tracker.store).routes()
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(HardenedResponses), Middleware(AccessLog)])
     # Starlette answers `/c/<token>/` with a 307 to an absolute URL built from the Host header:
     # a redirect we did not sign. Every path is exact; anything else is 404.
+    app.router.redirect_slashes = False
+    return app
+
+
+def dashboard_app(settings: Settings, store: EventStore) -> Starlette:
+    """The dashboard alone, for `[dashboard] listen` (a port of its own, e.g. kept off the public tracker)."""
+    app = Starlette(routes=Dashboard(settings, store).routes(),
+                    middleware=[Middleware(HardenedResponses), Middleware(AccessLog)])
     app.router.redirect_slashes = False
     return app

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from config.settings import NETWORK_CLASSES, NetworkListSettings
+from config.settings import NETWORK_CLASSES, NetworkListSettings, Settings
 
 log = logging.getLogger("inflight.netdata")
 
@@ -172,7 +173,8 @@ def load_list(spec: NetworkListSpec) -> LoadedList:
         stat = spec.path.stat()
         text = spec.path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        log.warning("netdata list=%s path=%s missing: no addresses loaded", spec.name, spec.path)
+        fix = "run `inflight netdata refresh`" if spec.sources else "write it by hand (it has no upstream)"
+        log.warning("netdata list=%s path=%s missing: no addresses loaded; %s", spec.name, spec.path, fix)
         return LoadedList(spec, None, 0, IntervalTable(()), IntervalTable(()))
     intervals: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
     prefixes = parse_prefixes(text)
@@ -308,7 +310,12 @@ def refresh(
             for source in spec.sources:
                 url = source.replace("{uuid}", str(uuid.uuid4()))
                 result.sources.append(source)
-                got = parse_prefixes(download(url, timeout))
+                try:
+                    text = download(url, timeout)
+                except OSError as exc:  # urllib's message names no URL: say which one could not be fetched
+                    reason = exc if isinstance(exc, urllib.error.HTTPError) else getattr(exc, "reason", None) or exc
+                    raise OSError(f"{source}: download failed: {reason}") from None
+                got = parse_prefixes(text)
                 if not got:
                     raise ValueError(f"{source}: no CIDRs in the response")
                 for prefix in got:
@@ -326,6 +333,21 @@ def refresh(
         _write_atomically(spec.path, "\n".join(header + prefixes) + "\n")
         result.entries = len(prefixes)
     return results
+
+
+def missing_lists(settings: Settings, config: Path) -> list[str]:
+    """A warning per configured list whose file does not exist yet: every hit from those networks
+    would be judged without them (a fresh install has not run `netdata refresh`)."""
+    warnings = []
+    for index, entry in enumerate(settings.tracker.network_lists):
+        spec = network_specs([entry])[0]
+        if spec.path.exists():
+            continue
+        fix = (f"run `inflight netdata refresh --config {config}`" if spec.sources
+               else "this list has no upstream: write it by hand (one CIDR a line)")
+        warnings.append(f"tracker.network_lists[{index}] ({spec.name}): {spec.path} is missing, so its "
+                        f"{spec.agent} networks are not recognised; {fix}")
+    return warnings
 
 
 def _write_atomically(path: Path, text: str) -> None:
