@@ -246,7 +246,7 @@ def test_unknown_project_and_no_domains(world, capsys: pytest.CaptureFixture[str
     ({"tracking_scheme": "ftp"}, 'tracking_scheme: expected "https"'),
 ])
 def test_tracking_domain_config_is_validated(project: dict[str, object], problem: str) -> None:
-    first = {"id": "first", "secret": PROJECT_SECRET, "tracking_domains": ["Click.Shared.test"]}
+    first = {"id": "first", "secret": "first-secret-1", "tracking_domains": ["Click.Shared.test"]}
     raw = {"tracker": {"public_url": "http://127.0.0.1:8080"}, "projects": [first, {"id": "p", "secret": PROJECT_SECRET, **project}]}
     with pytest.raises(ConfigError) as error:
         settings_from_mapping(raw, {})
@@ -258,9 +258,9 @@ def test_tracking_domain_config_is_validated(project: dict[str, object], problem
 
 def test_tracking_base_is_the_first_domain_else_public_url() -> None:
     settings = settings_from_mapping({"tracker": {"public_url": "https://t.example.com/"}, "projects": [
-        {"id": "a", "secret": PROJECT_SECRET, "tracking_domains": ["Click.A.example.", "t.a.example"]},
-        {"id": "b", "secret": PROJECT_SECRET, "tracking_domains": ["click.b.example"], "tracking_scheme": "http"},
-        {"id": "c", "secret": PROJECT_SECRET}]}, {})
+        {"id": "a", "secret": "secret-of-a", "tracking_domains": ["Click.A.example.", "t.a.example"]},
+        {"id": "b", "secret": "secret-of-b", "tracking_domains": ["click.b.example"], "tracking_scheme": "http"},
+        {"id": "c", "secret": "secret-of-c"}]}, {})
     a, b, c = settings.projects
     assert [settings.tracking_base(p) for p in (a, b, c)] == ["https://click.a.example", "http://click.b.example",
                                                               "https://t.example.com"]
