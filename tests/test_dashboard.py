@@ -3,10 +3,12 @@ then the pages in a real browser (Playwright driving Debian's chromium)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -197,3 +199,24 @@ def test_dashboard_on_a_listener_of_its_own(tmp_path: Path, sink: Sink) -> None:
     off = make_settings(tmp_path, sink.url, dashboard={"enabled": False})
     with RunningService(off) as running:
         assert httpx.get(f"{running.http_base}/dashboard/login").status_code == 404
+
+
+def test_webhooks_page_lists_pending_and_given_up_deliveries_and_replays(tmp_path: Path, sink: Sink) -> None:
+    add_user(config_file(tmp_path, sink), "admin@example.com", "--admin")
+    hook = {"id": PROJECT, "secret": PROJECT_SECRET, "webhook_url": "http://127.0.0.1:9/hooks", "webhook_secret": "0123456789abcdef"}
+    settings = make_settings(tmp_path, sink.url, projects=[hook], webhooks={"retry_initial_seconds": 3600, "retry_max_seconds": 3600})
+    with RunningService(settings) as running, httpx.Client(base_url=running.http_base) as client:
+        send(running.smtp_port, html_message(MARKETING))
+        store = running.service.store
+        sign_in(client, "admin@example.com")
+        page = client.get(f"/dashboard/p/{PROJECT}/webhooks")
+        assert page.status_code == 200 and "<td>email.sent</td>" in page.text and "None given up." in page.text
+        outbox_id = int(re.search(r"/webhooks/(\d+)/retry", page.text).group(1))  # type: ignore[union-attr]
+        asyncio.run_coroutine_threadsafe(store.bury_webhook(outbox_id, error="HTTP 500", now=time.time()),
+                                         running._loop).result(10)  # type: ignore[arg-type]
+        page = client.get(f"/dashboard/p/{PROJECT}/webhooks")
+        assert "Nothing waiting" in page.text and "HTTP 500" in page.text
+        dead_id = re.search(r"/webhooks/dead/(\d+)/replay", page.text).group(1)  # type: ignore[union-attr]
+        replayed = client.post(f"/dashboard/p/{PROJECT}/webhooks/dead/{dead_id}/replay", data={"csrf": csrf_of(page)})
+        assert replayed.status_code == 303
+        assert "<td>email.sent</td>" in client.get(f"/dashboard/p/{PROJECT}/webhooks").text  # back in the outbox
