@@ -31,6 +31,10 @@ def test_read_and_admin_keys_and_the_secret(tmp_path: Path) -> None:
         assert call(READ_KEY).json()["mode"] == "ENABLED"
         assert call(ADMIN_KEY, "PUT").json()["mode"] == "DISABLED"
         assert call("read-key-01234567890", "GET").status_code == 401
+        for token, status in ((READ_KEY, 403), (ADMIN_KEY, 201)):  # the other changing routes need admin too
+            added = client.post("/v1/suppressions", json={"address": "x@example.com"},
+                                headers={"Authorization": f"Bearer {token}"})
+            assert added.status_code == status, added.text
 
 
 def problems(projects: list[dict]) -> list[str]:
