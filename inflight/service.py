@@ -249,6 +249,11 @@ class Service:
                 self._background.append(asyncio.create_task(self._purge_ledger()))
             self._background.append(asyncio.create_task(relay.throttle_sync.run()))  # each process reads the others'
             log.info("relay listening on %s:%d", *self.relay_address)
+            relay_settings = self.settings.relay
+            if self.primary and relay_settings.allow_plaintext_auth and not relay_settings.require_tls:
+                log.warning("auth-without-tls listen=%s detail='relay.allow_plaintext_auth = true: passwords may cross the "
+                            "network in clear on connections without STARTTLS; keep it to loopback or a private network'",
+                            relay_settings.listen)
             if listeners.smtps is not None:
                 self.smtps_address = listeners.smtps.getsockname()[:2]
                 self._smtps = await relay.listen(listeners.smtps, implicit_tls=True)

@@ -255,10 +255,6 @@ class Relay:
         self.tls = tls_context(settings)
         self.sessions = Sessions()  # every connection on every listener, for the shutdown drain
         self.memory = MemoryBudget(memory_share(relay.max_inflight_bytes, relay.workers, relay.max_message_bytes))
-        if relay.allow_plaintext_auth and not relay.require_tls:
-            log.warning("auth-without-tls listen=%s detail='relay.allow_plaintext_auth = true: passwords may cross the "
-                        "network in clear on connections without STARTTLS; keep it to loopback or a private network'",
-                        relay.listen)
 
     async def listen(self, sock: socket.socket, *, implicit_tls: bool = False) -> asyncio.Server:
         """Serve SMTP on an already bound socket (so callers and tests can bind port 0).
@@ -272,7 +268,7 @@ class Relay:
             raise ValueError("relay.smtps_listen needs relay.tls_cert and relay.tls_key")
 
         def protocol() -> SMTP:
-            with warnings.catch_warnings():  # aiosmtpd warns per connection; said once above, at start
+            with warnings.catch_warnings():  # aiosmtpd warns per connection; the service says it once, at start
                 warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS", UserWarning)
                 return self.sessions.track(RelaySMTP(
                     self.handler,

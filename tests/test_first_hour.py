@@ -186,6 +186,7 @@ def test_start_up_suggests_netdata_refresh_for_a_missing_list(tmp_path: Path) ->
     config.write_text(f"""
 [tracker]
 listen = "127.0.0.1:0"
+workers = 1
 secrets = ["cli-secret-123"]
 network_lists = [{{ agent = "apple_mpp", path = "{tmp_path}/apple.txt", upstream = ["http://127.0.0.1:9/x"] }}]
 [store]
@@ -196,9 +197,11 @@ secret = "demo-secret"
 """)
     process = subprocess.Popen([sys.executable, "-m", "inflight.cli", "tracker", "--config", str(config)], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
     try:
         assert process.stdout is not None
-        lines = [process.stdout.readline() for _ in range(2)]
+        while not any("tracker listening" in line for line in lines) and len(lines) < 50:
+            lines.append(process.stdout.readline())  # the warning comes before the tracker listens
     finally:
         process.terminate()
         process.wait(15)
