@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import os
 import re
@@ -105,12 +106,12 @@ _ENGAGEMENT_STATE = """SELECT
     (SELECT subject FROM events WHERE project = $1 AND message_id = $2 AND name = 'email.sent' LIMIT 1) AS subject,
     (SELECT sender FROM events WHERE project = $1 AND message_id = $2 AND name = 'email.sent' LIMIT 1) AS sender,
     (SELECT count(*) FROM events WHERE project = $1 AND message_id = $2 AND contact = $3 AND name = 'email.open') AS opens,
-    (SELECT count(*) FROM events WHERE project = $1 AND message_id = $2 AND contact = $3 AND name = 'email.click') AS clicks"""
-_RECENT_HITS = (
-    "SELECT id, name, at, ip, user_agent, link, agent, agent_reason FROM events "
-    "WHERE project = $1 AND message_id = $2 AND name IN ('email.open', 'email.click') AND at >= $3 "
-    "AND implied IS NOT TRUE ORDER BY at, id"
-)
+    (SELECT count(*) FROM events WHERE project = $1 AND message_id = $2 AND contact = $3 AND name = 'email.click') AS clicks,
+    (SELECT json_agg(h ORDER BY h.at, h.id) FROM (
+        SELECT id, name, at, ip, user_agent, link, agent, agent_reason FROM events
+        WHERE $5::text IS NOT NULL AND project = $1 AND message_id = $2 AND name IN ('email.open', 'email.click')
+        AND at >= $5 AND implied IS NOT TRUE) h) AS history"""
+# `history`: the opens and clicks a verdict reads (Judgement.since on), in the same round trip.
 _LABEL = "UPDATE events SET agent = $1, agent_reason = btrim(COALESCE(agent_reason, '') || ' ' || $2) WHERE "
 _IMPLIED_OF = ("implied AND (project, message_id, contact, at) = "
                "(SELECT project, message_id, contact, at FROM events WHERE id = $3 AND name = 'email.click')")
@@ -397,13 +398,14 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
     async def _engagement_in(self, connection: asyncpg.Connection, event: NewEvent, judgement: Judgement | None,
                              uids: list[str]) -> tuple[list[int], bool]:
         """The hit's rows, inside the transaction holding its message's lock; (ids, whether a webhook was queued)."""
-        state = await connection.fetchrow(_ENGAGEMENT_STATE, event.project, event.message_id, event.contact, uids)
+        since = judgement.since if judgement is not None else None
+        state = await connection.fetchrow(_ENGAGEMENT_STATE, event.project, event.message_id, event.contact, uids, since)
         if state["stored"]:  # recorded before (a replay): counted once, its webhook queued once
             return list(state["stored"]), False
         row = [getattr(event, column) for column in COLUMNS]
         changes: dict[int, tuple[str, str]] = {}
         if judgement is not None:
-            history = await connection.fetch(_RECENT_HITS, event.project, event.message_id, judgement.since)
+            history = json.loads(state["history"]) if state["history"] is not None else []
             row[COLUMN["agent"]], row[COLUMN["agent_reason"]], changes = judgement.decide(history)
         if state["subject"] is not None or state["sender"] is not None:
             row[COLUMN["subject"]], row[COLUMN["sender"]] = state["subject"], state["sender"]
