@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.conftest import PROJECT, PROJECT_SECRET, free_port
+from tests.upstreams import LoopbackServer
 
 ROOT = Path(__file__).resolve().parents[1]
 LISTENING = re.compile(rb"(relay|tracker) listening on [0-9.]+:(\d+)")
@@ -199,7 +200,7 @@ def postgres_bindir() -> Path | None:
     return Path(initdb).parent if initdb else None
 
 
-class LossyLink:
+class LossyLink(LoopbackServer):
     """A TCP hop in front of a relay that can lose the relay's reply to a DATA, as a cut connection does.
 
     Armed with `lose_next_reply()`, it passes the app's message through, then closes the app's side
@@ -209,41 +210,14 @@ class LossyLink:
     """
 
     def __init__(self, relay_port: int) -> None:
+        super().__init__()
         self.relay_port = relay_port
-        self.port = 0
         self.lost_replies: list[bytes] = []
         self._sessions: set[asyncio.Task[None]] = set()
         self._armed = threading.Event()
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def lose_next_reply(self) -> None:
         self._armed.set()
-
-    def __enter__(self) -> LossyLink:
-        self._thread.start()
-        assert self._ready.wait(5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(asyncio.start_server(self._session, "127.0.0.1", 0))
-        self.port = server.sockets[0].getsockname()[1]
-        self._ready.set()
-        try:
-            self._loop.run_forever()
-        finally:
-            server.close()
-            tasks = asyncio.all_tasks(self._loop)
-            for task in tasks:
-                task.cancel()
-            self._loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-            self._loop.close()
 
     async def _session(self, app_reader: asyncio.StreamReader, app_writer: asyncio.StreamWriter) -> None:
         # Held here: once the app's side is closed, asyncio keeps this task only through weak

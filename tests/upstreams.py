@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -140,27 +141,17 @@ def faulty_sink(tls: _Tls | None = None, port: int | None = None, *, pipelining:
         controller.stop()
 
 
-class RawUpstream:
-    """A hand-written upstream for faults below the SMTP dialogue.
+class LoopbackServer:
+    """An asyncio TCP server on its own event loop in a thread, for peers played below a protocol
+    library; `_session` serves one connection. `port` 0 takes a free one, read back once started."""
 
-    mode: "silent" (accepts TCP, never greets), "421" (greets with 421 and closes),
-    "drop-mid-data" (a normal dialogue until DATA, then closes after the first body chunk).
-    """
-
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-        self.port = free_port()
-        self.connections = 0
-        self.bodies_started = 0
+    def __init__(self, port: int = 0) -> None:
+        self.port = port
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    @property
-    def url(self) -> str:
-        return f"smtp+insecure://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> RawUpstream:
+    def __enter__(self) -> Self:
         self._thread.start()
         assert self._ready.wait(5)
         return self
@@ -172,6 +163,7 @@ class RawUpstream:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         server = self._loop.run_until_complete(asyncio.start_server(self._session, "127.0.0.1", self.port))
+        self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         try:
             self._loop.run_forever()
@@ -182,6 +174,27 @@ class RawUpstream:
                 task.cancel()
             self._loop.run_until_complete(asyncio.gather(*sessions, return_exceptions=True))
             self._loop.close()
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class RawUpstream(LoopbackServer):
+    """A hand-written upstream for faults below the SMTP dialogue.
+
+    mode: "silent" (accepts TCP, never greets), "421" (greets with 421 and closes),
+    "drop-mid-data" (a normal dialogue until DATA, then closes after the first body chunk).
+    """
+
+    def __init__(self, mode: str) -> None:
+        super().__init__(free_port())
+        self.mode = mode
+        self.connections = 0
+        self.bodies_started = 0
+
+    @property
+    def url(self) -> str:
+        return f"smtp+insecure://127.0.0.1:{self.port}"
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
