@@ -550,6 +550,7 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
 
     # --- sends (who an opaque token's copy went to) ----------------------------------
 
+    @_retrying
     async def record_sends(self, sends: list[tuple[bytes, TrackedSend]]) -> None:
         if not sends:
             return
@@ -559,6 +560,7 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
             f"ON CONFLICT (project, send_id) DO NOTHING",
             [(send.project, send_id, *(getattr(send, c) for c in SEND_COLUMNS)) for send_id, send in sends])
 
+    @_retrying
     async def tracked_sends(self, keys: list[tuple[str, bytes]]) -> dict[tuple[str, bytes], TrackedSend]:
         if not keys:
             return {}
