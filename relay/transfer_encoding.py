@@ -167,6 +167,7 @@ _HEX_DIGITS = frozenset(b"0123456789ABCDEFabcdef")
 _QP_UNSAFE = re.compile(rb"[^ !-<>-~]")
 _QP_SAFE = bytes(byte for byte in range(256) if _QP_UNSAFE.match(bytes([byte])) is None)
 _QP_LINE = 76  # rule 5, including the '=' of a soft line break
+_QP_SKIP = 1 << 16  # encoded bytes decoded at once when skipping lines with no offset: bounds the temporary
 
 
 def _qp_escape(match: re.Match[bytes]) -> bytes:
@@ -187,17 +188,25 @@ class QuotedPrintableBody:
         self._soft_break = b"=" + eol
 
     def positions(self, offsets: list[int]) -> list[int]:
-        """One pass over the physical lines (offsets come sorted), each decoded once to find where an offset falls."""
+        """One pass over the physical lines (offsets come sorted); lines between offsets are decoded in bulk."""
         data = self._data
         if not data:
             return [0] * len(offsets)
         out = []
-        size, find, a2b_qp = len(data), data.find, binascii.a2b_qp
+        size, find, a2b_qp, view = len(data), data.find, binascii.a2b_qp, memoryview(data)
         start, end = 0, self._next_line(0)
         line = data[start:end]
         decoded_start, line_decoded = 0, binascii.a2b_qp(line)
         column = consumed = 0  # in the current line: the previous offset's column and the decoded bytes before it
         for offset in offsets:
+            if decoded_start + len(line_decoded) <= offset and end < size:
+                # Encoded text is never shorter than what it decodes to, so every whole line before the one holding
+                # encoded position start + (offset - decoded_start) ends at or before the offset: decode them in
+                # one call (a view, in bounded steps) instead of line by line. The last line is never skipped.
+                while (skip_to := data.rfind(b"\n", start, min(start + offset - decoded_start, size - 1, start + _QP_SKIP)) + 1) > end:
+                    decoded_start += len(a2b_qp(view[start:skip_to]))
+                    start = end = skip_to
+                    line_decoded = b""
             # The last line whose decoded text starts at or before the offset (lines that decode to nothing are passed).
             while decoded_start + len(line_decoded) <= offset and end < size:
                 decoded_start += len(line_decoded)

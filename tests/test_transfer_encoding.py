@@ -48,3 +48,17 @@ def test_quoted_printable_lines_break_at_lf_only_like_a2b_qp(data: bytes) -> Non
     assert body.decoded == binascii.a2b_qp(data)
     positions = body.positions(list(range(len(body.decoded) + 1)))
     assert all(binascii.a2b_qp(data[:p] + b"x")[:-1] == body.decoded[:i] for i, p in enumerate(positions))
+
+
+def test_quoted_printable_positions_of_sparse_offsets_skip_lines_exactly() -> None:
+    # Lines that decode shorter (escapes, soft breaks), to nothing ("=\n") or long; offsets
+    # far apart take the many-lines-at-once path, and must land where mapping every offset line by line puts them.
+    lines = [b"caf=C3=A9 " * (i % 9) + b"=\n" * (i % 3 == 0) + b"plain text" * (i % 5) + b"\r\n" for i in range(1_200)]
+    data = b"".join(lines) + b"x" * 2_000 + b"\r\nend=3D"
+    body = QuotedPrintableBody(data, b"\r\n")
+    every = body.positions(list(range(len(body.decoded) + 1)))
+    for stride in (7, 300, 5_000, 200_000):
+        offsets = [*range(0, len(body.decoded), stride), len(body.decoded)]
+        assert body.positions(offsets) == [every[offset] for offset in offsets]
+    sample = range(0, len(body.decoded) + 1, 997)
+    assert all(binascii.a2b_qp(data[: every[offset]] + b"x")[:-1] == body.decoded[:offset] for offset in sample)
