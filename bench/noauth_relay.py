@@ -29,6 +29,7 @@ from relay.throttle import RateLimiter
 from relay.upstream import upstream_from_settings
 from relay.workers import cpu_pool
 from store import migrate_store, open_store
+from store.spool import Spool
 from tracking.tokens import TokenKeys
 
 
@@ -48,8 +49,10 @@ async def serve(settings: Settings, project: ProjectSettings, sock: socket.socke
     await store.open()
     workers = cpu_pool(settings.relay.cpu_workers)
     upstream = upstream_from_settings(settings.upstream, local_hostname=settings.relay.hostname, executor=workers)
+    spool = Spool(settings.store.spool_path, store_url=settings.store.url)
     pipeline = Pipeline(settings=settings, upstream=upstream, store=store,
-                        keys=TokenKeys(settings.tracker.secrets, [project.id]), executor=workers)
+                        keys=TokenKeys(settings.tracker.secrets, [project.id]), spool=spool, executor=workers)
+    await spool.open()
     handler = ProjectBoundHandler(settings, pipeline, project)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
@@ -64,6 +67,7 @@ async def serve(settings: Settings, project: ProjectSettings, sock: socket.socke
     await stopping.wait()
     server.close()
     await server.wait_closed()
+    await spool.close()
     await upstream.close()
     workers.shutdown(cancel_futures=True)
     await store.close()

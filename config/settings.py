@@ -33,6 +33,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from config.dkim_keys import load_key
+from store.sqlite import sqlite_path
 
 DEFAULT_CONFIG = "config/dev.toml"
 # INFLIGHT_* variables that are not config overrides: the config path, and the test suite's and the
@@ -157,6 +158,8 @@ class TrackerSettings:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # HTTP worker processes (README "Workers")
     # Who may read /metrics on the public tracker port (project ids and volumes are not for everyone).
     metrics_allow: tuple[str, ...] = ("127.0.0.1", "::1")
+    # A pixel or a redirect is answered within this, whatever the disk or the store do (README: Spool).
+    answer_budget_ms: int = 50
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,16 @@ class StoreSettings:
     # a password, hence `url_file` and never logged.
     url: str = field(default="sqlite:///var/inflight.db", repr=False, metadata=SECRET)
     purge_interval_seconds: float = 3600.0  # how often events past a project's retention_days are deleted
+    spool_dir: str = ""  # the local journal in front of the store (README: Spool); "" = beside the SQLite file
+
+    @property
+    def spool_path(self) -> Path:
+        """`spool_dir`, else `spool/` beside the SQLite file (var/spool by default), else var/spool."""
+        if self.spool_dir:
+            return Path(self.spool_dir)
+        if self.url.startswith("sqlite:///"):
+            return sqlite_path(self.url).parent / "spool"
+        return Path("var/spool")
 
 
 @dataclass(frozen=True)
@@ -659,6 +672,8 @@ def _check(s: Settings) -> list[str]:
                          ("relay", "workers"), ("tracker", "workers")):
         if getattr(getattr(s, section), key) < 1:
             problems.append(f"{section}.{key}: must be at least 1")
+    if s.tracker.answer_budget_ms < 1:
+        problems.append("tracker.answer_budget_ms: must be at least 1 (milliseconds a hit may wait for the spool)")
     if s.relay.drain_timeout_seconds < 0:
         problems.append("relay.drain_timeout_seconds: must be zero or more seconds")
     seen: set[str] = set()

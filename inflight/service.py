@@ -30,6 +30,7 @@ from relay.server import Relay
 from relay.upstream import Upstream, upstream_from_settings
 from relay.workers import cpu_pool, give_back_large_buffers
 from store import open_store
+from store.spool import Spool
 from tracker.app import MAX_REQUEST_HEAD_BYTES, Tracker, create_app, dashboard_app
 from tracker.privacy import RetentionPurge
 from tracker.webhooks import WebhookWorker
@@ -197,6 +198,7 @@ class Service:
         projects = {p.id: p for p in settings.projects}
         self.store = open_store(settings.store.url,
                                                webhook_projects=[p.id for p in settings.projects if p.webhook_url])
+        self.spool = Spool(settings.store.spool_path, store_url=settings.store.url)  # one per process (README: Spool)
         self.webhooks = WebhookWorker(self.store, projects, settings.webhooks)
         self.purge = RetentionPurge(self.store, {p.id: p.retention_days for p in settings.projects},
                                     interval=settings.store.purge_interval_seconds)
@@ -229,18 +231,23 @@ class Service:
             await self.store.close()
             listeners.close()
             raise ConfigError(problems)
-        self._background = [asyncio.create_task(self.webhooks.run())]
-        if self.primary:
-            self._background.append(asyncio.create_task(self.purge.run()))
+        tracker = None
+        if self.run_tracker and listeners.tracker is not None:
+            tracker = Tracker(settings=self.settings, store=self.store, keys=self.keys, spool=self.spool)
+        pipeline = None
         if self.run_relay and listeners.relay is not None:
             give_back_large_buffers()
             self._workers = cpu_pool(self.settings.relay.cpu_workers)
             self._upstream = upstream_from_settings(
                 self.settings.upstream, local_hostname=self.settings.relay.hostname, executor=self._workers
             )
-            pipeline = Pipeline(
-                settings=self.settings, upstream=self._upstream, store=self.store, keys=self.keys, executor=self._workers
-            )
+            pipeline = Pipeline(settings=self.settings, upstream=self._upstream, store=self.store, keys=self.keys,
+                                spool=self.spool, executor=self._workers)
+        await self.spool.open()  # once relay and tracker registered what they write: it takes over those kinds
+        self._background = [asyncio.create_task(self.webhooks.run())]
+        if self.primary:
+            self._background.append(asyncio.create_task(self.purge.run()))
+        if pipeline is not None and listeners.relay is not None:
             relay = Relay(self.settings, pipeline)
             self.relay_address = listeners.relay.getsockname()[:2]
             self._smtp = await relay.listen(listeners.relay)
@@ -262,10 +269,9 @@ class Service:
                 self.relay_http_address = listeners.relay_http.getsockname()[:2]
                 await self._serve_http(monitoring_app(self.store), listeners.relay_http)
                 log.info("relay metrics and health on http://%s:%d", *self.relay_http_address)
-        if self.run_tracker and listeners.tracker is not None:
+        if tracker is not None and listeners.tracker is not None:
             dashboard = self.settings.dashboard
-            app = create_app(Tracker(settings=self.settings, store=self.store, keys=self.keys),
-                             dashboard=dashboard.enabled and not dashboard.listen)
+            app = create_app(tracker, dashboard=dashboard.enabled and not dashboard.listen)
             self.tracker_address = listeners.tracker.getsockname()[:2]
             await self._serve_http(app, listeners.tracker)
             log.info("tracker listening on %s:%d (public_url=%s)", *self.tracker_address, self.settings.tracker.public_url)
@@ -301,6 +307,7 @@ class Service:
         for http, serving in self._http_servers:
             http.should_exit = True
             await serving
+        await self.spool.close()  # what the store does not take in time is taken over at the next start
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

@@ -12,13 +12,13 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from config.dkim_keys import DkimError, load_key
-from config.settings import ProjectSettings, Settings, TrackingEngine
+from config.settings import ProjectSettings, Settings, TrackingEngine, TrackingMode
 from config.tracking import TrackingSettings
 from monitoring.metrics import FAIL_OPENS, MESSAGES, STORE_SECONDS, TRACKED, timed
 from relay import replies
@@ -31,6 +31,7 @@ from relay.policy import Decision, decide
 from relay.senders import from_allowed
 from relay.upstream import INLINE_BYTES, RecipientResult, Results, Upstream
 from store.model import DeliveryClaim, EventStore, NewEvent, now_rfc3339
+from store.spool import Handler, Spool, event_body, event_from_body
 from tracking.claims import TrackedSend
 from tracking.tokens import TokenKeys, new_send_id
 
@@ -38,6 +39,50 @@ log = logging.getLogger("inflight.relay")
 T = TypeVar("T")
 CLAIM_MARGIN_SECONDS = 60  # a ledger claim outlives send_timeout_seconds by this much
 SENDING_ELSEWHERE = RecipientResult(451, "4.4.0 another attempt of this message is being sent now; retry later")
+# How long a message waits for the store before the relay step (its project's mode, the ledger
+# claim) goes on without it, and how long the messages after a failure go without the store: a
+# store that is locked or away must not hold every message (README: Spool).
+STORE_WAIT_SECONDS = 2.0
+STORE_AWAY_SECONDS = 10.0
+
+
+class StoreAway(Exception):
+    """A store call failed or timed out, now or within STORE_AWAY_SECONDS."""
+
+
+@dataclass(frozen=True)
+class LedgerRows:
+    """Recipients of a message the upstream accepted, on their way to the store's ledger through the spool."""
+
+    project: str
+    message_id: str
+    recipients: list[str]
+    expires_at: float  # epoch seconds: the TTL counts from the delivery, not from when the store took it
+
+    @staticmethod
+    def key(body: dict[str, Any]) -> str:
+        return ledger_key(body["project"], body["message_id"])
+
+
+@dataclass(frozen=True)
+class BouncedAddress:
+    """A recipient the upstream refused for good with an addressing status: suppressed through the spool."""
+
+    project: str
+    recipient: str
+    detail: str
+
+
+def ledger_key(project: str, message_id: str) -> str:
+    return f"{project}\0{message_id}"
+
+
+def decode_events(body: list[dict[str, Any]]) -> list[NewEvent]:
+    return [event_from_body(fields) for fields in body]
+
+
+def decode_sends(body: list[list[Any]]) -> list[tuple[bytes, TrackedSend]]:
+    return [(bytes.fromhex(send_id), TrackedSend(**fields)) for send_id, fields in body]
 
 
 @dataclass(frozen=True)
@@ -67,13 +112,25 @@ def recipient_fields(project: ProjectSettings, message_id: str, hints: AppHints,
 
 class Pipeline:
     def __init__(
-        self, *, settings: Settings, upstream: Upstream, store: EventStore, keys: TokenKeys, executor: Executor | None = None
+        self, *, settings: Settings, upstream: Upstream, store: EventStore, keys: TokenKeys, spool: Spool,
+        executor: Executor | None = None,
     ) -> None:
         self.settings = settings
         self.upstream = upstream
         self.store = store
         self.keys = keys
+        # What the relay writes once the upstream accepted a message goes through the spool: a store
+        # that is away then turns a delivered message into neither a 451 nor a lost row.
+        self.spool = spool
+        spool.register("ledger", Handler(decode=lambda body: LedgerRows(**body), deliver=self._store_ledger, key=LedgerRows.key))
+        spool.register("events", Handler(decode=decode_events, deliver=self._store_events))
+        spool.register("sends", Handler(decode=decode_sends, deliver=self._store_spooled_sends))
+        spool.register("provider_ids", Handler(decode=lambda body: body, deliver=self._store_provider_ids))
+        spool.register("suppressions", Handler(decode=lambda body: [BouncedAddress(**a) for a in body],
+                                               deliver=self._store_suppressions))
         self.tracking = TrackingSettings(settings, store)
+        self._modes: dict[str, TrackingMode] = {}  # the last mode read per project, for when the store is away
+        self._store_away_until = 0.0  # monotonic time until which messages do not wait for the store
         self.dkim = DkimSigner([load_key(k.domain, k.selector, k.private_key_path) for k in settings.dkim])
         self.executor = executor  # CPU-heavy work on large messages; None runs it on the event loop
         self._sending: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
@@ -101,7 +158,7 @@ class Pipeline:
             return refusal.reply
 
         try:
-            mode = await self.tracking.mode(project)
+            mode = await self._mode(project)
         except Exception:
             # Guessing a mode could track a project that turned tracking off: defer instead.
             log.exception("tracking-settings-unreadable project=%s", project.id)
@@ -177,25 +234,62 @@ class Pipeline:
             else:
                 self._sending[key] = (lock, users - 1)
 
+    async def use_store(self, call: Callable[[], Awaitable[T]]) -> T:
+        """A store call waited for at most STORE_WAIT_SECONDS; after one failed, the next messages
+        skip the store for STORE_AWAY_SECONDS instead of each waiting out the bound again.
+
+        The call is shielded, not cancelled: a store write cut mid-transaction could leave the
+        connection inside it. One that finishes late just finishes.
+        """
+        if time.monotonic() < self._store_away_until:
+            raise StoreAway
+        task = asyncio.ensure_future(call())
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), STORE_WAIT_SECONDS)
+        except Exception as exc:
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: no warning
+            self._store_away_until = time.monotonic() + STORE_AWAY_SECONDS
+            log.warning("store-unavailable error=%s; messages go without the store for %g s (README: Spool)",
+                        type(exc).__name__, STORE_AWAY_SECONDS)
+            raise StoreAway from exc
+
+    async def _mode(self, project: ProjectSettings) -> TrackingMode:
+        """The project's mode now; while the store cannot be read, the last mode read from it."""
+        try:
+            mode = await self.use_store(lambda: self.tracking.mode(project))
+        except StoreAway:
+            known = self._modes.get(project.id)
+            if known is None:
+                raise
+            return known
+        self._modes[project.id] = mode
+        return mode
+
     async def _claim(self, project: str, message_id: str, recipients: list[str]) -> DeliveryClaim:
         """The ledger's answer for each recipient: ours to send, sent before, or being sent by another
-        attempt (another relay node). The claim outlives the longest an attempt may send."""
+        attempt (another relay node). The claim outlives the longest an attempt may send.
+
+        Recipients this relay delivered whose ledger rows are still in its spool count as sent, whatever
+        the store says (it may be away, or hold our own claim still): a retry never sends them twice.
+        """
+        spooled = {r for rows in self.spool.pending(ledger_key(project, message_id)) for r in rows.recipients}
         lease = int(self.settings.upstream.send_timeout_seconds) + CLAIM_MARGIN_SECONDS
         try:
-            return await self.store.claim_deliveries(project, message_id, recipients, lease_seconds=lease)
-        except Exception:
-            # Without the ledger a retry could duplicate, but refusing all mail would be worse.
-            log.exception("ledger-read-failed message_id=%s", message_id)
-            return DeliveryClaim(claimed={r.lower() for r in recipients}, delivered=set(), busy=set())
+            claim = await self.use_store(lambda: self.store.claim_deliveries(project, message_id, recipients, lease_seconds=lease))
+        except StoreAway:
+            # Without the store's ledger, a retry of a message sent through another node could go twice;
+            # refusing all mail while the store is away would be worse.
+            wanted = {r.lower() for r in recipients}
+            return DeliveryClaim(claimed=wanted - spooled, delivered=wanted & spooled, busy=set())
+        return DeliveryClaim(claimed=claim.claimed - spooled, delivered=claim.delivered | (spooled & {r.lower() for r in recipients}),
+                             busy=claim.busy - spooled)
 
     async def _release(self, project: str, message_id: str, recipients: list[str]) -> None:
         """Give back the claims of recipients not accepted, so the app's retry may send them at once."""
         if not recipients:
             return
-        try:
-            await self.store.release_deliveries(project, message_id, recipients)
-        except Exception:
-            log.exception("ledger-release-failed message_id=%s (the claims expire by themselves)", message_id)
+        with contextlib.suppress(StoreAway):  # logged; the claims expire by themselves
+            await self.use_store(lambda: self.store.release_deliveries(project, message_id, recipients))
 
     async def _send(
         self,
@@ -247,21 +341,47 @@ class Pipeline:
     async def _remember(self, project: str, message_id: str, recipients: list[str]) -> None:
         if not recipients:
             return
+        expires_at = time.time() + self.settings.upstream.ledger_ttl_hours * 3600
+        rows = LedgerRows(project, message_id, [r.lower() for r in recipients], expires_at)
+        await self._spool("ledger", vars(rows), message_id)
+
+    async def _spool(self, kind: str, body: Any, message_id: str) -> None:
         try:
-            await self.store.record_delivered(project, message_id, recipients, self.settings.upstream.ledger_ttl_hours * 3600)
-        except Exception:
-            log.exception("ledger-write-failed message_id=%s recipients=%d", message_id, len(recipients))
+            await self.spool.append(kind, body)
+        except OSError:
+            # The disk refused it: logged by the spool, and the rows still reach the store from memory.
+            log.warning("spool-not-durable kind=%s message_id=%s", kind, message_id)
+
+    async def _store_ledger(self, rows: list[LedgerRows]) -> None:
+        now = time.time()
+        for row in rows:
+            if row.expires_at > now:
+                await self.store.record_delivered(row.project, row.message_id, row.recipients, int(row.expires_at - now) + 1)
+
+    async def _store_spooled_sends(self, batches: list[list[tuple[bytes, TrackedSend]]]) -> None:
+        await self.store.record_sends([send for sends in batches for send in sends])
+
+    async def _store_provider_ids(self, copies: list[dict[str, Any]]) -> None:
+        for copy in copies:
+            for found, recipients in copy["ids"].items():
+                await self.store.record_provider_id(copy["project"], copy["message_id"], found, recipients)
+
+    async def _store_suppressions(self, batches: list[list[BouncedAddress]]) -> None:
+        for address in (address for addresses in batches for address in addresses):
+            await self.store.suppress(address.project, address.recipient, reason="bounce", detail=address.detail)
+
+    async def _store_events(self, batches: list[list[NewEvent]]) -> None:
+        with timed(STORE_SECONDS, "record"):
+            await self.store.record([event for events in batches for event in events])
 
     async def _suppress_bad_mailboxes(self, project: str, failed: dict[str, tuple[int, str]]) -> None:
         """A permanent refusal with an addressing status (5.1.x, RFC 3463: no such mailbox, bad
         domain, ...) is a permanent bounce: suppress the address. Other 5xx (content, policy) are not
         the address's fault."""
-        for recipient, (code, text) in failed.items():
-            if 500 <= code < 600 and _ADDRESSING_STATUS.match(text):
-                try:
-                    await self.store.suppress(project, recipient, reason="bounce", detail=f"{code} {text}")
-                except Exception:
-                    log.exception("suppression-write-failed project=%s", project)
+        bounced = [BouncedAddress(project, recipient, f"{code} {text}") for recipient, (code, text) in failed.items()
+                   if 500 <= code < 600 and _ADDRESSING_STATUS.match(text)]
+        if bounced:
+            await self._spool("suppressions", [vars(address) for address in bounced], "-")
 
     async def _remember_provider_ids(self, project: str, message_id: str, outcome: Results) -> None:
         """Keep the upstream's own id of an accepted copy (SES: `250 Ok <id>`): its feedback names that id."""
@@ -269,11 +389,8 @@ class Pipeline:
         for recipient, result in outcome.items():
             if result.accepted and (found := provider_id(result.text)) is not None:
                 by_id.setdefault(found, []).append(recipient)
-        for found, recipients in by_id.items():
-            try:
-                await self.store.record_provider_id(project, message_id, found, recipients)
-            except Exception:
-                log.exception("provider-id-write-failed message_id=%s", message_id)
+        if by_id:
+            await self._spool("provider_ids", {"project": project, "message_id": message_id, "ids": by_id}, message_id)
 
     def _prepare_headers(self, message: SplitMessage, decision: Decision) -> tuple[SplitMessage, str]:
         message_id = (message.get("Message-ID") or "").strip().strip("<>")
@@ -352,11 +469,8 @@ class Pipeline:
                 yield Copy([recipients[start + offset]], result.data, pixel=True)
 
     async def _store_sends(self, message_id: str, sends: list[tuple[bytes, TrackedSend]]) -> None:
-        try:
-            await self.store.record_sends(sends)
-        except Exception:
-            # The copies still go and their links still redirect; only their opens and clicks go unrecorded.
-            log.exception("sends-write-failed message_id=%s copies=%d", message_id, len(sends))
+        """Through the spool, durable before the copies go: the tracker looks them up when it records their hits."""
+        await self._spool("sends", [[send_id.hex(), vars(send)] for send_id, send in sends], message_id)
 
     async def _offload(self, data: bytes, work: Callable[..., T], *args: Any) -> T:
         """Run `work` in the CPU pool when `data` is large; small messages cost a few ms, done in place."""
@@ -395,11 +509,7 @@ class Pipeline:
             )
             for recipient in recipients
         ]
-        try:
-            with timed(STORE_SECONDS, "record"):
-                await self.store.record(events)
-        except Exception:
-            log.exception("event-store-failed message_id=%s events=%d", message_id, len(events))
+        await self._spool("events", [event_body(event) for event in events], message_id)
 
     @staticmethod
     def _sent_reason(decision: Decision, pixel: bool) -> str:

@@ -18,7 +18,7 @@ from monitoring.metrics import REFUSALS
 from relay import replies
 from relay.headers import without_envelope_line
 from relay.memory import MemoryBudget, memory_share
-from relay.pipeline import Pipeline
+from relay.pipeline import Pipeline, StoreAway
 from relay.receive import Body, ChunkedDataSMTP
 from relay.senders import domain_allowed
 from relay.sessions import Sessions
@@ -182,10 +182,11 @@ class RelayHandler:
     async def _suppressed(self, project: ProjectSettings, address: str) -> str | None:
         """The refusal for an address on the project's suppression list; None to accept it."""
         try:
-            found = await self.pipeline.store.suppressed(project.id, [address])
-        except Exception:
-            # An unreadable list must not stop all mail; the provider still bounces bad addresses.
-            log.exception("suppression-list-unreadable project=%s", project.id)
+            found = await self.pipeline.use_store(lambda: self.pipeline.store.suppressed(project.id, [address]))
+        except StoreAway:
+            # An unreadable list must not stop all mail (nor hold each RCPT while the store is away: the
+            # wait is bounded, README Spool); the provider still bounces bad addresses.
+            log.warning("suppression-list-unreadable project=%s", project.id)
             return None
         entry = next(iter(found.values()), None)
         if entry is None:

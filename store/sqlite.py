@@ -407,6 +407,13 @@ class SqliteEventStore(SqliteFeedback, SqliteDashboardQueries):
                     raise
                 await self.db.commit()
                 self._committed()
+        except sqlite3.OperationalError as exc:
+            # Locked, busy, disk full: the same for every write of the batch. Retrying them one by one
+            # would wait out busy_timeout once per write (the spool retries the batch later instead).
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(exc)
+            return
         except Exception as exc:
             if len(batch) > 1:  # one caller's bad event must not fail the others: retry them one by one
                 for item in batch:

@@ -197,7 +197,7 @@ def make_settings(tmp_path: Path, upstream_url: str, **sections: Any) -> Setting
         "relay": {"listen": "127.0.0.1:0", "hostname": "relay.test", "allow_plaintext_auth": True, "workers": 1},
         "tracker": {"listen": "127.0.0.1:0", "public_url": "http://127.0.0.1:1", "secrets": ["test-secret-1"],
                     "workers": 1},
-        "store": {"url": f"sqlite:///{tmp_path}/inflight.db"},
+        "store": {"url": f"sqlite:///{tmp_path}/inflight.db", "spool_dir": f"{tmp_path}/spool"},
         "upstream": {"url": upstream_url},
         "projects": [{"id": PROJECT, "secret": PROJECT_SECRET, "tracking": "ENABLED"}],
     }

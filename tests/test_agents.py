@@ -32,6 +32,7 @@ import uvicorn
 
 from config.settings import Settings
 from relay.links import TrackingLinks
+from store.spool import Spool
 from store.sqlite import SqliteEventStore
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, free_port, make_settings
 from tests.test_flow import events, fetch, html_message, send, tracked_urls
@@ -413,7 +414,8 @@ def replay_server(tmp_path: Path) -> Iterator[tuple[str, ReplayClock, dict[str, 
     clock = ReplayClock()
     minters = trace_minters(settings)
     keys = TokenKeys(settings.tracker.secrets, [PROJECT])
-    tracker = Tracker(settings=settings, store=SqliteEventStore.from_url(settings.store.url), keys=keys, clock=clock)
+    tracker = Tracker(settings=settings, store=SqliteEventStore.from_url(settings.store.url), keys=keys, clock=clock,
+                      spool=Spool(settings.store.spool_path, store_url=settings.store.url))
     port = free_port()
     config = uvicorn.Config(create_app(tracker, manage_store=True), host="127.0.0.1", port=port, log_config=None, lifespan="on")
     server = uvicorn.Server(config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import dataclasses
@@ -29,6 +30,7 @@ from config.tracking import ModeRefused, TrackingSettings
 from monitoring.http import AccessLog, health_response, metrics_response
 from monitoring.metrics import HITS, STORE_SECONDS, timed
 from store.model import EVENT_NAMES, MAX_LIMIT, Decision, EventQuery, EventStore, Judgement, NewEvent, StatsQuery, rfc3339
+from store.spool import Handler, Spool
 from tracker.agents import AgentPolicy, Hit, PriorHit, classify, relabel
 from tracker.dashboard.app import Dashboard
 from tracker.dead_letters import DeadLetterRoutes
@@ -37,6 +39,7 @@ from tracker.netdata import NetworkLists, network_specs
 from tracker.privacy import ForgottenContacts, stored_ip
 from tracker.sends import SendDirectory
 from tracker.shapes import event_json, stats_json
+from tracker.spooled import SpooledHit
 from tracker.suppressions import SuppressionRoutes
 from tracking.claims import TrackedSend, TrackingClaims
 from tracking.legacy import LegacyTokens
@@ -65,6 +68,9 @@ UNAUTHORIZED = JSONResponse({"error": "missing or invalid bearer token"}, status
 MAX_TARGET_CHARS = MAX_TOKEN_CHARS + 64  # path + query of the longest URL we mint, with room
 MAX_REQUEST_HEAD_BYTES = 16 * 1024  # request line + headers; bounded while arriving too (inflight.service)
 MAX_BODY_BYTES = 64 * 1024  # the only bodies are small JSON API requests
+SETTLE_SECONDS = 1.0  # the events API waits at most this for hits answered before it to reach the store
+SLOW_LOG_SECONDS = 10.0  # at most one spool-slow line per this many seconds
+SEND_WAIT_SECONDS = 60.0  # how long a hit waits for its copy's row to reach the store
 
 
 class HardenedResponses:
@@ -172,11 +178,21 @@ def prior_hit(row: Mapping[str, Any]) -> PriorHit:
 
 
 class Tracker:
+    """Answers hits from the verified token alone: the hit goes to the spool, the spool to the store.
+
+    `spool` must be opened after the Tracker registered its hits with it (the Service does).
+    """
+
     def __init__(
-        self, *, settings: Settings, store: EventStore, keys: TokenKeys, clock: Callable[[], float] = time.time
+        self, *, settings: Settings, store: EventStore, keys: TokenKeys, spool: Spool,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.store = store
+        self.spool = spool
+        spool.register("hit", Handler(decode=SpooledHit.decode, deliver=self._store_hits))
+        self.budget = settings.tracker.answer_budget_ms / 1000
+        self._slow_logged = 0.0
         legacy = LegacyTokens(settings.tracker.secrets) if settings.tracker.legacy_tokens else None
         self.tokens = TokenVerifier(keys, legacy)
         self.sends = SendDirectory(store)
@@ -256,19 +272,54 @@ class Tracker:
         )
 
     async def _record(self, request: Request, claims: TrackingClaims) -> None:
-        """Record a verified hit. The token names the copy (send id); who it went to is read from the
-        store (`self.sends`, cached), which is why that lookup belongs after the answer."""
-        hit = self._hit(request, claims)
-        send = await self.sends.send_of(claims)
-        if send is None:
-            log.info("hit-unrecorded project=%s kind=%s reason=unknown-send", claims.project, claims.kind)
-            return  # purged or forgotten: the person still gets the pixel or the page
-        if await self.forgotten.covers(send.project, send.recipient, send.contact):
-            return  # an erased contact: a legacy token still carries the address; answered, not recorded
-        hit = replace(hit, sent_at=send.sent_at)
+        """Spool the hit; return once it is durable, or after the answer budget when the disk is slower.
+        Who the copy went to (the send its token names) is read from the store when the spool delivers it."""
+        durable = self.spool.append("hit", SpooledHit.body(claims, self._hit(request, claims)))
+        try:
+            async with asyncio.timeout(self.budget):
+                await durable
+        except TimeoutError:
+            # The disk is slower than the budget: answer anyway; the hit is written and stored all the same.
+            if time.monotonic() - self._slow_logged > SLOW_LOG_SECONDS:
+                self._slow_logged = time.monotonic()
+                log.warning("spool-slow answered before the hit was durable budget_ms=%d depth=%d",
+                            self.settings.tracker.answer_budget_ms, self.spool.depth())
+        except OSError:
+            pass  # the spool logged it; the hit still goes to the store from memory
+
+    async def _store_hits(self, spooled: list[SpooledHit]) -> None:
+        """The spool's delivery: each hit's copy looked up, then the hit recorded with its verdict, made in
+        the store's write transaction from the history stored before it (concurrent calls share commits).
+
+        A copy the store has no row for may still be on its way (a relay's spool, after an outage):
+        the hit is spooled again and retried for SEND_WAIT_SECONDS, then left unrecorded (its copy was
+        purged or forgotten; the person got the pixel or the page all the same).
+        """
+        sends = await asyncio.gather(*(self.sends.send_of(item.claims) for item in spooled))
+        now, writes, waiting = time.time(), [], 0
+        for item, send in zip(spooled, sends, strict=True):
+            if send is None:
+                if item.missing_since is None or now - item.missing_since < SEND_WAIT_SECONDS:
+                    waiting += 1
+                    self.spool.append("hit", item.deferred(now))
+                else:
+                    log.info("hit-unrecorded project=%s kind=%s reason=unknown-send", item.claims.project, item.claims.kind)
+                continue
+            if await self.forgotten.covers(send.project, send.recipient, send.contact):
+                continue  # an erased contact: a legacy token still carries the address; answered, not recorded
+            hit = replace(item.hit, sent_at=send.sent_at)
+            event = replace(self._event(item.claims, send, hit), uid=item.uid)  # the uid made at the answer: replays match
+            writes.append(self._record_engagement(event, hit))
+        for result in await asyncio.gather(*writes, return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
+        if waiting == len(spooled):
+            await asyncio.sleep(1.0)  # only hits waiting for their copy: do not spin on them
+
+    async def _record_engagement(self, event: NewEvent, hit: Hit) -> None:
         agents: list[str] = []
         with timed(STORE_SECONDS, "record_engagement"):
-            await self.store.record_engagement(self._event(claims, send, hit), self._judgement(hit, agents))
+            await self.store.record_engagement(event, self._judgement(hit, agents))
         HITS.labels(hit.kind, agents[-1] if agents else "none").inc()
 
     async def pixel(self, request: Request) -> Response:
@@ -330,6 +381,7 @@ class Tracker:
         query = parse_event_query(project.id, request.query_params)
         if isinstance(query, list):
             return JSONResponse({"error": "; ".join(query)}, status_code=422)
+        await self.spool.settled(SETTLE_SECONDS)
         rows = await self.store.events(dataclasses.replace(query, limit=query.limit + 1))
         page = [event_json(row) for row in rows[: query.limit]]
         more = len(rows) > query.limit
@@ -363,6 +415,7 @@ class Tracker:
         if isinstance(since, list):
             return JSONResponse({"error": "; ".join(since)}, status_code=422)
         query = StatsQuery(project=project.id, campaign=params.get("campaign"), template=params.get("template"), since=since)
+        await self.spool.settled(SETTLE_SECONDS)
         return JSONResponse(stats_json(query, await self.store.stats(query)))
 
     async def tls_allowed(self, request: Request) -> Response:
@@ -437,17 +490,19 @@ def parse_event_query(project: str, params: Mapping[str, str]) -> EventQuery | l
 
 
 def create_app(tracker: Tracker, *, manage_store: bool = False, dashboard: bool = False) -> Starlette:
-    """Build the ASGI app. With manage_store, the app opens and closes the store in its lifespan;
+    """Build the ASGI app. With manage_store, the app opens and closes the store and the spool in its lifespan;
     with dashboard, the dashboard is served under /dashboard."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if manage_store:
             await tracker.store.open()
+            await tracker.spool.open()
         try:
             yield
         finally:
             if manage_store:
+                await tracker.spool.close()
                 await tracker.store.close()
 
     routes: list[BaseRoute] = [

@@ -58,6 +58,7 @@ def serve_relay(variant: str, port: int, sink_port: int, work: str) -> None:
     from relay.server import Relay
     from relay.upstream import upstream_from_settings
     from relay.workers import cpu_pool
+    from store.spool import Spool
     from store.sqlite import SqliteEventStore
     from tracking.tokens import TokenKeys
 
@@ -78,8 +79,10 @@ def serve_relay(variant: str, port: int, sink_port: int, work: str) -> None:
         store = SqliteEventStore.from_url(settings.store.url)
         await store.open()
         upstream = upstream_from_settings(settings.upstream, local_hostname="bench.test", executor=executor)
+        spool = Spool(settings.store.spool_path, store_url=settings.store.url)
         pipeline = Pipeline(settings=settings, upstream=upstream, store=store, keys=TokenKeys(settings.tracker.secrets, ["bench"]),
-                            executor=executor)
+                            spool=spool, executor=executor)
+        await spool.open()
         await Relay(settings, pipeline).listen(bind(settings.relay.listen))
         await asyncio.Event().wait()
 

@@ -18,6 +18,7 @@ from config.settings import Settings, settings_from_mapping
 from config.tracking import TrackingSettings
 from relay.pipeline import Pipeline
 from relay.upstream import RecipientResult, Results
+from store.spool import Spool
 from store.sqlite import SqliteEventStore
 from tracking.tokens import TokenKeys
 
@@ -58,16 +59,19 @@ async def _measure(mode: Mode) -> list[dict[str, Any]]:
         project = settings.projects[0]
         store = SqliteEventStore(Path(directory) / "bench.db")
         await store.open()
+        spool = Spool(settings.store.spool_path, store_url=settings.store.url)
         try:
             tracking = TrackingSettings(settings, store)
             pipeline = Pipeline(settings=settings, upstream=AcceptingUpstream(), store=store,
-                                keys=TokenKeys(settings.tracker.secrets, [project.id]))
+                                keys=TokenKeys(settings.tracker.secrets, [project.id]), spool=spool)
+            await spool.open()
             unset = await _per_op_us(lambda: tracking.mode(project), count, rounds)
             await tracking.change(project, "DISABLED", by="bench")
             stored = await _per_op_us(lambda: tracking.mode(project), count, rounds)
             relayed = await _per_op_us(lambda: pipeline.relay(project, "app@example.com", ["a@example.com"], MESSAGE),
                                        max(count // 4, 50), rounds)
         finally:
+            await spool.close()
             await store.close()
     baseline = ("relay untracked 3 KB msg (baseline)", relayed)
     return [

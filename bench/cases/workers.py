@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.cases.tracker import CONNECTIONS, mint_paths, stored_events
+from bench.cases.tracker import CONNECTIONS, mint_paths, stored_once_drained
 from bench.harness import Child, Mode, free_port, python, row, run_json, write_config
 
 CASE = "workers"
@@ -44,7 +44,7 @@ def run(quick: bool, smoke: bool = False) -> list[dict[str, Any]]:
                         raise AssertionError(f"{workers} worker(s): answers {result['status']}\n{tracker.log_tail()}")
                     answered += result["status"]["302"]
                     rates[workers].append(result["rate"])
-                stored = stored_events(store).get("email.click", 0)
+                stored = stored_once_drained(store, {"email.click": answered}).get("email.click", 0)
             if stored != answered:
                 raise AssertionError(f"{workers} worker(s): store holds {stored} clicks, the tracker answered {answered}")
     one = ("redirect: 1 worker", rates[1])

@@ -1,0 +1,258 @@
+"""The spool (store/spool.py) on real files and real processes: group commit, takeover of a dead
+process's journal under a lock, torn tails, outages, compaction."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from store.spool import UNDELIVERABLE, Handler, Spool, frame, read_frames, store_key
+
+STORE = "sqlite:///somewhere/inflight.db"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Sink:
+    """A store stand-in for the spool's handler: what was delivered, and an outage on demand."""
+
+    def __init__(self) -> None:
+        self.delivered: list[Any] = []
+        self.calls = 0
+        self.failing = False
+
+    async def deliver(self, items: list[Any]) -> None:
+        self.calls += 1
+        if self.failing:
+            raise ConnectionRefusedError("store away")
+        self.delivered.extend(items)
+
+
+def decode(body: Any) -> Any:
+    if body == "poison":
+        raise ValueError("not a record of ours")
+    return body
+
+
+@asynccontextmanager
+async def opened(directory: Path, sink: Sink, **options: Any) -> AsyncIterator[Spool]:
+    spool = Spool(directory, store_url=STORE, retry_seconds=(0.01, 0.05), **options)
+    spool.register("n", Handler(decode=decode, deliver=sink.deliver, key=lambda body: f"k{body % 3}" if isinstance(body, int) else None))
+    await spool.open()
+    try:
+        yield spool
+    finally:
+        await spool.close(timeout=2)
+
+
+async def until(condition: Any, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def journals(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.journal"))
+
+
+def test_frames_round_trip_and_a_torn_tail_is_dropped() -> None:
+    data = frame(b"one") + frame(b"two") + frame(b"three")
+    assert read_frames(data) == ([b"one", b"two", b"three"], len(data))
+    whole = len(frame(b"one") + frame(b"two"))
+    assert read_frames(data[:-1]) == ([b"one", b"two"], whole)  # cut in the payload
+    assert read_frames(data[:whole + 3]) == ([b"one", b"two"], whole)  # cut in the header
+    flipped = bytearray(data)
+    flipped[-1] ^= 1
+    assert read_frames(bytes(flipped)) == ([b"one", b"two"], whole)  # checksum
+
+
+def test_concurrent_appends_share_fsyncs_and_reach_the_store_in_order(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        sink = Sink()
+        async with opened(tmp_path, sink) as spool:
+            await asyncio.gather(*(spool.append("n", i) for i in range(300)))
+            assert spool.fsyncs < 300 / 4, f"{spool.fsyncs} fsyncs for 300 concurrent appends: not grouped"
+            assert await spool.settled(10)
+            assert sink.delivered == list(range(300))
+            assert spool.depth() == 0 and spool.oldest_age() == 0.0
+            # Everything is stored: the live journal is truncated, not left to grow.
+            await until(lambda: all(p.stat().st_size == 0 for p in journals(tmp_path)))
+        assert journals(tmp_path) == []  # closed with nothing pending: no file left behind
+
+    asyncio.run(scenario())
+
+
+def test_while_the_store_is_away_records_wait_and_are_delivered_once_when_it_is_back(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        sink = Sink()
+        sink.failing = True
+        async with opened(tmp_path, sink) as spool:
+            await asyncio.gather(*(spool.append("n", i) for i in range(50)))
+            await until(lambda: spool.store_failing_since is not None)
+            await asyncio.sleep(0.2)
+            assert spool.depth() == 50 and spool.oldest_age() >= 0.2
+            assert sorted(spool.pending("k1")) == [i for i in range(50) if i % 3 == 1]
+            assert not await spool.settled(0.1)
+            sink.failing = False
+            assert await spool.settled(10)
+            assert sink.delivered == list(range(50)) and spool.store_failing_since is None
+            assert list(spool.pending("k1")) == []
+
+    asyncio.run(scenario())
+
+
+def test_a_record_no_handler_can_read_is_set_aside_and_the_rest_go_on(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        sink = Sink()
+        async with opened(tmp_path, sink) as spool:
+            for body in (1, "poison", 2):
+                await spool.append("n", body)
+            assert await spool.settled(10)
+            assert sink.delivered == [1, 2]
+        assert (tmp_path / UNDELIVERABLE).read_text().splitlines() == ['["n","poison"]']
+
+    asyncio.run(scenario())
+
+
+def test_files_are_rotated_and_each_deleted_once_all_its_records_are_stored(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        sink = Sink()
+        sink.failing = True
+        async with opened(tmp_path, sink, segment_bytes=50) as spool:
+            for i in range(40):
+                await spool.append("n", i)  # one write per append: a new file every few records
+            assert len(journals(tmp_path)) > 5
+            sink.failing = False
+            assert await spool.settled(10)
+            await until(lambda: len(journals(tmp_path)) == 1)  # only the live file stays
+            assert sink.delivered == list(range(40))
+
+    asyncio.run(scenario())
+
+
+WRITER = """
+import asyncio, sys
+from pathlib import Path
+from store.spool import Handler, Spool
+
+async def main():
+    spool = Spool(Path(sys.argv[1]), store_url=sys.argv[2])
+    async def away(items):
+        raise ConnectionRefusedError("store away")
+    spool.register("n", Handler(decode=lambda body: body, deliver=away))
+    await spool.open()
+    await asyncio.gather(*(spool.append("n", i) for i in range(int(sys.argv[3]))))
+    print("durable", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def start_writer(directory: Path, count: int, store: str = STORE) -> subprocess.Popen[str]:
+    """A process that journals `count` records while its store is away, then waits to be killed."""
+    process = subprocess.Popen([sys.executable, "-c", WRITER, str(directory), store, str(count)], cwd=ROOT,
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stdout.readline().strip() == "durable"
+    return process
+
+
+def kill(process: subprocess.Popen[str]) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait(10)
+
+
+def test_a_killed_process_journal_is_taken_over_once_it_is_dead_never_while_it_lives(tmp_path: Path) -> None:
+    writer = start_writer(tmp_path, 200)
+    try:
+        async def while_alive() -> None:
+            sink = Sink()
+            async with opened(tmp_path, sink) as spool:
+                await asyncio.sleep(0.2)
+                assert sink.delivered == [] and spool.depth() == 0  # its lock says it is alive
+
+        asyncio.run(while_alive())
+    finally:
+        kill(writer)
+    [journal] = journals(tmp_path)
+    with journal.open("ab") as torn:  # the crash cut a last write short: never acknowledged
+        torn.write(frame(json.dumps(["n", 999]).encode())[:-2])
+
+    async def after_death() -> list[Any]:
+        sink = Sink()
+        async with opened(tmp_path, sink) as spool:
+            await until(lambda: len(sink.delivered) >= 200 and spool.depth() == 0)
+            await until(lambda: not journal.exists())  # delivered, then deleted
+            return sink.delivered
+
+    assert asyncio.run(after_death()) == list(range(200))
+
+
+def test_two_live_processes_never_take_over_the_same_file(tmp_path: Path) -> None:
+    """A dead process's file, two processes starting at once: the lock lets exactly one read it."""
+    kill(start_writer(tmp_path, 100))
+    taker = """
+import asyncio, json, sys
+from pathlib import Path
+from store.spool import Handler, Spool
+
+async def main():
+    got = []
+    async def deliver(items):
+        got.extend(items)
+    spool = Spool(Path(sys.argv[1]), store_url=sys.argv[2], takeover_seconds=0.05)
+    spool.register("n", Handler(decode=lambda body: body, deliver=deliver))
+    await spool.open()
+    await asyncio.sleep(1.0)
+    await spool.close()
+    print(json.dumps(got))
+
+asyncio.run(main())
+"""
+    takers = [subprocess.Popen([sys.executable, "-c", taker, str(tmp_path), STORE], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+              for _ in range(3)]
+    results = [json.loads(p.communicate(timeout=30)[0]) for p in takers]
+    assert sorted(n for got in results for n in got) == list(range(100))
+    assert sum(1 for got in results if got) == 1
+
+
+def test_a_journal_of_another_store_is_never_delivered_here(tmp_path: Path) -> None:
+    kill(start_writer(tmp_path, 5, store="sqlite:///elsewhere.db"))
+    [foreign] = journals(tmp_path)
+    assert foreign.name.startswith(store_key("sqlite:///elsewhere.db"))
+
+    async def scenario() -> list[Any]:
+        sink = Sink()
+        async with opened(tmp_path, sink):
+            await asyncio.sleep(0.2)
+            return sink.delivered
+
+    assert asyncio.run(scenario()) == []
+    assert foreign.exists()
+
+
+def test_the_live_file_is_locked_from_the_moment_it_has_its_name(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with opened(tmp_path, Sink()) as spool:
+            await spool.append("n", 1)
+            [journal] = journals(tmp_path)
+            fd = os.open(journal, os.O_RDONLY)
+            try:
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(fd)
+
+    asyncio.run(scenario())
