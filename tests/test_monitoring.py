@@ -188,7 +188,11 @@ secret = "{PROJECT_SECRET}"
             send(smtp_port, html_message({"X-Inflight-Template-Type": "MARKETING"}))
         pixel = next(u for u in tracked_urls(sink.messages[0].data) if "/o/" in u).replace("http://127.0.0.1:1", "")
         assert httpx.get(f"http://127.0.0.1:{tracker_http}{pixel}").status_code == 200
+        deadline = time.monotonic() + 10  # the hit is counted once stored: its spool delivers it just after the answer
         text = httpx.get(f"http://127.0.0.1:{relay_http}/metrics").text
+        while sample(text, "inflight_tracker_hits_total", kind="open") != 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            text = httpx.get(f"http://127.0.0.1:{relay_http}/metrics").text
     finally:
         for process in (relay, tracker):
             process.terminate()

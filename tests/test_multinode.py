@@ -189,8 +189,6 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         server.remove()
 
 
-@pytest.mark.xfail(strict=False, reason="until the relay's post-accept rows go through the local spool (hotpath): "
-                                        "a copy accepted upstream just as the store stops loses its email.sent and ledger row")
 def test_postgresql_restarted_under_load_loses_nothing_duplicates_nothing_and_mail_keeps_flowing(
         tmp_path: Path, sink: FaultySink, private_postgres: PrivatePostgres, capsys: pytest.CaptureFixture[str]) -> None:
     """A real restart (`pg_ctl stop -m fast`, 3 s down, start) of a PostgreSQL server of this test's own
