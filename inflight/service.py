@@ -25,6 +25,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from config.settings import ConfigError, Settings, parse_listen
 from config.tracking import TrackingSettings
 from monitoring.http import monitoring_app
+from monitoring.metrics import SPOOL_DEPTH, SPOOL_OLDEST
 from relay.pipeline import Pipeline
 from relay.server import Relay
 from relay.upstream import Upstream, upstream_from_settings
@@ -39,6 +40,7 @@ from tracking.tokens import TokenKeys
 log = logging.getLogger("inflight")
 
 LEDGER_PURGE_SECONDS = 600.0
+SPOOL_OBSERVE_SECONDS = 2.0
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -244,7 +246,7 @@ class Service:
             pipeline = Pipeline(settings=self.settings, upstream=self._upstream, store=self.store, keys=self.keys,
                                 spool=self.spool, executor=self._workers)
         await self.spool.open()  # once relay and tracker registered what they write: it takes over those kinds
-        self._background = [asyncio.create_task(self.webhooks.run())]
+        self._background = [asyncio.create_task(self.webhooks.run()), asyncio.create_task(self._observe_spool())]
         if self.primary:
             self._background.append(asyncio.create_task(self.purge.run()))
         if pipeline is not None and listeners.relay is not None:
@@ -312,6 +314,13 @@ class Service:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.store.close()
+
+    async def _observe_spool(self) -> None:
+        """The spool's depth and oldest age as gauges every few seconds: a scrape must not wait on the spool."""
+        while True:
+            SPOOL_DEPTH.set(self.spool.depth())
+            SPOOL_OLDEST.set(self.spool.oldest_age())
+            await asyncio.sleep(SPOOL_OBSERVE_SECONDS)
 
     async def _purge_ledger(self) -> None:
         while True:

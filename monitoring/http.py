@@ -3,6 +3,7 @@ the optional access log. The relay serves them on `[relay] http_listen`, the tra
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -20,6 +21,9 @@ access_log = logging.getLogger("inflight.access")
 # A tracking token is a capability (and the events API's query may hold an address): the access
 # log shows the route and the token's first characters, never the query string.
 _TOKEN_PATH = re.compile(r"^/([oc])/([^/]{8})[^/]*")
+# A scrape or a health probe waits this long for the store, then answers without it: a locked or
+# unreachable store is what an operator needs these endpoints for (the spool gauges say the rest).
+STORE_READ_SECONDS = 1.0
 
 
 class ObservedStore(Protocol):
@@ -30,7 +34,7 @@ class ObservedStore(Protocol):
 async def metrics_response(store: ObservedStore) -> Response:
     """The store-wide gauges are read now (one indexed count), then every metric is written out."""
     try:
-        count, oldest = await store.webhook_backlog()
+        count, oldest = await asyncio.wait_for(store.webhook_backlog(), STORE_READ_SECONDS)
     except Exception:  # a scrape must still answer when the store does not: the rest is the news
         logging.getLogger("inflight.metrics").exception("metrics-store-unreadable")
     else:
@@ -41,7 +45,10 @@ async def metrics_response(store: ObservedStore) -> Response:
 
 
 async def health_response(store: ObservedStore) -> Response:
-    ok = await store.ping()
+    try:
+        ok = await asyncio.wait_for(store.ping(), STORE_READ_SECONDS)
+    except TimeoutError:
+        ok = False
     return JSONResponse({"ok": ok, "store": "ok" if ok else "unreachable"}, status_code=200 if ok else 503)
 
 

@@ -39,6 +39,9 @@ STORE_SECONDS = Histogram("inflight_store_seconds", "Store calls on the hot path
 WEBHOOK_BACKLOG = Gauge("inflight_webhook_backlog", "Webhook deliveries waiting in the outbox", multiprocess_mode="mostrecent")
 WEBHOOK_OLDEST = Gauge("inflight_webhook_oldest_seconds", "Age of the oldest webhook delivery waiting",
                        multiprocess_mode="mostrecent")
+SPOOL_DEPTH = Gauge("inflight_spool_depth", "Records in the local spool not yet confirmed by the store",
+                    multiprocess_mode="livesum")
+SPOOL_OLDEST = Gauge("inflight_spool_oldest_seconds", "Age of the oldest record waiting in the spool", multiprocess_mode="max")
 REFUSALS = Counter("inflight_smtp_refusals", "4xx/5xx SMTP replies, by code", ["code"])
 
 

@@ -8,15 +8,18 @@ import os
 import re
 import smtplib
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
 from monitoring.logs import JsonFormatter
+from store.sqlite import sqlite_path
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, free_port, make_settings
 from tests.test_flow import fetch, html_message, send, tracked_urls
 
@@ -218,3 +221,33 @@ def test_grafana_dashboard_reads_only_metrics_that_exist() -> None:
     exported = {metric.name + suffix for metric in REGISTRY.collect() if metric.name.startswith("inflight_")
                 for suffix in suffixes[metric.type]}
     assert used and used <= exported, used - exported
+
+
+def test_spool_depth_and_age_are_exported_while_the_store_is_away(tmp_path: Path, sink: Sink) -> None:
+    settings = make_settings(tmp_path, sink.url)
+    with RunningService(settings) as running:
+        send(running.smtp_port, html_message({"X-Inflight-Template-Type": "MARKETING"}))
+        pixel = next(u for u in tracked_urls(sink.messages[0].data) if "/o/" in u)
+        lock = sqlite3.connect(sqlite_path(settings.store.url), isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")  # the store is away: the hit waits in the spool
+        try:
+            assert fetch(running, pixel).status_code == 200
+            waiting = poll_metrics(running.http_base, lambda text: sample(text, "inflight_spool_depth") >= 1)
+            assert sample(waiting, "inflight_spool_oldest_seconds") > 0
+            health = httpx.get(f"{running.http_base}/healthz", timeout=5)  # answers, and says the store is away
+            assert health.status_code == 503 and health.json()["store"] == "unreachable"
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        drained = poll_metrics(running.http_base, lambda text: sample(text, "inflight_spool_depth") == 0)
+    assert sample(drained, "inflight_spool_oldest_seconds") == 0
+
+
+def poll_metrics(base: str, done: Callable[[str], bool], timeout: float = 30.0) -> str:
+    """The first /metrics text `done` accepts (the gauges are refreshed every few seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = httpx.get(f"{base}/metrics").text
+        if done(text) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.2)
