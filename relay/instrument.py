@@ -12,6 +12,7 @@ instrumented, without HTML) comes back `outcome="untouched"` with the reason.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,6 +34,10 @@ _PROTECTED = {
 }
 _ANGLE_URL = re.compile(r"<([^>]*)>")
 _WHITESPACE = " \t\r\n\f\v"  # what str.strip() removes from ASCII (not NBSP: in Latin-1 view a byte of UTF-8)
+
+
+# Where a rendered copy's pieces go instead of being joined (a file's `writelines`).
+Writelines = Callable[[Iterable[bytes | memoryview]], object]
 
 
 @dataclass(frozen=True)
@@ -74,27 +79,32 @@ class InstrumentationPlan:
     def reason(self) -> str:
         return self._reason
 
-    def render(self, minter: LinkMinter) -> Instrumented:
+    def render(self, minter: LinkMinter, writelines: Writelines | None = None) -> Instrumented:
+        """The copy for `minter`. With `writelines` (a file's), an instrumented copy's bytes go through it part
+        by part as they are made and are never joined (`data` is then empty): a 100 k-link copy is not held
+        whole (README "Memory"). Untouched and failed results carry the original bytes either way; what
+        `writelines` got before a failure is then void."""
         if self._outcome != "instrumented":
             return Instrumented(self._raw, self._outcome, self._reason, 0)
         try:
-            return self._render(minter)
+            return self._render(minter, writelines)
         except Exception as exc:  # never raise: the pipeline relays the original bytes
             return Instrumented(self._raw, "failed", f"render error: {type(exc).__name__}", 0)
 
-    def _render(self, minter: LinkMinter) -> Instrumented:
+    def _render(self, minter: LinkMinter, writelines: Writelines | None) -> Instrumented:
         if any(part.html.already_instrumented(minter) for part in self._parts):
             return Instrumented(self._raw, "untouched", "already instrumented", 0)
-        pieces, links = self._pieces(minter)
+        pieces: list[bytes | memoryview] = []
+        links = self._pieces(minter, pieces.extend if writelines is None else writelines)
         untrackable = tuple(reason for part in self._parts for reason in part.html.untrackable)
         # Joined once the URLs, edits and their cache are gone: for 100 k links they are as large as the copy.
         return Instrumented(b"".join(pieces), "instrumented", "instrumented", links, untrackable)
 
-    def _pieces(self, minter: LinkMinter) -> tuple[list[bytes], int]:
-        raw = self._raw
+    def _pieces(self, minter: LinkMinter, emit: Writelines) -> int:
+        """Emit the copy's pieces, a list at a time; the number of links rewritten."""
+        raw = memoryview(self._raw)  # the bytes around the HTML parts (attachments) are written, not copied
         markup = tracking_markup(minter)
         cache: dict[str, str | None] = {}
-        pieces: list[bytes] = []
         done = 0
         links = 0
         for part in self._parts:
@@ -106,11 +116,11 @@ class InstrumentationPlan:
                 if text is not None
             ]
             del replacements
-            pieces.append(raw[done : part.entity.body_start])
-            pieces.extend(part.body.render(edits))
+            emit([raw[done : part.entity.body_start]])
+            emit(part.body.render(edits))
             done = part.entity.body_end
-        pieces.append(raw[done:])
-        return pieces, links
+        emit([raw[done:]])
+        return links
 
 
 def plan_instrumentation(raw: bytes) -> InstrumentationPlan:
