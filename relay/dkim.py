@@ -33,6 +33,11 @@ class DkimSigner:
     def __init__(self, keys: Sequence[DkimKey] = ()) -> None:
         self._keys = {key.domain: key for key in keys}
 
+    @property
+    def configured(self) -> bool:
+        """Whether any key is configured: else `sign` returns its input and needs none of it at once."""
+        return bool(self._keys)
+
     def key_for(self, message: SplitMessage) -> DkimKey | None:
         """The key of the first From address's domain, else of its nearest configured parent domain."""
         if not self._keys:

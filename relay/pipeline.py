@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -22,10 +23,10 @@ from config.settings import ProjectSettings, Settings, TrackingEngine, TrackingM
 from config.tracking import TrackingSettings
 from monitoring.metrics import FAIL_OPENS, MESSAGES, STORE_SECONDS, TRACKED, timed
 from relay import replies
+from relay.copies import Rendered, discard, discard_when_done, render_copies
 from relay.dkim import DkimSigner
 from relay.headers import SplitMessage, decoded_header, split_message
 from relay.hints import AppHints, Refusal, read_hints, strip_hints
-from relay.instrument import Instrumented, plan_instrumentation
 from relay.links import TrackingLinks
 from relay.policy import Decision, decide
 from relay.senders import from_allowed
@@ -446,27 +447,33 @@ class Pipeline:
         ]
         batch = max(1, INLINE_BYTES // max(len(data), 1))
         for start in range(0, len(recipients), batch):
-            rendered = await self._offload(data, render_copies, data, minters[start:start + batch], self.dkim)
-            for offset, result in enumerate(rendered):
-                if result.outcome != "instrumented":
-                    # Nothing to track in this message (no HTML, or it failed): send it as is, once.
-                    if result.outcome == "failed":
-                        FAIL_OPENS.labels(project.id).inc()
-                        log.warning("instrument-failed message_id=%s reason=%s", message_id, result.reason)
-                    notes.append(f"instrument={result.outcome} ({result.reason})")
-                    yield Copy(recipients[start + offset:], await self._offload(data, self.dkim.sign, data), pixel=False)
-                    return
-                if offset == 0:  # the tokens of this batch's copies name their sends: stored before any goes
-                    await self._store_sends(message_id, sends[start:start + len(rendered)])
-                if start + offset == 0:
-                    notes.append("instrumented")
-                    for why in result.untrackable:
-                        log.warning("link-untracked message_id=%s reason=%r", message_id, why)
-                    for domain in self.dkim.foreign_signatures(message):
-                        log.warning("dkim-broken message_id=%s domain=%s detail='tracking rewrote a message the app "
-                                    "signed; configure [[dkim]] for this domain or turn tracking off for these sends'",
-                                    message_id, domain)
-                yield Copy([recipients[start + offset]], result.data, pixel=True)
+            rendered = await self._render(data, minters[start:start + batch])
+            try:
+                for offset, copy in enumerate(rendered):
+                    result = copy.result
+                    if result.outcome != "instrumented":
+                        # Nothing to track in this message (no HTML, or it failed): send it as is, once.
+                        if result.outcome == "failed":
+                            FAIL_OPENS.labels(project.id).inc()
+                            log.warning("instrument-failed message_id=%s reason=%s", message_id, result.reason)
+                        notes.append(f"instrument={result.outcome} ({result.reason})")
+                        yield Copy(recipients[start + offset:], await self._offload(data, self.dkim.sign, data), pixel=False)
+                        return
+                    if offset == 0:  # the tokens of this batch's copies name their sends: stored before any goes
+                        await self._store_sends(message_id, sends[start:start + len(rendered)])
+                    if start + offset == 0:
+                        notes.append("instrumented")
+                        for why in result.untrackable:
+                            log.warning("link-untracked message_id=%s reason=%r", message_id, why)
+                        for domain in self.dkim.foreign_signatures(message):
+                            log.warning("dkim-broken message_id=%s domain=%s detail='tracking rewrote a message the app "
+                                        "signed; configure [[dkim]] for this domain or turn tracking off for these sends'",
+                                        message_id, domain)
+                    # Read from its file in a thread: 30 MB from the page cache would hold the event loop.
+                    yield Copy([recipients[start + offset]], copy.read() if copy.path is None else await asyncio.to_thread(copy.read),
+                               pixel=True)
+            finally:
+                discard(rendered)  # the files of copies not sent (a failure or time-out cut the batch short)
 
     async def _store_sends(self, message_id: str, sends: list[tuple[bytes, TrackedSend]]) -> None:
         """Through the spool, durable before the copies go: the tracker looks them up when it records their hits."""
@@ -477,6 +484,17 @@ class Pipeline:
         if self.executor is None or len(data) < INLINE_BYTES:
             return work(*args)
         return await asyncio.get_running_loop().run_in_executor(self.executor, work, *args)
+
+    async def _render(self, data: bytes, minters: list[TrackingLinks]) -> list[Rendered]:
+        """A batch's copies; from the CPU pool as files (relay/copies.py), removed even when nobody waits for them any more."""
+        if self.executor is None or len(data) < INLINE_BYTES:
+            return render_copies(data, minters, self.dkim)
+        job = self.executor.submit(render_copies, data, minters, self.dkim, directory=tempfile.gettempdir())
+        try:
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:  # a send time-out: the pool still finishes, and its files must go
+            job.add_done_callback(discard_when_done)
+            raise
 
     async def _record(
         self,
@@ -549,10 +567,3 @@ def provider_id(reply_text: str) -> str | None:
     """The upstream's id for the message in its reply to DATA, when it gives one."""
     match = _PROVIDER_ID.search(reply_text.strip())
     return (match.group(1) or match.group(2)).strip("<>") if match else None
-
-
-def render_copies(data: bytes, minters: list[TrackingLinks], dkim: DkimSigner) -> list[Instrumented]:
-    """Plan once, render and sign once per recipient. Module-level and pure so a worker process can run it."""
-    plan = plan_instrumentation(data)
-    rendered = [plan.render(minter) for minter in minters]
-    return [replace(r, data=dkim.sign(r.data)) if r.outcome == "instrumented" else r for r in rendered]

@@ -1,20 +1,28 @@
-"""The memory budget for messages in flight: waits, then 452 4.3.1; never more than relay.max_inflight_bytes."""
+"""The memory budget for messages in flight: waits, then 452 4.3.1; never more than relay.max_inflight_bytes.
+And what keeps a message's own cost down: copies rendered into files in the CPU pool."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import quopri
 import smtplib
 import socket
+import tempfile
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 
 from config.settings import MEMORY_PER_MESSAGE_BYTE
 from relay import memory as memory_module
+from relay.copies import FILE_PREFIX, Rendered, discard_when_done, render_copies
+from relay.dkim import DkimSigner
 from relay.memory import MemoryBudget, declared_size, memory_share
-from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, make_settings
+from relay.upstream import INLINE_BYTES
+from tests.conftest import PROJECT, PROJECT_SECRET, DeterministicMinter, RunningService, make_settings
 from tests.upstreams import FaultySink, faulty_sink
 
 MESSAGE_LIMIT = 100_000
@@ -114,3 +122,73 @@ def test_each_worker_gets_an_equal_share_but_always_room_for_the_largest_message
     assert not caplog.records
     assert memory_share(1_200, workers=8, max_message_bytes=100) == 300  # 150 would refuse a 100-byte message for ever
     assert "memory-share-raised" in caplog.text and "lower relay.workers" in caplog.text
+
+
+# --- copies rendered into files in the CPU pool (relay/copies.py) ---------------------------------------------
+
+def newsletter(links: int) -> bytes:
+    html = "".join(f'<p><a href="https://shop.example/p/{n}">item {n}</a> {"text " * 40}</p>\r\n' for n in range(links))
+    return (b"From: app@example.com\r\nTo: a@example.com\r\nSubject: news\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/html; charset=utf-8\r\n"
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+            + quopri.encodestring(f"<html><body>{html}</body></html>".encode()).replace(b"\n", b"\r\n")
+            + b"\r\n--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            + base64.encodebytes(bytes(range(256)) * 40).replace(b"\n", b"\r\n") + b"--b--\r\n")
+
+
+def copy_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob(f"{FILE_PREFIX}*"))
+
+
+def test_a_copy_rendered_into_a_file_is_the_copy_rendered_in_memory(tmp_path: Path, make_minter: type[DeterministicMinter]) -> None:
+    data = newsletter(300)
+    in_memory = render_copies(data, [make_minter(recipient="a"), make_minter(recipient="b")], DkimSigner())
+    in_files = render_copies(data, [make_minter(recipient="a"), make_minter(recipient="b")], DkimSigner(), directory=str(tmp_path))
+    assert [r.path for r in in_memory] == [None, None] and all(r.path for r in in_files)
+    assert len(copy_files(tmp_path)) == 2 and all(r.result.data == b"" for r in in_files)
+    assert [r.read() for r in in_files] == [r.read() for r in in_memory]
+    assert in_memory[0].result.outcome == "instrumented" and in_memory[0].result.links == 300
+    assert copy_files(tmp_path) == []  # read once, then removed
+
+
+def test_a_copy_whose_file_cannot_be_written_is_rendered_in_memory(tmp_path: Path, make_minter: type[DeterministicMinter]) -> None:
+    data = newsletter(50)
+    missing = tmp_path / "gone"  # no such directory: as good as a full disk for mkstemp
+    [copy] = render_copies(data, [make_minter()], DkimSigner(), directory=str(missing))
+    assert copy.path is None and copy.result.outcome == "instrumented"
+    assert copy.read() == render_copies(data, [make_minter()], DkimSigner())[0].read()
+
+
+def test_mail_with_nothing_to_track_leaves_no_file(tmp_path: Path, make_minter: type[DeterministicMinter]) -> None:
+    plain = b"From: app@example.com\r\nTo: a@example.com\r\nSubject: plain\r\n\r\nno html\r\n"
+    [copy] = render_copies(plain, [make_minter()], DkimSigner(), directory=str(tmp_path))
+    assert copy.result.outcome == "untouched" and copy.read() == plain and copy_files(tmp_path) == []
+
+
+def test_files_of_a_job_nobody_waits_for_are_removed(tmp_path: Path, make_minter: type[DeterministicMinter]) -> None:
+    job: Future[list[Rendered]] = Future()
+    job.set_result(render_copies(newsletter(20), [make_minter(), make_minter()], DkimSigner(), directory=str(tmp_path)))
+    assert len(copy_files(tmp_path)) == 2
+    discard_when_done(job)
+    assert copy_files(tmp_path) == []
+    failed: Future[list[Rendered]] = Future()
+    failed.set_exception(OSError("pool died"))
+    discard_when_done(failed)  # nothing to remove, and no exception
+
+
+def test_a_large_tracked_message_goes_through_copy_files_and_leaves_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    copies = tmp_path / "tmp"
+    copies.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(copies))  # the relay names the directory; the pool writes there
+    data = newsletter(2_000)
+    assert len(data) > INLINE_BYTES
+    with faulty_sink() as sink, RunningService(make_settings(tmp_path, sink.url)) as service:
+        assert service.service._workers is not None, "a CPU pool renders large messages"
+        with smtplib.SMTP("127.0.0.1", service.smtp_port, timeout=60) as client:
+            client.login(PROJECT, PROJECT_SECRET)
+            assert not client.sendmail("app@example.com", ["a@example.com", "b@example.com"], data)
+        assert copy_files(copies) == []
+    delivered = [m.data for m in sink.handler.messages]
+    assert len(delivered) == 2 and delivered[0] != delivered[1]  # each recipient its own tokens
+    for copy in delivered:
+        assert copy.count(b"/c/") >= 2_000 and copy.endswith(b"--b--\r\n")

@@ -1,0 +1,123 @@
+"""Tracked copies rendered for their recipients; in the CPU pool, into temporary files instead of memory.
+
+A copy of a 20 MB message with 100 k links is about 30 MB. Joined in the pool process and pickled
+back, it was held there three times (its pieces, the joined bytes, the pickle) and twice more in
+the relay while it was unpickled (bench case memory). Rendered in the pool, its pieces are written
+to a file as they are made, the pool answers with the file's name, and the relay reads the copy
+once, as it sends it, and removes the file: on disk, a copy waiting to go costs page cache the
+kernel can reclaim, not process memory (README "Memory"). Files live in the relay's temporary
+directory (TMPDIR; keep it on disk, not tmpfs, or the copies are in RAM again).
+
+Never lose mail: a file that cannot be written (full disk) makes the copy render in memory as
+before; a render that fails leaves no file and the message goes untouched, as always.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+
+from relay.dkim import DkimSigner
+from relay.instrument import InstrumentationPlan, Instrumented, LinkMinter, plan_instrumentation
+
+FILE_PREFIX = "inflight-copy-"
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One recipient's copy: its bytes in `result.data`, or, rendered into a file, in `path` (result.data empty)."""
+
+    result: Instrumented
+    path: str | None = None
+
+    def read(self) -> bytes:
+        """The copy's bytes; a file is read once and removed (blocking: large files belong in a thread)."""
+        if self.path is None:
+            return self.result.data
+        try:
+            with open(self.path, "rb") as file:
+                return file.read()
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+def discard(rendered: Iterable[Rendered]) -> None:
+    """Remove the files of copies that will not be read (a failed batch, a send cut short)."""
+    for copy in rendered:
+        copy.discard()
+
+
+def discard_when_done(job: Future[list[Rendered]]) -> None:
+    """A pool job's files, once nobody waits for its copies (the send timed out while the pool rendered)."""
+    if not job.cancelled() and job.exception() is None:
+        discard(job.result())
+
+
+def render_copies(data: bytes, minters: Sequence[LinkMinter], dkim: DkimSigner, *, directory: str | None = None) -> list[Rendered]:
+    """Plan once, render and sign once per recipient. Module-level and pure so a worker process can run it;
+    there with a `directory`, so copies come back as names of files in it instead of pickled bytes."""
+    plan = plan_instrumentation(data)
+    rendered: list[Rendered] = []
+    try:
+        for minter in minters:
+            rendered.append(_render(plan, minter, dkim, directory))
+    except BaseException:
+        discard(rendered)
+        raise
+    return rendered
+
+
+def _render(plan: InstrumentationPlan, minter: LinkMinter, dkim: DkimSigner, directory: str | None) -> Rendered:
+    if directory is not None and not dkim.configured:
+        return _render_into_file(plan, minter, directory)
+    result = plan.render(minter)
+    if result.outcome != "instrumented":
+        return Rendered(result)
+    signed = replace(result, data=dkim.sign(result.data))  # over the whole copy: signing needs all of it
+    del result
+    if directory is None:
+        return Rendered(signed)
+    path = _new_file(directory)
+    if path is None:
+        return Rendered(signed)
+    try:
+        with open(path, "wb") as file:
+            file.write(signed.data)
+    except OSError:
+        os.unlink(path)
+        return Rendered(signed)
+    return Rendered(replace(signed, data=b""), path)
+
+
+def _render_into_file(plan: InstrumentationPlan, minter: LinkMinter, directory: str) -> Rendered:
+    path = _new_file(directory)
+    if path is None:
+        return Rendered(plan.render(minter))
+    try:
+        with open(path, "wb") as file:
+            result = plan.render(minter, file.writelines)
+    except OSError:  # closing flushed into a full disk
+        result = Instrumented(b"", "failed", "copy file not written", 0)
+    if result.outcome == "instrumented":
+        return Rendered(result, path)
+    os.unlink(path)
+    # A write that failed (full disk) fails the render: in memory it still goes tracked.
+    return Rendered(plan.render(minter)) if result.outcome == "failed" else Rendered(result)
+
+
+def _new_file(directory: str) -> str | None:
+    try:
+        handle, path = tempfile.mkstemp(prefix=FILE_PREFIX, dir=directory)
+    except OSError:
+        return None
+    os.close(handle)
+    return path
