@@ -655,9 +655,15 @@ class SqliteEventStore(SqliteFeedback, SqliteDashboardQueries):
         """The copies these (project, send id) name; one missing is absent (never stored, past retention, forgotten)."""
         if not keys:
             return {}
-        sql = (f"SELECT project, send_id, {', '.join(SEND_COLUMNS)} FROM sends WHERE (project, send_id) IN "
-               f"(VALUES {', '.join('(?, ?)' for _ in keys)})")
-        rows = await self.db.execute_fetchall(sql, [part for key in keys for part in key])  # one trip to the store's thread
+        # `(project, send_id) IN (VALUES ...)` searched the primary key by project alone: every hit read
+        # every send of its project (~1 ms at 10 k sends). An equality and an IN list per project use both columns.
+        by_project: dict[str, list[bytes]] = {}
+        for project, send_id in keys:
+            by_project.setdefault(project, []).append(send_id)
+        select = f"SELECT project, send_id, {', '.join(SEND_COLUMNS)} FROM sends WHERE project = ? AND send_id IN "
+        sql = " UNION ALL ".join(select + f"({', '.join('?' for _ in ids)})" for ids in by_project.values())
+        args = [part for project, ids in by_project.items() for part in (project, *ids)]
+        rows = await self.db.execute_fetchall(sql, args)  # one trip to the store's thread
         return {(row[0], bytes(row[1])): TrackedSend(row[0], *row[2:]) for row in rows}
 
     async def share_throttle_events(self, events: list[ThrottleEvent]) -> list[ThrottleEvent]:

@@ -295,7 +295,7 @@ class Tracker:
         the hit is spooled again and retried for SEND_WAIT_SECONDS, then left unrecorded (its copy was
         purged or forgotten; the person got the pixel or the page all the same).
         """
-        sends = await asyncio.gather(*(self.sends.send_of(item.claims) for item in spooled))
+        sends = await self.sends.sends_of([item.claims for item in spooled])  # one store trip for the batch
         now, writes, waiting = time.time(), [], 0
         for item, send in zip(spooled, sends, strict=True):
             if send is None:
