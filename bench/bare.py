@@ -19,7 +19,8 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from inflight.service import bind, http_config
-from tracker.app import HARDENING, NO_CACHE, PIXEL_GIF
+from tracker.app import NO_CACHE, PIXEL_GIF
+from tracker.edge import HARDENING
 
 
 def create_bare_app(link: str) -> Starlette:

@@ -32,7 +32,8 @@ from relay.upstream import Upstream, upstream_from_settings
 from relay.workers import cpu_pool, give_back_large_buffers
 from store import open_store
 from store.spool import Spool
-from tracker.app import MAX_REQUEST_HEAD_BYTES, Tracker, create_app, dashboard_app
+from tracker.app import Tracker, create_app, dashboard_app
+from tracker.edge import MAX_REQUEST_HEAD_BYTES
 from tracker.privacy import RetentionPurge
 from tracker.webhooks import WebhookWorker
 from tracking.tokens import TokenKeys

@@ -5,6 +5,7 @@ counters under concurrency, implied opens, stats, ip_mode)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,6 +55,37 @@ def test_every_answer_carries_the_security_headers(tracker: tuple[RunningService
     assert [r.status_code for r in answers] == [200, 302, 404, 401, 200, 404, 200]
     for response in answers:
         assert_hardened(response)
+
+
+def test_hits_answered_before_starlette_match_its_routes(tracker: tuple[RunningService, httpx.Client]) -> None:
+    """HitPath (tracker/edge.py) answers GET/HEAD hits without Starlette; with the access log on, every
+    request goes through Starlette's routes instead. Both must give the same status, headers and body."""
+    _, client = tracker
+    requests = [("GET", f"/o/{open_token()}.gif"), ("HEAD", f"/o/{open_token()}.gif"), ("GET", f"/o/{open_token()}.gif?x=1"),
+                ("GET", f"/c/{click_token('https://example.com/a?b=1')}"), ("HEAD", f"/c/{click_token('https://example.com/')}"),
+                ("GET", f"/c/{click_token('https://example.com/', 'forged-secret')}"), ("GET", "/o/"), ("GET", "/c/x/"),
+                ("GET", f"/c/{click_token('https://example.com/')}/extra"), ("POST", f"/o/{open_token()}.gif"),
+                ("GET", f"/o/{open_token()}.gif?{'q' * 9000}"),
+                ("GET", f"/c/{TokenKeys([SECRET], [PROJECT]).project(PROJECT).click(SEND_ID, None)}")]  # the honeypot
+
+    def answers() -> list[tuple[int, list[tuple[str, str]], bytes]]:
+        found = []
+        for method, path in requests:
+            response = client.request(method, path, headers={"Host": "127.0.0.1"}, content=b"" if method == "POST" else None)
+            found.append((response.status_code, sorted((k, v) for k, v in response.headers.items() if k != "date"),
+                          response.content))
+        return found
+
+    fast = answers()
+    access = logging.getLogger("inflight.access")
+    level = access.level
+    access.setLevel(logging.INFO)
+    try:
+        through_starlette = answers()
+    finally:
+        access.setLevel(level)
+    assert [status for status, _, _ in fast] == [200, 200, 200, 302, 302, 404, 404, 404, 404, 405, 414, 200]
+    assert fast == through_starlette
 
 
 def test_location_is_the_signed_link_byte_for_byte(tracker: tuple[RunningService, httpx.Client]) -> None:

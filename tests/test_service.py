@@ -12,7 +12,7 @@ import pytest
 
 from inflight.service import BoundedHttpToolsProtocol, http_config
 from tests.conftest import RunningService, Sink, make_settings
-from tracker.app import MAX_REQUEST_HEAD_BYTES
+from tracker.edge import MAX_REQUEST_HEAD_BYTES
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Scope
 
 from config.settings import ApiAccess, IpMode, ProjectSettings, Settings
 from config.tracking import ModeRefused, TrackingSettings
@@ -34,6 +34,7 @@ from store.spool import Handler, Spool
 from tracker.agents import AgentPolicy, Hit, PriorHit, classify, relabel
 from tracker.dashboard.app import Dashboard
 from tracker.dead_letters import DeadLetterRoutes
+from tracker.edge import HardenedResponses, HitPath, HitRequest
 from tracker.feedback import FeedbackRoutes
 from tracker.netdata import NetworkLists, network_specs
 from tracker.privacy import ForgottenContacts, stored_ip
@@ -43,7 +44,7 @@ from tracker.spooled import SpooledHit
 from tracker.suppressions import SuppressionRoutes
 from tracking.claims import TrackedSend, TrackingClaims
 from tracking.legacy import LegacyTokens
-from tracking.tokens import MAX_TOKEN_CHARS, TokenKeys, TokenVerifier
+from tracking.tokens import TokenKeys, TokenVerifier
 from tracking.urls import redirect_location
 
 log = logging.getLogger("inflight.tracker")
@@ -58,61 +59,13 @@ NO_CACHE = {
     "Pragma": "no-cache",
     "Expires": "0",
 }
-# On every answer: no MIME sniffing, and a redirect never tells the destination which token
-# (so which contact) sent the reader there.
-HARDENING = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
 NOT_FOUND = Response("Not Found", status_code=404, media_type="text/plain")
 # Built once: a Response holds no per-request state, and the pixel's bytes and headers never change.
 PIXEL = Response(PIXEL_GIF, media_type="image/gif", headers=NO_CACHE)
 UNAUTHORIZED = JSONResponse({"error": "missing or invalid bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-MAX_TARGET_CHARS = MAX_TOKEN_CHARS + 64  # path + query of the longest URL we mint, with room
-MAX_REQUEST_HEAD_BYTES = 16 * 1024  # request line + headers; bounded while arriving too (inflight.service)
-MAX_BODY_BYTES = 64 * 1024  # the only bodies are small JSON API requests
 SETTLE_SECONDS = 1.0  # the events API waits at most this for hits answered before it to reach the store
 SLOW_LOG_SECONDS = 10.0  # at most one spool-slow line per this many seconds
 SEND_WAIT_SECONDS = 60.0  # how long a hit waits for its copy's row to reach the store
-
-
-class HardenedResponses:
-    """ASGI middleware: security headers on every response; an overlong URL (414), header block (431)
-    or body (413; a body must declare its length) is refused before routing, so hostile input costs
-    no token verification, store work or memory."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_hardened(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                names = {name.lower() for name, _ in message.get("headers", [])}
-                message["headers"] = [*message.get("headers", []), *(h for h in HARDENING if h[0] not in names)]
-            await send(message)
-
-        refusal = request_refusal(scope)
-        if refusal is not None:
-            await Response(refusal[1], status_code=refusal[0], media_type="text/plain")(scope, receive, send_hardened)
-            return
-        await self.app(scope, receive, send_hardened)
-
-
-def request_refusal(scope: Scope) -> tuple[int, str] | None:
-    """(status, reason) when the request is larger than the tracker ever needs, else None."""
-    if len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") > MAX_TARGET_CHARS:
-        return 414, "URI Too Long"
-    headers = scope.get("headers", [])
-    if sum(len(name) + len(value) + 4 for name, value in headers) > MAX_REQUEST_HEAD_BYTES:
-        return 431, "Request Header Fields Too Large"
-    if scope.get("method") in ("POST", "PUT", "PATCH"):
-        length = next((value for name, value in headers if name.lower() == b"content-length"), None)
-        if length is None or not length.isdigit():
-            return 411, "Length Required"
-        if int(length) > MAX_BODY_BYTES:
-            return 413, "Content Too Large"
-    return None
 
 
 class TrustedProxies:
@@ -134,23 +87,23 @@ class TrustedProxies:
     def contains(self, address: str) -> bool:
         return self._trusted(address)
 
-    def client_ip(self, request: Request) -> str | None:
+    def client_ip(self, request: HitRequest) -> str | None:
         """The nearest address that is not a trusted proxy, walking X-Forwarded-For from the right."""
-        peer = request.client.host if request.client else None
+        peer = request.peer
         if peer is None or not self._trusted(peer):
             return peer
-        forwarded = [a.strip() for a in request.headers.get("x-forwarded-for", "").split(",") if a.strip()]
+        forwarded = [a.strip() for a in (request.header(b"x-forwarded-for") or "").split(",") if a.strip()]
         for address in reversed(forwarded):
             if not self._trusted(address):
                 return address
         return forwarded[0] if forwarded else peer
 
-    def host(self, request: Request) -> str:
+    def host(self, request: HitRequest) -> str:
         """The Host the client asked for (lower case, no port): X-Forwarded-Host's last value from a trusted proxy."""
-        host = request.headers.get("host", "")
-        peer = request.client.host if request.client else None
+        host = request.header(b"host") or ""
+        peer = request.peer
         if peer is not None and self._trusted(peer):
-            host = request.headers.get("x-forwarded-host", host).rpartition(",")[2].strip() or host
+            host = (request.header(b"x-forwarded-host") or host).rpartition(",")[2].strip() or host
         return host_name(host)
 
 
@@ -216,7 +169,7 @@ class Tracker:
         self.dead_letters = DeadLetterRoutes(store)
         self._metrics_readers = TrustedProxies(settings.tracker.metrics_allow)
 
-    def _claims(self, request: Request, token: str, kind: str) -> TrackingClaims | None:
+    def _claims(self, request: HitRequest, token: str, kind: str) -> TrackingClaims | None:
         """The claims of a `kind` token minted for a project this Host serves; None for any other token or Host."""
         host = self.proxies.host(request)
         if host not in self.hosts:
@@ -236,23 +189,24 @@ class Tracker:
 
         return Judgement(rfc3339(datetime.fromtimestamp(hit.at - self.policy.lookback_seconds, UTC)), decide)
 
-    def _hit(self, request: Request, claims: TrackingClaims) -> Hit:
+    def _hit(self, request: HitRequest, claims: TrackingClaims) -> Hit:
         """What the verdict needs from the request; `sent_at` comes with the send (`_event`)."""
-        headers = request.headers
+        header = request.header
         return Hit(
             kind="open" if claims.kind == "open" else "click",
             at=self.clock(),
             ip=self.proxies.client_ip(request),
-            user_agent=headers.get("user-agent"),
+            user_agent=header(b"user-agent"),
             method=request.method,
-            purpose=headers.get("sec-purpose") or headers.get("purpose") or headers.get("x-moz"),
+            purpose=header(b"sec-purpose") or header(b"purpose") or header(b"x-moz"),
             link=claims.link,
             honeypot=claims.honeypot,
         )
 
-    def _event(self, claims: TrackingClaims, send: TrackedSend, hit: Hit) -> NewEvent:
-        """The open or click event of a hit on `send`, the copy its token names."""
+    def _event(self, claims: TrackingClaims, send: TrackedSend, hit: Hit, uid: str) -> NewEvent:
+        """The open or click event of a hit on `send`, the copy its token names (`uid`: made at the answer, so replays match)."""
         return NewEvent(
+            uid=uid,
             name=f"email.{claims.kind}",
             project=send.project,
             contact=send.contact,
@@ -271,7 +225,7 @@ class Tracker:
             tracked=True,
         )
 
-    async def _record(self, request: Request, claims: TrackingClaims) -> None:
+    async def _record(self, request: HitRequest, claims: TrackingClaims) -> None:
         """Spool the hit; return once it is durable, or after the answer budget when the disk is slower.
         Who the copy went to (the send its token names) is read from the store when the spool delivers it."""
         durable = self.spool.append("hit", SpooledHit.body(claims, self._hit(request, claims)))
@@ -308,7 +262,7 @@ class Tracker:
             if await self.forgotten.covers(send.project, send.recipient, send.contact):
                 continue  # an erased contact: a legacy token still carries the address; answered, not recorded
             hit = replace(item.hit, sent_at=send.sent_at)
-            event = replace(self._event(item.claims, send, hit), uid=item.uid)  # the uid made at the answer: replays match
+            event = self._event(item.claims, send, hit, item.uid)
             writes.append(self._record_engagement(event, hit))
         for result in await asyncio.gather(*writes, return_exceptions=True):
             if isinstance(result, BaseException):
@@ -322,15 +276,29 @@ class Tracker:
             await self.store.record_engagement(event, self._judgement(hit, agents))
         HITS.labels(hit.kind, agents[-1] if agents else "none").inc()
 
+    async def answer(self, kind: str, token: str, scope: Scope) -> Response:
+        """The answer to a `kind` ("open": the pixel, "click": a redirect) hit on `token`: the same from
+        the Starlette routes and from HitPath, which answers GET and HEAD hits before them."""
+        request = HitRequest(scope)
+        if kind == "open":
+            return await self._pixel(request, token.removesuffix(".gif"))
+        return await self._click(request, token)
+
     async def pixel(self, request: Request) -> Response:
-        claims = self._claims(request, request.path_params["token"].removesuffix(".gif"), "open")
+        return await self.answer("open", request.path_params["token"], request.scope)
+
+    async def click(self, request: Request) -> Response:
+        return await self.answer("click", request.path_params["token"], request.scope)
+
+    async def _pixel(self, request: HitRequest, token: str) -> Response:
+        claims = self._claims(request, token, "open")
         if claims is None:
             return NOT_FOUND
         await self._record(request, claims)
         return PIXEL
 
-    async def click(self, request: Request) -> Response:
-        claims = self._claims(request, request.path_params["token"], "click")
+    async def _click(self, request: HitRequest, token: str) -> Response:
+        claims = self._claims(request, token, "click")
         if claims is not None and claims.honeypot:
             # The invisible trap link goes nowhere; only machines follow it.
             await self._record(request, claims)
@@ -489,7 +457,7 @@ def parse_event_query(project: str, params: Mapping[str, str]) -> EventQuery | l
     )
 
 
-def create_app(tracker: Tracker, *, manage_store: bool = False, dashboard: bool = False) -> Starlette:
+def create_app(tracker: Tracker, *, manage_store: bool = False, dashboard: bool = False) -> ASGIApp:
     """Build the ASGI app. With manage_store, the app opens and closes the store and the spool in its lifespan;
     with dashboard, the dashboard is served under /dashboard."""
 
@@ -528,7 +496,7 @@ def create_app(tracker: Tracker, *, manage_store: bool = False, dashboard: bool 
     # Starlette answers `/c/<token>/` with a 307 to an absolute URL built from the Host header:
     # a redirect we did not sign. Every path is exact; anything else is 404.
     app.router.redirect_slashes = False
-    return app
+    return HitPath(tracker.answer, app)
 
 
 def dashboard_app(settings: Settings, store: EventStore) -> Starlette:
