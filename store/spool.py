@@ -51,9 +51,10 @@ HEADER = struct.Struct(">II")  # payload length, CRC-32 of the payload
 MAX_RECORD_BYTES = 16 * 1024 * 1024  # a length beyond this is a torn or foreign header, not a record
 SEGMENT_BYTES = 4 * 1024 * 1024  # a journal file is sealed past this size; deleted once all its records are stored
 BATCH = 500  # records per delivery to the store
-# Under load, deliveries start at most this often, so each carries what came meanwhile: a hit stored
-# in a batch of 100 costs a quarter of one stored alone (bench case `tracker`). A record arriving
-# after a quiet spell goes at once; a full batch or a reader waiting for its writes does not wait.
+# Under load, deliveries of the kinds registered with `gather` (the tracker's hits) start at most this
+# often, so each carries what came meanwhile: a hit stored in a batch of 100 costs a quarter of one
+# stored alone (bench case `tracker`). A record after a quiet spell, a full batch, a reader waiting
+# for its writes and any record of another kind (the relay's: another node reads its ledger rows) go at once.
 GATHER_SECONDS = 0.05
 TAKEOVER_SECONDS = 30.0  # how often files left by dead processes are looked for
 REPORT_SECONDS = 10.0  # how often a non-empty spool logs its depth and age
@@ -104,12 +105,14 @@ class Handler:
 
     `decode` turns a journal body back into what `deliver` takes; it runs before any store call, so
     an error there is the record's (it goes to UNDELIVERABLE), while an error from `deliver` is the
-    store's (the batch is tried again later). `key` indexes pending records for `pending()`.
+    store's (the batch is tried again later). `key` indexes pending records for `pending()`. `gather`:
+    records of this kind may wait up to GATHER_SECONDS to go in a bigger batch.
     """
 
     decode: Callable[[Any], Any]
     deliver: Callable[[list[Any]], Awaitable[None]]
     key: Callable[[Any], str | None] | None = None
+    gather: bool = False
 
 
 class _Segment:
@@ -126,10 +129,10 @@ class _Segment:
 
 
 class _Entry:
-    __slots__ = ("at", "data", "key", "kind", "segment")
+    __slots__ = ("at", "data", "key", "kind", "segment", "urgent")
 
-    def __init__(self, data: bytes, kind: str, key: str | None, at: float) -> None:
-        self.data, self.kind, self.key, self.at = data, kind, key, at
+    def __init__(self, data: bytes, kind: str, key: str | None, at: float, urgent: bool = True) -> None:
+        self.data, self.kind, self.key, self.at, self.urgent = data, kind, key, at, urgent
         self.segment: _Segment | None = None
 
 
@@ -188,6 +191,7 @@ class Spool:
         self._wake = asyncio.Event()
         self._hurry = asyncio.Event()  # a reader waits for its writes, or the spool closes: deliver now
         self._last_delivery = 0.0  # monotonic time the last delivery started
+        self._urgent = 0  # own records of kinds without `gather`, written and not yet stored
         self._writer: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -205,7 +209,7 @@ class Spool:
             raise RuntimeError("spool is not open")
         handler = self.handlers[kind]
         entry = _Entry(json.dumps([kind, body], separators=(",", ":")).encode(), kind,
-                       handler.key(body) if handler.key else None, time.time())
+                       handler.key(body) if handler.key else None, time.time(), not handler.gather)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._unwritten.append((entry, done))
         self._appended += 1
@@ -241,6 +245,9 @@ class Spool:
                 for entry, done in group:
                     entry.segment = segment if error is None else None
                     self._own.append(entry)
+                    if entry.urgent:
+                        self._urgent += 1
+                        self._hurry.set()
                     if not done.done():
                         if error is None:
                             done.set_result(None)
@@ -379,7 +386,7 @@ class Spool:
     async def _gather(self) -> None:
         """Wait until GATHER_SECONDS after the last delivery started, unless a batch is full or someone hurries it."""
         wait = self._last_delivery + self.gather_seconds - time.monotonic()
-        if wait <= 0 or self._hurry.is_set() or len(self._taken or self._own) >= self.batch:
+        if wait <= 0 or self._hurry.is_set() or self._taken or self._urgent or len(self._own) >= self.batch:
             self._hurry.clear()
             return
         with contextlib.suppress(TimeoutError):
@@ -416,6 +423,7 @@ class Spool:
                 del self._by_key[entry.key]
         if own:
             self._stored += 1
+            self._urgent -= entry.urgent
             if self._settle_waiters and self._settle_waiters[0][0] <= self._stored:
                 ready = [w for w in self._settle_waiters if w[0] <= self._stored]
                 self._settle_waiters = [w for w in self._settle_waiters if w[0] > self._stored]

@@ -143,7 +143,7 @@ class Tracker:
         self.settings = settings
         self.store = store
         self.spool = spool
-        spool.register("hit", Handler(decode=SpooledHit.decode, deliver=self._store_hits))
+        spool.register("hit", Handler(decode=SpooledHit.decode, deliver=self._store_hits, gather=True))
         self.budget = settings.tracker.answer_budget_ms / 1000
         self._slow_logged = 0.0
         legacy = LegacyTokens(settings.tracker.secrets) if settings.tracker.legacy_tokens else None
