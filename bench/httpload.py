@@ -4,7 +4,12 @@ Requests cycle through the paths in a file (one per line). Throughput and latenc
 the measured window after a warm-up; status counts cover every request sent, and every request
 sent is waited for, so they can be compared with what the server stored. Prints one JSON line.
 
-    python -m bench.httpload --port 8080 --paths paths.txt --connections 16 --seconds 3
+Without `--rate` each connection sends its next request as soon as the answer came (the most the
+server answers). With `--rate R` the connections send R requests/s in all, each on a fixed
+schedule, and a request's latency counts from the moment it was due, not from when a slow answer
+before it let it go (no coordinated omission): the latency a client sees at that load.
+
+    python -m bench.httpload --port 8080 --paths paths.txt --connections 16 --seconds 3 [--rate 2000]
 """
 
 from __future__ import annotations
@@ -24,13 +29,21 @@ class HttpError(Exception):
 
 
 async def connection(
-    port: int, requests: list[bytes], offset: int, start: float, stop: float, latencies: list[float], status: Counter[int]
+    port: int, requests: list[bytes], offset: int, start: float, stop: float, latencies: list[float], status: Counter[int],
+    interval: float | None = None, due: float = 0.0,
 ) -> None:
+    """One keep-alive connection; with `interval`, request n is due at `due` + n × interval."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     index = offset
     try:
         while True:
-            sent = time.monotonic()
+            now = time.monotonic()
+            if interval is not None:
+                if due > now:
+                    await asyncio.sleep(due - now)
+                sent, due = due, due + interval
+            else:
+                sent = now
             if sent >= stop:
                 break
             writer.write(requests[index % len(requests)])
@@ -64,7 +77,10 @@ async def load(args: argparse.Namespace) -> dict[str, object]:
     start = time.monotonic() + args.warmup
     stop = start + args.seconds
     step = max(1, len(requests) // args.connections)
-    await asyncio.gather(*(connection(args.port, requests, i * step, start, stop, latencies, status)
+    interval = args.connections / args.rate if args.rate else None
+    first = time.monotonic()
+    await asyncio.gather(*(connection(args.port, requests, i * step, start, stop, latencies, status, interval,
+                                      first + (interval or 0) * i / args.connections)  # spread over one interval
                            for i in range(args.connections)))
     latencies.sort()
     return {
@@ -82,6 +98,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=3.0, help="measured window")
     parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--rate", type=float, help="requests/s over all connections, each on a schedule (default: as fast as answered)")
     parser.add_argument("--user-agent", default="Mozilla/5.0 (Windows NT 10.0; Win64; x64) bench")
     print(json.dumps(uvloop.run(load(parser.parse_args()))))
 

@@ -4,18 +4,24 @@
 uvicorn settings) are loaded in turn by `bench.httpload` (own process, fixed keep-alive
 connections), rounds interleaved. Tokens are minted for many distinct sends, as in a campaign, so
 each message sees a few hits per run as real ones do (every hit reads its message's recent hits).
-Afterwards, with the tracker still running, the store must hold exactly one event per request
-answered 200 (pixel) or 302 (redirect) once its spool has drained: an answered hit is durable in
-the spool when answered, and a stored hit soon after (README: Spool).
+Then the redirect's latency at half the most it answered (`httpload --rate`, latency from the
+moment each request was due), with bare Starlette at the same rate beside it, and again while
+another connection holds the SQLite store's write lock (the store "stopped": the answers must not
+wait for it). Afterwards, with the tracker still running, the store must hold exactly one event per
+request answered 200 (pixel) or 302 (redirect) once its spool has drained: an answered hit is
+durable in the spool when answered, and a stored hit soon after (README: Spool).
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import statistics
 import tempfile
 import time
 import timeit
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -112,17 +118,29 @@ def run(quick: bool, smoke: bool = False) -> list[dict[str, Any]]:
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
         with Child("tracker", python("inflight.cli", "tracker", "--config", config), tracker_port, work) as tracker, \
                 Child("bare", python("bench.bare", "--port", bare_port, "--link", LINK), bare_port, work):
+            def load(name: str, *rate: object) -> dict[str, Any]:
+                port, paths, expected = variants[name]
+                result = run_json(python("bench.httpload", "--port", port, "--paths", work / paths, "--connections",
+                                         CONNECTIONS, "--seconds", seconds, "--warmup", warmup, *rate),
+                                  timeout=seconds + warmup + 60)
+                if set(result["status"]) != {str(expected)}:
+                    raise AssertionError(f"{name}: answers {result['status']}, expected only {expected}\n{tracker.log_tail()}")
+                return result
+
             for _ in range(rounds):
-                for name, (port, paths, expected) in variants.items():
-                    result = run_json(python("bench.httpload", "--port", port, "--paths", work / paths,
-                                             "--connections", CONNECTIONS, "--seconds", seconds, "--warmup", warmup),
-                                      timeout=seconds + warmup + 60)
-                    if set(result["status"]) != {str(expected)}:
-                        raise AssertionError(f"{name}: answers {result['status']}, expected only {expected}\n{tracker.log_tail()}")
-                    results[name].append(result)
+                for name in variants:
+                    results[name].append(load(name))
+            half = statistics.median(r["rate"] for r in results["redirect: inflight"]) / 2
+            at_half: dict[str, list[dict[str, Any]]] = {"bare": [], "inflight": [], "inflight, store locked": []}
+            for _ in range(rounds):
+                at_half["bare"].append(load("redirect: bare Starlette", "--rate", half))
+                at_half["inflight"].append(load("redirect: inflight", "--rate", half))
+                with store_locked(store):
+                    at_half["inflight, store locked"].append(load("redirect: inflight", "--rate", half))
             answered = {
                 "email.open": sum(r["status"]["200"] for r in results["pixel: inflight"]),
-                "email.click": sum(r["status"]["302"] for r in results["redirect: inflight"]),
+                "email.click": sum(r["status"]["302"] for r in [*results["redirect: inflight"], *at_half["inflight"],
+                                                                *at_half["inflight, store locked"]]),
             }
             stored = stored_once_drained(store, answered)
             if stored != answered:
@@ -141,7 +159,25 @@ def run(quick: bool, smoke: bool = False) -> list[dict[str, Any]]:
             rows.append(row(CASE, f"{base_name} {quantile}", "ms", base_samples))
             rows.append(row(CASE, f"{endpoint}: inflight {quantile}", "ms", [r[f"{quantile}_ms"] for r in ours],
                             baseline=(f"{base_name} {quantile}", base_samples)))
+    base = (f"redirect at half load ({half:,.0f}/s): bare Starlette p99", [r["p99_ms"] for r in at_half["bare"]])
+    rows.append(row(CASE, base[0], "ms", base[1]))
+    for name, budget in (("inflight", 10.0), ("inflight, store locked", 50.0)):
+        rows.append(row(CASE, f"redirect at half load: {name} p50", "ms", [r["p50_ms"] for r in at_half[name]]))
+        rows.append(row(CASE, f"redirect at half load: {name} p99", "ms", [r["p99_ms"] for r in at_half[name]],
+                        baseline=base, max_value=budget))
     return rows + verify_rows(mode)
+
+
+@contextmanager
+def store_locked(store: Path) -> Iterator[None]:
+    """Hold the SQLite store's write lock, as a stuck writer in another process would."""
+    db = sqlite3.connect(store, isolation_level=None, timeout=30)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        yield
+    finally:
+        db.rollback()
+        db.close()
 
 
 def verify_rows(mode: Mode) -> list[dict[str, Any]]:
