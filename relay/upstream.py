@@ -172,6 +172,8 @@ def smtp_data_block(data: bytes) -> bytes:
 # A body goes out in pieces of this size, each dot-stuffed as it is written: the event loop is held ~1 ms
 # per piece, and no second whole-message copy (the stuffed block) is ever made.
 PIECE_BYTES = 256 * 1024
+# A body is checked for line endings in steps of this size, the event loop let run between them.
+SCAN_BYTES = 1 << 20
 
 
 class DataBody:
@@ -182,19 +184,35 @@ class DataBody:
     into a block at once, in the CPU pool when large (see smtp_data_block).
     """
 
-    def __init__(self, data: bytes, *, stuffed: bool = False) -> None:
+    def __init__(self, data: bytes, *, stuffed: bool = False, dots: int | None = None) -> None:
+        """`dots`: how many line starts of `data` are dots, when already counted (see `scan`)."""
         self._data = data
         self._stuffed = stuffed
         if stuffed:
             self.size = len(data)
         else:
             ends = 0 if data.endswith(b"\r\n") else 2
-            self.size = len(data) + data.count(b"\n.") + data.startswith(b".") + ends + len(b".\r\n")
+            dots = data.count(b"\n.") if dots is None else dots
+            self.size = len(data) + dots + data.startswith(b".") + ends + len(b".\r\n")
 
     @staticmethod
-    def streamable(data: bytes) -> bool:
-        crlf = data.count(b"\r\n")
-        return data.count(b"\n") == crlf and data.count(b"\r") == crlf
+    async def scan(data: bytes, step: int = SCAN_BYTES) -> tuple[bool, int]:
+        """Whether `data` is CRLF throughout (then it streams), and how many CRLF-dots it holds.
+
+        Counted `step` bytes at a time with the event loop let run in between: at once, the four
+        counts held it ~100 ms for a 26 MB message (bench case isolation). A pair of bytes across
+        a cut is counted in the step where it starts.
+        """
+        crlf = newlines = returns = dots = 0
+        for start in range(0, len(data), step):
+            stop = start + step
+            crlf += data.count(b"\r\n", start, stop + 1)
+            dots += data.count(b"\n.", start, stop + 1)
+            newlines += data.count(b"\n", start, stop)
+            returns += data.count(b"\r", start, stop)
+            if stop < len(data):
+                await asyncio.sleep(0)
+        return newlines == crlf and returns == crlf, dots
 
     def pieces(self, size: int = PIECE_BYTES) -> Iterator[bytes]:
         data = self._data
@@ -296,6 +314,10 @@ class _Replies(asyncio.Protocol):
                     if self._lost is not None:
                         raise _ConnectionClosed(self._lost)
                     writer.write(piece)
+                    if self._writable.is_set():
+                        # A fast upstream never fills the buffer: without this, all of a 26 MB body was
+                        # stuffed and written in one go, ~100 ms of other sessions waiting (bench case isolation).
+                        await asyncio.sleep(0)
                     await self._writable.wait()
                 return await self.read(timeout)
         except TimeoutError:
@@ -368,7 +390,8 @@ class SmtpUpstream:
         self._reaper: asyncio.Task[None] | None = None
 
     async def send(self, mail_from: str, recipients: list[str], data: bytes) -> Results:
-        body = DataBody(data) if DataBody.streamable(data) else DataBody(await self._data_block(data), stuffed=True)
+        streamable, dots = await DataBody.scan(data)
+        body = DataBody(data, dots=dots) if streamable else DataBody(await self._data_block(data), stuffed=True)
         with timed(UPSTREAM_SECONDS, self.endpoint.host):
             return await self._send(mail_from, recipients, body)
 

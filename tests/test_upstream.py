@@ -306,6 +306,15 @@ def test_a_body_streamed_in_pieces_equals_the_whole_block(data: bytes, piece: in
     assert streamed == smtp_data_block(data) and body.size == len(streamed)
 
 
+@pytest.mark.parametrize("data", [b"", b"\r\n", b"a\r\n.b\r\n..\r\n", b"a\nb\r\n", b"a\rb\r\n", b"\r\n.\r", b"x" * 9 + b"\r\n."])
+@pytest.mark.parametrize("step", [1, 2, 3, 1024])
+def test_a_body_scanned_in_steps_counts_as_a_whole(data: bytes, step: int) -> None:
+    """Line endings and dots counted in steps (pairs cut anywhere) give what whole-body counts give."""
+    crlf = data.count(b"\r\n")
+    expected = (data.count(b"\n") == crlf and data.count(b"\r") == crlf, data.count(b"\n."))
+    assert asyncio.run(DataBody.scan(data, step)) == expected
+
+
 def test_pipelined_transactions_against_postfix_smtp_sink(tmp_path: Path) -> None:
     """Postfix's own sink (it offers PIPELINING): envelopes batched, several recipients, the pool reused."""
     sink = shutil.which("smtp-sink") or ("/usr/sbin/smtp-sink" if Path("/usr/sbin/smtp-sink").exists() else None)
