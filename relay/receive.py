@@ -19,6 +19,8 @@ from relay.memory import MemoryBudget, declared_size
 from relay.replies import INSUFFICIENT_STORAGE
 
 TERMINATOR = b".\r\n"  # the final line is a lone dot; a line merely ending in one is checked and passed over
+# Bodies from this size up are joined in a thread.
+JOIN_IN_THREAD_BYTES = 1 << 20
 
 
 class ChunkedDataSMTP(SMTP):
@@ -62,7 +64,10 @@ class ChunkedDataSMTP(SMTP):
                 await self.push(self.data_refusal(body))
                 self._set_post_data_state()
                 return
-            self.envelope.content = self.envelope.original_content = body.content()
+            # A large body is joined in a thread: bytes.join lets go of the GIL for large results, so other
+            # sessions run meanwhile (26 MB held the event loop ~25 ms: bench case isolation).
+            self.envelope.content = self.envelope.original_content = (
+                await asyncio.to_thread(body.content) if body.size >= JOIN_IN_THREAD_BYTES else body.content())
             status = await self._call_handler_hook("DATA") if "DATA" in self._handle_hooks else MISSING
             self._set_post_data_state()
             await self.push("250 OK" if status is MISSING else status)
