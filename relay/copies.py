@@ -14,12 +14,14 @@ before; a render that fails leaves no file and the message goes untouched, as al
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from relay.dkim import DkimSigner
 from relay.instrument import InstrumentationPlan, Instrumented, LinkMinter, plan_instrumentation
@@ -50,6 +52,45 @@ class Rendered:
                 os.unlink(self.path)
 
 
+class HeldMessage:
+    """The message to send, as the relay holds it: in memory, or, while the CPU pool works on it, in a file alone.
+
+    The relay must keep a message until it went (a copy that cannot be instrumented goes untouched),
+    but need not keep it in memory while the pool reads, plans and renders it: spilled, the pool
+    reads it from the file (no pickle through a pipe either) and the relay reads it back only for
+    a copy sent untouched.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self.size = len(data)
+        self._data: bytes | None = data
+        self._path: str | None = None
+
+    @property
+    def path(self) -> str | None:
+        """The file holding the message once spilled."""
+        return self._path
+
+    async def spill(self, directory: str) -> None:
+        """Move the message into a file in `directory` and let go of its bytes; they stay when it cannot be written."""
+        if self._data is None:
+            return
+        path = await asyncio.to_thread(_write_file, directory, self._data)  # writing lets other sessions run
+        if path is not None:
+            self._path, self._data = path, None
+
+    async def read(self) -> bytes:
+        if self._data is not None:
+            return self._data
+        assert self._path is not None
+        return await asyncio.to_thread(Path(self._path).read_bytes)
+
+    def discard(self) -> None:
+        if self._path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
+
+
 def discard(rendered: Iterable[Rendered]) -> None:
     """Remove the files of copies that will not be read (a failed batch, a send cut short)."""
     for copy in rendered:
@@ -62,10 +103,13 @@ def discard_when_done(job: Future[list[Rendered]]) -> None:
         discard(job.result())
 
 
-def render_copies(data: bytes, minters: Sequence[LinkMinter], dkim: DkimSigner, *, directory: str | None = None) -> list[Rendered]:
+def render_copies(
+    message: bytes | str, minters: Sequence[LinkMinter], dkim: DkimSigner, *, directory: str | None = None
+) -> list[Rendered]:
     """Plan once, render and sign once per recipient. Module-level and pure so a worker process can run it;
-    there with a `directory`, so copies come back as names of files in it instead of pickled bytes."""
-    plan = plan_instrumentation(data)
+    there with the message as a file's name (HeldMessage.path) and a `directory`, so copies come back as
+    names of files in it instead of pickled bytes."""
+    plan = plan_instrumentation(message if isinstance(message, bytes) else Path(message).read_bytes())
     rendered: list[Rendered] = []
     try:
         for minter in minters:
@@ -86,16 +130,8 @@ def _render(plan: InstrumentationPlan, minter: LinkMinter, dkim: DkimSigner, dir
     del result
     if directory is None:
         return Rendered(signed)
-    path = _new_file(directory)
-    if path is None:
-        return Rendered(signed)
-    try:
-        with open(path, "wb") as file:
-            file.write(signed.data)
-    except OSError:
-        os.unlink(path)
-        return Rendered(signed)
-    return Rendered(replace(signed, data=b""), path)
+    path = _write_file(directory, signed.data)
+    return Rendered(signed) if path is None else Rendered(replace(signed, data=b""), path)
 
 
 def _render_into_file(plan: InstrumentationPlan, minter: LinkMinter, directory: str) -> Rendered:
@@ -112,6 +148,19 @@ def _render_into_file(plan: InstrumentationPlan, minter: LinkMinter, directory: 
     os.unlink(path)
     # A write that failed (full disk) fails the render: in memory it still goes tracked.
     return Rendered(plan.render(minter)) if result.outcome == "failed" else Rendered(result)
+
+
+def _write_file(directory: str, data: bytes) -> str | None:
+    path = _new_file(directory)
+    if path is None:
+        return None
+    try:
+        with open(path, "wb") as file:
+            file.write(data)
+    except OSError:
+        os.unlink(path)
+        return None
+    return path
 
 
 def _new_file(directory: str) -> str | None:

@@ -23,7 +23,7 @@ from config.settings import ProjectSettings, Settings, TrackingEngine, TrackingM
 from config.tracking import TrackingSettings
 from monitoring.metrics import FAIL_OPENS, MESSAGES, STORE_SECONDS, TRACKED, timed
 from relay import replies
-from relay.copies import Rendered, discard, discard_when_done, render_copies
+from relay.copies import HeldMessage, Rendered, discard, discard_when_done, render_copies
 from relay.dkim import DkimSigner
 from relay.headers import SplitMessage, decoded_header, split_message
 from relay.hints import AppHints, Refusal, read_hints, strip_hints
@@ -169,7 +169,7 @@ class Pipeline:
         if self.settings.upstream.tracking_engine is TrackingEngine.PROVIDER:
             decision = replace(decision, reason=f"{decision.reason} engine=provider")
         message, message_id = self._prepare_headers(strip_hints(message), decision)
-        data = message.to_bytes()
+        data = HeldMessage(message.to_bytes())  # held, not bound: the CPU pool may take it to a file (README "Memory")
         message = replace(message, body=b"")  # events and checks read its header fields; the bytes to send are `data`
         notes: list[str] = []
         pixels: set[str] = set()  # recipients whose copy carried a pixel
@@ -297,7 +297,7 @@ class Pipeline:
         mail_from: str,
         pending: list[str],
         message: SplitMessage,
-        data: bytes,
+        data: HeldMessage,
         hints: AppHints,
         project: ProjectSettings,
         message_id: str,
@@ -411,7 +411,7 @@ class Pipeline:
     async def _copies(
         self,
         message: SplitMessage,
-        data: bytes,
+        held: HeldMessage,
         recipients: list[str],
         hints: AppHints,
         project: ProjectSettings,
@@ -428,6 +428,7 @@ class Pipeline:
         if not decision.tracked or self.settings.upstream.tracking_engine is TrackingEngine.PROVIDER:
             # The provider's configuration set adds pixel and links when it tracks.
             notes.append("untracked" if not decision.tracked else "provider-tracks")
+            data = await held.read()
             yield Copy(recipients, await self._offload(data, self.dkim.sign, data), pixel=decision.tracked)
             return
         sent_at = int(time.time())
@@ -445,9 +446,33 @@ class Pipeline:
             )
             for send_id, _ in sends
         ]
-        batch = max(1, INLINE_BYTES // max(len(data), 1))
+        batch = max(1, INLINE_BYTES // max(held.size, 1))
+        pooled = self.executor is not None and held.size >= INLINE_BYTES
+        if pooled:
+            await held.spill(tempfile.gettempdir())  # the pool reads it there; the relay holds it no more
+        try:
+            async with contextlib.aclosing(self._tracked(held, recipients, minters, batch, sends, message, message_id, project,
+                                                         notes)) as copies:
+                async for copy in copies:
+                    yield copy
+        finally:
+            held.discard()
+
+    async def _tracked(
+        self,
+        held: HeldMessage,
+        recipients: list[str],
+        minters: list[TrackingLinks],
+        batch: int,
+        sends: list[tuple[bytes, TrackedSend]],
+        message: SplitMessage,
+        message_id: str,
+        project: ProjectSettings,
+        notes: list[str],
+    ) -> AsyncGenerator[Copy, None]:
+        """The tracked copies, a batch rendered at a time; the message untouched when it has nothing to track."""
         for start in range(0, len(recipients), batch):
-            rendered = await self._render(data, minters[start:start + batch])
+            rendered = await self._render(held, minters[start:start + batch])
             try:
                 for offset, copy in enumerate(rendered):
                     result = copy.result
@@ -457,6 +482,7 @@ class Pipeline:
                             FAIL_OPENS.labels(project.id).inc()
                             log.warning("instrument-failed message_id=%s reason=%s", message_id, result.reason)
                         notes.append(f"instrument={result.outcome} ({result.reason})")
+                        data = await held.read()
                         yield Copy(recipients[start + offset:], await self._offload(data, self.dkim.sign, data), pixel=False)
                         return
                     if offset == 0:  # the tokens of this batch's copies name their sends: stored before any goes
@@ -485,11 +511,13 @@ class Pipeline:
             return work(*args)
         return await asyncio.get_running_loop().run_in_executor(self.executor, work, *args)
 
-    async def _render(self, data: bytes, minters: list[TrackingLinks]) -> list[Rendered]:
+    async def _render(self, held: HeldMessage, minters: list[TrackingLinks]) -> list[Rendered]:
         """A batch's copies; from the CPU pool as files (relay/copies.py), removed even when nobody waits for them any more."""
-        if self.executor is None or len(data) < INLINE_BYTES:
-            return render_copies(data, minters, self.dkim)
-        job = self.executor.submit(render_copies, data, minters, self.dkim, directory=tempfile.gettempdir())
+        if self.executor is None or held.size < INLINE_BYTES:
+            return render_copies(await held.read(), minters, self.dkim)
+        message = held.path or await held.read()  # the file's name when it was spilled, else the bytes (pickled)
+        job = self.executor.submit(render_copies, message, minters, self.dkim, directory=tempfile.gettempdir())
+        del message
         try:
             return await asyncio.wrap_future(job)
         except asyncio.CancelledError:  # a send time-out: the pool still finishes, and its files must go

@@ -18,7 +18,7 @@ import pytest
 
 from config.settings import MEMORY_PER_MESSAGE_BYTE
 from relay import memory as memory_module
-from relay.copies import FILE_PREFIX, Rendered, discard_when_done, render_copies
+from relay.copies import FILE_PREFIX, HeldMessage, Rendered, discard_when_done, render_copies
 from relay.dkim import DkimSigner
 from relay.memory import MemoryBudget, declared_size, memory_share
 from relay.upstream import INLINE_BYTES
@@ -192,3 +192,35 @@ def test_a_large_tracked_message_goes_through_copy_files_and_leaves_none(tmp_pat
     assert len(delivered) == 2 and delivered[0] != delivered[1]  # each recipient its own tokens
     for copy in delivered:
         assert copy.count(b"/c/") >= 2_000 and copy.endswith(b"--b--\r\n")
+
+
+def test_a_held_message_spills_into_a_file_and_reads_back(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        held = HeldMessage(b"x" * 1000)
+        await held.spill(str(tmp_path))
+        assert held.path is not None and copy_files(tmp_path) == [Path(held.path)] and held.size == 1000
+        assert await held.read() == b"x" * 1000 and await held.read() == b"x" * 1000  # read back as often as needed
+        held.discard()
+        assert copy_files(tmp_path) == []
+        stays = HeldMessage(b"y" * 10)
+        await stays.spill(str(tmp_path / "gone"))  # cannot be written: the bytes stay in memory
+        assert stays.path is None and await stays.read() == b"y" * 10
+
+    asyncio.run(scenario())
+
+
+def test_a_large_message_with_nothing_to_track_goes_untouched_from_its_spilled_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copies = tmp_path / "tmp"
+    copies.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(copies))
+    data = message(INLINE_BYTES + 100_000)  # plain text: the pool's plan says "untouched"
+    with faulty_sink() as sink, RunningService(make_settings(tmp_path, sink.url)) as service:
+        with smtplib.SMTP("127.0.0.1", service.smtp_port, timeout=60) as client:
+            client.login(PROJECT, PROJECT_SECRET)
+            assert not client.sendmail("app@example.com", ["a@example.com", "b@example.com"], data)
+        assert copy_files(copies) == []
+    [delivered] = sink.handler.messages  # one transaction for both, as sent
+    assert sorted(delivered.recipients) == ["a@example.com", "b@example.com"]
+    assert delivered.data.endswith(data.split(b"\r\n\r\n", 1)[1])
