@@ -31,13 +31,14 @@ from relay.links import TrackingLinks
 from relay.policy import Decision, decide
 from relay.senders import from_allowed
 from relay.upstream import INLINE_BYTES, RecipientResult, Results, Upstream
-from store.model import DeliveryClaim, EventStore, NewEvent, now_rfc3339
+from store.model import Delivered, DeliveryClaim, EventStore, NewEvent, now_rfc3339
 from store.spool import Handler, Spool, event_body, event_from_body
 from tracking.claims import TrackedSend
 from tracking.tokens import TokenKeys, new_send_id
 
 log = logging.getLogger("inflight.relay")
 T = TypeVar("T")
+Writes = list[tuple[str, "asyncio.Future[None]"]]  # spool records of one attempt not yet known durable: (kind, done)
 CLAIM_MARGIN_SECONDS = 60  # a ledger claim outlives send_timeout_seconds by this much
 SENDING_ELSEWHERE = RecipientResult(451, "4.4.0 another attempt of this message is being sent now; retry later")
 # How long a message waits for the store before the relay step (its project's mode, the ledger
@@ -173,19 +174,48 @@ class Pipeline:
         message = replace(message, body=b"")  # events and checks read its header fields; the bytes to send are `data`
         notes: list[str] = []
         pixels: set[str] = set()  # recipients whose copy carried a pixel
+        # What this attempt journals after the upstream answered (ledger rows, provider ids, events),
+        # appended without waiting and made durable together: one group fsync per message (README: Spool).
+        writes: Writes = []
         async with self._one_attempt_at_a_time(project.id, message_id):
             claim = await self._claim(project.id, message_id, recipients)
             sent_before = claim.delivered
             pending = [r for r in recipients if r.lower() in claim.claimed]
             try:
                 results = await self._send(mail_from, pending, message, data, hints, project, message_id, decision, notes,
-                                           pixels)
+                                           pixels, writes)
             except DkimError as exc:
                 await self._release(project.id, message_id, pending)
                 reply = replies.unsignable(str(exc))
                 self._log("refused", project.id, message_id, recipients, decision, size, started, reply)
                 return reply
-            await self._release(project.id, message_id, [r for r in pending if not results[r].accepted])
+            release = self._release(project.id, message_id, [r for r in pending if not results[r].accepted])
+            reply, outcome = self._outcome(recipients, pending, claim, results, message, message_id, project, hints,
+                                           decision, pixels, writes)
+            # Inside the lock: a retry waiting for it answers `already-sent` from these rows only once
+            # they are on disk. The store's release and the disk's fsync run at the same time.
+            await asyncio.gather(release, self._durable(writes, message_id))
+        if decision.tracked and pending and not pixels:
+            decision = replace(decision, tracked=False, reason=self._sent_reason(decision, pixel=False))
+        self._log(outcome, project.id, message_id, recipients, decision, size, started,
+                  f"{reply} sent_before={len(sent_before)} {' '.join(notes)}".strip())
+        return reply
+
+    def _outcome(
+        self,
+        recipients: list[str],
+        pending: list[str],
+        claim: DeliveryClaim,
+        results: Results,
+        message: SplitMessage,
+        message_id: str,
+        project: ProjectSettings,
+        hints: AppHints,
+        decision: Decision,
+        pixels: set[str],
+        writes: Writes,
+    ) -> tuple[str, str]:
+        """The reply and outcome for what the upstream answered; its events journalled into `writes`."""
         busy = [r for r in recipients if r.lower() in claim.busy]  # another node is sending them right now
         results.update(dict.fromkeys(busy, SENDING_ELSEWHERE))
         pending += busy
@@ -193,7 +223,7 @@ class Pipeline:
         sent = len(recipients) - len(pending) + len(accepted)
         failed = {r: (results[r].code, results[r].text) for r in pending if not results[r].accepted}
         temporary = {r: verdict for r, verdict in failed.items() if 400 <= verdict[0] < 500}
-        await self._record("email.sent", accepted, message, message_id, project, hints, decision, results, pixels)
+        self._record("email.sent", accepted, message, message_id, project, hints, decision, results, pixels, writes)
         if temporary:
             # Some recipient may still get it: the app must retry; the ledger keeps the retry from resending.
             if all(results[r].unreachable for r in temporary):
@@ -202,8 +232,8 @@ class Pipeline:
                 reply = replies.upstream_failures(temporary, len(recipients), temporary=True, sent=sent)
             outcome = "deferred"
         elif failed:
-            await self._record("email.bounce", list(failed), message, message_id, project, hints, decision, results, pixels)
-            await self._suppress_bad_mailboxes(project.id, failed)
+            self._record("email.bounce", list(failed), message, message_id, project, hints, decision, results, pixels, writes)
+            self._suppress_bad_mailboxes(project.id, failed, writes)
             if sent:
                 reply = replies.partially_accepted(message_id, sent, len(recipients), failed)
                 outcome = "partial"
@@ -213,11 +243,7 @@ class Pipeline:
         else:
             reply = replies.accepted(message_id, len(recipients))
             outcome = "queued" if pending else "already-sent"
-        if decision.tracked and pending and not pixels:
-            decision = replace(decision, tracked=False, reason=self._sent_reason(decision, pixel=False))
-        self._log(outcome, project.id, message_id, recipients, decision, size, started,
-                  f"{reply} sent_before={len(sent_before)} {' '.join(notes)}".strip())
-        return reply
+        return reply, outcome
 
     @contextlib.asynccontextmanager
     async def _one_attempt_at_a_time(self, project: str, message_id: str) -> AsyncIterator[None]:
@@ -304,8 +330,13 @@ class Pipeline:
         decision: Decision,
         notes: list[str],
         pixels: set[str],
+        writes: Writes,
     ) -> Results:
         """Every copy upstream, each accepted recipient written to the ledger before the next copy goes.
+
+        A copy's ledger row and provider id are journalled into `writes` as soon as the upstream
+        answered and made durable before the next copy goes; the last copy's wait for the disk is
+        left to the caller, which adds the message's events to the same group.
 
         Raises DkimError when the first copy cannot be signed (nothing was sent).
         """
@@ -318,12 +349,14 @@ class Pipeline:
                 copies = self._copies(message, data, pending, hints, project, message_id, decision, notes)
                 async with contextlib.aclosing(copies):
                     async for copy in copies:
+                        # A crash from here on must not resend the copies before: their rows are on disk.
+                        await self._durable(writes, message_id)
                         outcome = await self.upstream.send(mail_from, copy.recipients, copy.data)
                         results.update(outcome)
                         if copy.pixel:
                             pixels.update(copy.recipients)
-                        await self._remember(project.id, message_id, [r for r, v in outcome.items() if v.accepted])
-                        await self._remember_provider_ids(project.id, message_id, outcome)
+                        self._remember(project.id, message_id, [r for r, v in outcome.items() if v.accepted], writes)
+                        self._remember_provider_ids(project.id, message_id, outcome, writes)
                         if all(v.unreachable for v in outcome.values()):
                             # The remaining copies would meet the same closed door: they wait for the retry.
                             return {**dict.fromkeys(pending, next(iter(outcome.values()))), **results}
@@ -339,25 +372,30 @@ class Pipeline:
             return {**dict.fromkeys(pending, timed_out), **results}
         return results
 
-    async def _remember(self, project: str, message_id: str, recipients: list[str]) -> None:
+    def _remember(self, project: str, message_id: str, recipients: list[str], writes: Writes) -> None:
         if not recipients:
             return
         expires_at = time.time() + self.settings.upstream.ledger_ttl_hours * 3600
         rows = LedgerRows(project, message_id, [r.lower() for r in recipients], expires_at)
-        await self._spool("ledger", vars(rows), message_id)
+        writes.append(("ledger", self.spool.append("ledger", vars(rows))))
 
-    async def _spool(self, kind: str, body: Any, message_id: str) -> None:
-        try:
-            await self.spool.append(kind, body)
-        except OSError:
-            # The disk refused it: logged by the spool, and the rows still reach the store from memory.
-            log.warning("spool-not-durable kind=%s message_id=%s", kind, message_id)
+    @staticmethod
+    async def _durable(writes: Writes, message_id: str) -> None:
+        """Wait until the records journalled into `writes` are on disk: appended in one go, they share
+        one group fsync. A spool record is visible to `pending()` from its append on. Waiting is not
+        cancelling: a send timeout that cuts this wait leaves the records to be waited for again."""
+        if not writes:
+            return
+        await asyncio.wait([done for _, done in writes])
+        for kind, done in writes:
+            Pipeline._durable_or_logged(kind, done, message_id)
+        writes.clear()
 
     async def _store_ledger(self, rows: list[LedgerRows]) -> None:
+        """A batch of the spool's ledger rows, of many messages: one store call."""
         now = time.time()
-        for row in rows:
-            if row.expires_at > now:
-                await self.store.record_delivered(row.project, row.message_id, row.recipients, int(row.expires_at - now) + 1)
+        await self.store.record_delivered([Delivered(row.project, row.message_id, row.recipients, int(row.expires_at) + 1)
+                                           for row in rows if row.expires_at > now])
 
     async def _store_spooled_sends(self, batches: list[list[tuple[bytes, TrackedSend]]]) -> None:
         await self.store.record_sends([send for sends in batches for send in sends])
@@ -375,23 +413,24 @@ class Pipeline:
         with timed(STORE_SECONDS, "record"):
             await self.store.record([event for events in batches for event in events])
 
-    async def _suppress_bad_mailboxes(self, project: str, failed: dict[str, tuple[int, str]]) -> None:
+    def _suppress_bad_mailboxes(self, project: str, failed: dict[str, tuple[int, str]], writes: Writes) -> None:
         """A permanent refusal with an addressing status (5.1.x, RFC 3463: no such mailbox, bad
         domain, ...) is a permanent bounce: suppress the address. Other 5xx (content, policy) are not
         the address's fault."""
         bounced = [BouncedAddress(project, recipient, f"{code} {text}") for recipient, (code, text) in failed.items()
                    if 500 <= code < 600 and _ADDRESSING_STATUS.match(text)]
         if bounced:
-            await self._spool("suppressions", [vars(address) for address in bounced], "-")
+            writes.append(("suppressions", self.spool.append("suppressions", [vars(address) for address in bounced])))
 
-    async def _remember_provider_ids(self, project: str, message_id: str, outcome: Results) -> None:
+    def _remember_provider_ids(self, project: str, message_id: str, outcome: Results, writes: Writes) -> None:
         """Keep the upstream's own id of an accepted copy (SES: `250 Ok <id>`): its feedback names that id."""
         by_id: dict[str, list[str]] = {}
         for recipient, result in outcome.items():
             if result.accepted and (found := provider_id(result.text)) is not None:
                 by_id.setdefault(found, []).append(recipient)
         if by_id:
-            await self._spool("provider_ids", {"project": project, "message_id": message_id, "ids": by_id}, message_id)
+            writes.append(("provider_ids", self.spool.append("provider_ids",
+                                                             {"project": project, "message_id": message_id, "ids": by_id})))
 
     def _prepare_headers(self, message: SplitMessage, decision: Decision) -> tuple[SplitMessage, str]:
         message_id = (message.get("Message-ID") or "").strip().strip("<>")
@@ -502,8 +541,18 @@ class Pipeline:
                 discard(rendered)  # the files of copies not sent (a failure or time-out cut the batch short)
 
     async def _store_sends(self, message_id: str, sends: list[tuple[bytes, TrackedSend]]) -> None:
-        """Through the spool, durable before the copies go: the tracker looks them up when it records their hits."""
-        await self._spool("sends", [[send_id.hex(), vars(send)] for send_id, send in sends], message_id)
+        """Journal the send rows the copies' tokens name (the tracker reads them when it records their hits),
+        without waiting for the disk: the spool writes in append order, so the ledger row awaited after
+        a copy is accepted, before the next copy and before the reply, is on disk only with them
+        (README: Spool)."""
+        done = self.spool.append("sends", [[send_id.hex(), vars(send)] for send_id, send in sends])
+        done.add_done_callback(lambda written: self._durable_or_logged("sends", written, message_id))
+
+    @staticmethod
+    def _durable_or_logged(kind: str, done: asyncio.Future[None], message_id: str) -> None:
+        if not done.cancelled() and isinstance(done.exception(), OSError):
+            # The disk refused it: logged by the spool, and the rows still reach the store from memory.
+            log.warning("spool-not-durable kind=%s message_id=%s", kind, message_id)
 
     async def _offload(self, data: bytes, work: Callable[..., T], *args: Any) -> T:
         """Run `work` in the CPU pool when `data` is large; small messages cost a few ms, done in place."""
@@ -524,7 +573,7 @@ class Pipeline:
             job.add_done_callback(discard_when_done)
             raise
 
-    async def _record(
+    def _record(
         self,
         name: str,
         recipients: list[str],
@@ -535,6 +584,7 @@ class Pipeline:
         decision: Decision,
         results: Results,
         pixels: set[str],
+        writes: Writes,
     ) -> None:
         """`email.sent` per recipient the upstream accepted; `email.bounce` per recipient it refused for good."""
         if not recipients:
@@ -555,7 +605,7 @@ class Pipeline:
             )
             for recipient in recipients
         ]
-        await self._spool("events", [event_body(event) for event in events], message_id)
+        writes.append(("events", self.spool.append("events", [event_body(event) for event in events])))
 
     @staticmethod
     def _sent_reason(decision: Decision, pixel: bool) -> str:

@@ -255,6 +255,16 @@ class WebhookOutbox(Protocol):
 
 
 @dataclass(frozen=True)
+class Delivered:
+    """Recipients of a message the upstream accepted: ledger rows until `expires_at` (epoch seconds)."""
+
+    project: str
+    message_id: str
+    recipients: list[str]
+    expires_at: int
+
+
+@dataclass(frozen=True)
 class DeliveryClaim:
     """What one attempt at a message may do with each recipient (lower-cased)."""
 
@@ -270,13 +280,15 @@ class DeliveryLedger(Protocol):
     exists, so two attempts of one message on two nodes never both send a recipient. A claim is
     a lease (`lease_seconds`): an attempt that dies leaves it to expire; `record_delivered` turns
     it into a delivery, `release_deliveries` gives back the ones the upstream did not accept.
+    Each call is one transaction (one round trip where the backend allows): the relay makes a claim
+    per message, and records the deliveries of many messages at once (its spool's batches).
     """
 
     async def delivered_recipients(self, project: str, message_id: str, recipients: list[str]) -> set[str]: ...
     async def claim_deliveries(self, project: str, message_id: str, recipients: list[str], *,
                                lease_seconds: int) -> DeliveryClaim: ...
     async def release_deliveries(self, project: str, message_id: str, recipients: list[str]) -> None: ...
-    async def record_delivered(self, project: str, message_id: str, recipients: list[str], ttl_seconds: int) -> None: ...
+    async def record_delivered(self, rows: list[Delivered]) -> None: ...
     async def purge_deliveries(self) -> int: ...
 
 

@@ -35,6 +35,7 @@ import asyncpg
 
 from store.model import (
     MAX_LIMIT,
+    Delivered,
     DeliveryClaim,
     EventQuery,
     Judgement,
@@ -58,6 +59,7 @@ from store.sql import (
     THROTTLE_HORIZON_SECONDS,
     THROTTLE_READ_LIMIT,
     ThrottleCursor,
+    delivered_rows,
     engagement_rows,
     filters,
     stats_counts,
@@ -536,12 +538,15 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
                                 "AND recipient = ANY($3::text[])", project, message_id, [r.lower() for r in recipients])
 
     @_retrying
-    async def record_delivered(self, project: str, message_id: str, recipients: list[str], ttl_seconds: int) -> None:
+    async def record_delivered(self, rows: list[Delivered]) -> None:
+        values = delivered_rows(rows)
+        if not values:
+            return
         await self.pool.execute(
             "INSERT INTO deliveries (project, message_id, recipient, expires_at, state) "
-            "SELECT $1, $2, r, $4, 'delivered' FROM unnest($3::text[]) r "
+            "SELECT p, m, r, e, 'delivered' FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS t(p, m, r, e) "
             "ON CONFLICT (project, message_id, recipient) DO UPDATE SET expires_at = excluded.expires_at, state = 'delivered'",
-            project, message_id, [r.lower() for r in recipients], int(time.time()) + ttl_seconds)
+            *(list(column) for column in zip(*values, strict=True)))
 
     @_retrying
     async def purge_deliveries(self) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 from store.model import (
     HUMAN_OPEN_AGENTS,
     DailyCounts,
+    Delivered,
     EngagementCounts,
     EventQuery,
     LinkCounts,
@@ -195,3 +196,14 @@ def agent_counts(rows: Iterable[Any]) -> dict[str, dict[str, int]]:
     for row in rows:
         found.setdefault(row["name"], {})[row["agent"]] = int(row["n"])
     return found
+
+
+def delivered_rows(rows: list[Delivered]) -> list[tuple[str, str, str, int]]:
+    """(project, message_id, recipient lower-cased, expires_at) once per key, the latest expiry kept:
+    one statement may set a row once only (PostgreSQL's ON CONFLICT)."""
+    latest: dict[tuple[str, str, str], int] = {}
+    for row in rows:
+        for recipient in row.recipients:
+            key = (row.project, row.message_id, recipient.lower())
+            latest[key] = max(latest.get(key, 0), row.expires_at)
+    return [(*key, expires_at) for key, expires_at in latest.items()]

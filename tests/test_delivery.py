@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import smtplib
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from relay.upstream import INLINE_BYTES
+from store import spool as spool_module
+from store.model import Delivered
+from store.spool import read_frames
 from store.sqlite import SqliteEventStore
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, free_port, make_settings
 from tests.test_dkim import SELECTOR, verified
@@ -113,6 +118,60 @@ def test_every_recipient_refused_is_a_5xx_naming_each(tmp_path: Path, faulty: Fa
     assert faulty.handler.messages == []
 
 
+def journal_records(directory: Path) -> list[tuple[str, Any]]:
+    """(kind, body) of every whole record in the spool's journal files now."""
+    records = []
+    for path in sorted(directory.glob("*.journal")):
+        payloads, _ = read_frames(path.read_bytes())
+        records += [tuple(json.loads(payload)) for payload in payloads]
+    return records
+
+
+def test_each_copy_is_ledgered_on_disk_before_the_next_goes_and_a_message_costs_one_fsync(
+        tmp_path: Path, faulty: FaultySink, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records of a message are appended without waiting and made durable together; a slow disk shows
+    that the relay still waits for a copy's ledger row before the next copy, and for all before the 250."""
+    real_write = spool_module._write_and_sync
+
+    def slow_disk(fd: int, data: bytes) -> None:
+        time.sleep(0.2)
+        real_write(fd, data)
+
+    monkeypatch.setattr(spool_module, "_write_and_sync", slow_disk)
+    seen: list[list[tuple[str, Any]]] = []  # the journal as each copy's body arrived upstream
+    settings = make_settings(tmp_path, faulty.url, upstream={"url": faulty.url})
+    handle_data = faulty.handler.handle_DATA
+
+    async def journal_at_data(server: Any, session: Any, envelope: Any) -> str:
+        seen.append(journal_records(settings.store.spool_path))
+        return await handle_data(server, session, envelope)
+
+    faulty.handler.handle_DATA = journal_at_data  # type: ignore[method-assign]
+    recipients = ["a@example.com", "b@example.com", "c@example.com"]
+    with RunningService(settings) as service:
+        spool = service.service.spool
+
+        async def store_refuses(rows: list[Any]) -> None:
+            raise OSError("store away")  # records stay in the journal, where the test reads them
+
+        for kind, handler in list(spool.handlers.items()):
+            spool.handlers[kind] = replace(handler, deliver=store_refuses)
+        code, _ = send(service.smtp_port, message(), recipients)
+        assert code == 250
+        after_tracked = spool.fsyncs
+        code, _ = send(service.smtp_port, message("<m2@app.example>", html=False), recipients)
+        assert code == 250
+        assert spool.fsyncs - after_tracked == 1, "an untracked message: its ledger rows and events in one fsync"
+        kinds = [kind for kind, _ in journal_records(settings.store.spool_path)]
+    assert faulty.handler.copies() == dict.fromkeys(recipients, 2)
+    for copy in range(1, len(recipients)):  # copy k's body arrived with the ledger rows of copies 1..k-1 on disk
+        ledgered = {r for kind, body in seen[copy] if kind == "ledger" for r in body["recipients"]}
+        assert ledgered == set(recipients[:copy]), (copy, seen[copy])
+        assert any(kind == "sends" for kind, _ in seen[copy])
+    # Tracked: the send rows, a ledger row per copy, the events; untracked: one ledger row and the events.
+    assert kinds == ["sends", "ledger", "ledger", "ledger", "events", "ledger", "events"]
+
+
 def test_fallback_carries_the_mail_when_the_primary_is_down(tmp_path: Path, faulty: FaultySink) -> None:
     primary = f"smtp+insecure://127.0.0.1:{free_port()}"
     with running(tmp_path, primary, fallback_urls=[faulty.url]) as service:
@@ -193,8 +252,8 @@ def test_ledger_rows_expire_are_purged_and_forgotten(tmp_path: Path) -> None:
     async def scenario() -> None:
         store = SqliteEventStore(tmp_path / "ledger.db")
         await store.open()
-        await store.record_delivered("p", "m@x", ["A@example.com"], ttl_seconds=3600)
-        await store.record_delivered("p", "m@x", ["b@example.com"], ttl_seconds=0)
+        now = int(time.time())
+        await store.record_delivered([Delivered("p", "m@x", ["A@example.com"], now + 3600), Delivered("p", "m@x", ["b@example.com"], now)])
         assert await store.delivered_recipients("p", "m@x", ["a@example.com", "B@example.com"]) == {"a@example.com"}
         assert await store.delivered_recipients("other", "m@x", ["a@example.com"]) == set()
         assert await store.purge_deliveries() == 1

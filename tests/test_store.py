@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -15,7 +16,7 @@ import pytest
 
 from relay.throttle import AuthThrottle, RateLimiter, ThrottleSync
 from store import open_store
-from store.model import Decision, EventQuery, EventStore, Judgement, NewEvent, StatsQuery, now_rfc3339, rfc3339
+from store.model import Decision, Delivered, EventQuery, EventStore, Judgement, NewEvent, StatsQuery, now_rfc3339, rfc3339
 from store.sqlite import CHECKPOINT_COMMITS, SqliteEventStore
 from tracker.shapes import event_json, stats_json
 
@@ -445,7 +446,7 @@ def test_a_ledger_claim_from_two_stores_has_one_winner(store_url: str) -> None:
                 assert len(winners) == 1 and winners[0].claimed == {"a@x.test", "b@x.test"}
                 loser = claims[1] if claims[0].claimed else claims[0]
                 assert loser.busy == {"a@x.test", "b@x.test"} and not loser.delivered
-            await one.record_delivered("p", "m0@x", ["a@x.test"], ttl_seconds=3600)
+            await one.record_delivered([Delivered("p", "m0@x", ["a@x.test"], int(time.time()) + 3600)])
             await one.release_deliveries("p", "m0@x", ["b@x.test"])
             again = await two.claim_deliveries("p", "m0@x", ["a@x.test", "b@x.test"], lease_seconds=60)
             assert (again.claimed, again.delivered, again.busy) == ({"b@x.test"}, {"a@x.test"}, set())
@@ -474,7 +475,7 @@ def test_forget_erases_a_contact_its_webhooks_and_ledger_rows(store_url: str) ->
         async with opened(store_url, webhook_projects=("p",)) as store:
             await store.record([sent("m1", "gone@x.test"), sent("m2", "kept@x.test")])
             await store.record_engagement(hit("email.open", "m1", "gone@x.test"))
-            await store.record_delivered("p", "m1", ["Gone@x.test", "kept@x.test"], ttl_seconds=3600)
+            await store.record_delivered([Delivered("p", "m1", ["Gone@x.test", "kept@x.test"], int(time.time()) + 3600)])
             assert await store.forget("GONE@x.test") == (2, 2)
             assert [e["contact"] for e in await public(store, _query())] == ["kept@x.test"]
             assert await store.delivered_recipients("p", "m1", ["gone@x.test", "kept@x.test"]) == {"kept@x.test"}
