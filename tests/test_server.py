@@ -12,7 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiosmtpd.smtp import SMTP
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from relay.server import RelaySMTP
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, TlsFiles, make_settings
 
 
@@ -159,3 +163,31 @@ def test_project_rate_limit_answers_451_and_sends_nothing_more(tmp_path: Path, s
         assert code == 451 and text.startswith(b"4.7.1 Sending rate limit of this project exceeded, try again in ")
     assert len(sink.messages) == 2
 
+
+
+_PATH_PIECES = ["a", "Zz9", ".", "..", "-", "_", "+", "!", "'", '"', " ", "\t", "(c)", "[1.2.3.4]", "[", "\\", "é", ",", ":",
+                "@"]
+
+
+def _outcome(read: Any, arg: str) -> object:
+    """What reading `arg` gives, or the exception it raises (aiosmtpd's parser raises on some paths)."""
+    try:
+        return read(arg)
+    except Exception as exc:
+        return type(exc)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(local=st.lists(st.sampled_from(_PATH_PIECES), max_size=5), domain=st.lists(st.sampled_from(_PATH_PIECES), max_size=5),
+       before=st.sampled_from(["", " "]),
+       after=st.lists(st.sampled_from([" ", "\t", "SIZE=1000", "BODY=8BITMIME", "(comment)", ">", "<", "x"]), max_size=3),
+       limit=st.sampled_from([0, 3, 64]))
+def test_mail_and_rcpt_paths_are_read_as_aiosmtpd_reads_them(local: list[str], domain: list[str], before: str,
+                                                             after: list[str], limit: int) -> None:
+    """The relay's fast path for plain `<local@domain>` paths answers exactly as aiosmtpd's parser."""
+    arg = f"{before}<{''.join(local)}@{''.join(domain)}>{''.join(after)}"
+    server = RelaySMTP.__new__(RelaySMTP)
+    server.local_part_limit = limit
+    assert _outcome(server._getaddr, arg) == _outcome(lambda path: SMTP._getaddr(server, path), arg)
+    server.local_part_limit = 0
+    assert server._getaddr("<user.name+tag@mail.example.com> SIZE=1000") == ("user.name+tag@mail.example.com", "SIZE=1000")
