@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import tempfile
@@ -46,6 +47,10 @@ SENDING_ELSEWHERE = RecipientResult(451, "4.4.0 another attempt of this message 
 # store that is locked or away must not hold every message (README: Spool).
 STORE_WAIT_SECONDS = 2.0
 STORE_AWAY_SECONDS = 10.0
+# How long a message waits for recipients another node's attempt is sending before it answers 451, and
+# its first pause between looks at the ledger (doubling to 0.2 s).
+BUSY_WAIT_SECONDS = 1.0
+BUSY_POLL_SECONDS = 0.02
 
 
 class StoreAway(Exception):
@@ -303,6 +308,17 @@ class Pipeline:
         lease = int(self.settings.upstream.send_timeout_seconds) + CLAIM_MARGIN_SECONDS
         try:
             claim = await self.use_store(lambda: self.store.claim_deliveries(project, message_id, recipients, lease_seconds=lease))
+            # Busy: another node's attempt holds them. One that has just answered its app still holds
+            # them until its spool stored its ledger rows, moments later: an app retrying at once (its
+            # reply was lost) gets `already-sent` after that short wait rather than a 451.
+            pause, waited = BUSY_POLL_SECONDS, 0.0
+            while claim.busy - spooled and waited < BUSY_WAIT_SECONDS:
+                await asyncio.sleep(pause)
+                waited, pause = waited + pause, min(pause * 2, 0.2)
+                again = await self.use_store(functools.partial(self.store.claim_deliveries, project, message_id,
+                                                               sorted(claim.busy - spooled), lease_seconds=lease))
+                claim = DeliveryClaim(claimed=claim.claimed | again.claimed, delivered=claim.delivered | again.delivered,
+                                      busy=again.busy | (claim.busy & spooled))
         except StoreAway:
             # Without the store's ledger, a retry of a message sent through another node could go twice;
             # refusing all mail while the store is away would be worse.
