@@ -199,11 +199,10 @@ class QuotedPrintableBody:
         if not data:
             return [0] * len(offsets)
         out = []
-        size, find, a2b_qp, view = len(data), data.find, binascii.a2b_qp, memoryview(data)
+        size, find, a2b_qp, view, column_of = len(data), data.find, binascii.a2b_qp, memoryview(data), self._column
         start, end = 0, self._next_line(0)
         line = data[start:end]
-        decoded_start, line_decoded = 0, binascii.a2b_qp(line)
-        column = consumed = 0  # in the current line: the previous offset's column and the decoded bytes before it
+        decoded_start, line_decoded = 0, a2b_qp(line)
         for offset in offsets:
             if decoded_start + len(line_decoded) <= offset and end < size:
                 # Encoded text is never shorter than what it decodes to, so every whole line before the one holding
@@ -220,21 +219,31 @@ class QuotedPrintableBody:
                 end = find(b"\n", start) + 1 or size  # inlined _next_line: this loop runs once per line
                 line = data[start:end]
                 line_decoded = a2b_qp(line)
-                column = consumed = 0
-            wanted = offset - decoded_start
-            if wanted < consumed:
-                column = consumed = 0
-            # Often several offsets per line (a link's start and end): go on from the previous one.
-            column = self._advance(line, column, wanted - consumed)
-            consumed = wanted
-            # The sentinel keeps a literal '=' at the cut from being read as a soft line break.
-            if binascii.a2b_qp(line[:column] + b"x")[:-1] != line_decoded[:wanted]:
-                raise UnsupportedEncoding("quoted-printable position does not map back exactly")
-            out.append(start + column)
+            out.append(start + column_of(line, line_decoded, offset - decoded_start))
         return out
 
     def release(self) -> None:
         self.decoded = b""  # rendering edits the encoded text: for a 20 MB body that is 19 MB less
+
+    @classmethod
+    def _column(cls, line: bytes, decoded: bytes, wanted: int) -> int:
+        """Column in `line` before its `wanted`th decoded byte (after the last when `wanted` is its length).
+
+        When every '=' before the column is an =XX escape, the column is the least fixed point of wanted + 2 ×
+        (number of '=' before it), counted in C from below. It is taken when no '=' is among the two bytes before
+        it (so no escape is cut) and the text before it decodes to exactly what it must; otherwise ("==", a
+        literal '=') the line is walked escape by escape as a2b_qp reads it.
+        """
+        column = wanted
+        while (following := wanted + 2 * line.count(b"=", 0, column)) != column:
+            column = following
+        if column <= len(line) and line.find(b"=", max(column - 2, 0), column) < 0 and binascii.a2b_qp(line[:column]) == decoded[:wanted]:
+            return column
+        column = cls._advance(line, 0, wanted)
+        # The sentinel keeps a literal '=' at the cut from being read as a soft line break.
+        if binascii.a2b_qp(line[:column] + b"x")[:-1] != decoded[:wanted]:
+            raise UnsupportedEncoding("quoted-printable position does not map back exactly")
+        return column
 
     def _next_line(self, start: int) -> int:
         """End of the physical line starting at `start`, its line feed included (a bare CR does not end one)."""

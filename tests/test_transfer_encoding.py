@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import binascii
+import contextlib
+import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.transfer_encoding import Edit, QuotedPrintableBody, UnsupportedEncoding, body_for, canonical_encoding
 
@@ -62,3 +66,52 @@ def test_quoted_printable_positions_of_sparse_offsets_skip_lines_exactly() -> No
         assert body.positions(offsets) == [every[offset] for offset in offsets]
     sample = range(0, len(body.decoded) + 1, 997)
     assert all(binascii.a2b_qp(data[: every[offset]] + b"x")[:-1] == body.decoded[:offset] for offset in sample)
+
+
+def reference_positions(data: bytes, offsets: list[int]) -> list[int]:
+    """The definition positions had before the column was counted in C: per offset, the first line whose decoded text
+    ends after it (or the last line), and the column a2b_qp's reading reaches after that many decoded bytes."""
+    lines = re.findall(rb"[^\n]*\n|[^\n]+\Z", data) or [b""]
+    out = []
+    for offset in offsets:
+        start = decoded_start = 0
+        for index, line in enumerate(lines):
+            if decoded_start + len(binascii.a2b_qp(line)) > offset or index == len(lines) - 1:
+                break
+            start += len(line)
+            decoded_start += len(binascii.a2b_qp(line))
+        column, count = 0, offset - decoded_start
+        while count > 0:  # as a2b_qp reads '=': "==" is one '=', =XX one byte, '=' before anything else itself
+            if line[column : column + 1] != b"=":
+                column += 1
+            elif line[column + 1 : column + 2] == b"=":
+                column += 2
+            elif re.fullmatch(rb"[0-9A-Fa-f]{2}", line[column + 1 : column + 3]):
+                column += 3
+            else:
+                column += 1
+            count -= 1
+        if binascii.a2b_qp(line[:column] + b"x")[:-1] != binascii.a2b_qp(line)[: offset - decoded_start]:
+            raise UnsupportedEncoding("does not map back")
+        out.append(start + column)
+    return out
+
+
+QP_PIECES = [b"a", b"b c", b"=3D", b"=3d", b"=C3=A9", b"==", b"=z", b"=4", b"=", b"=\r\n", b"=\n", b"\r\n", b"\n", b"\r",
+             b" ", b"=\r x\n", b"=\r", b"x" * 80]
+
+
+@settings(max_examples=500, deadline=None, derandomize=True)
+@given(st.lists(st.sampled_from(QP_PIECES), max_size=60), st.data())
+def test_quoted_printable_positions_equal_the_line_by_line_definition(pieces: list[bytes], draw: st.DataObject) -> None:
+    data = b"".join(pieces)
+    body = QuotedPrintableBody(data, b"\r\n")
+    offsets = sorted(draw.draw(st.lists(st.integers(0, len(body.decoded)), max_size=12)))
+    try:
+        expected = reference_positions(data, offsets)
+    except UnsupportedEncoding:  # the old walk could not place one: any answer must still map back exactly
+        with contextlib.suppress(UnsupportedEncoding):
+            got = body.positions(offsets)
+            assert all(binascii.a2b_qp(data[:p] + b"x")[:-1] == body.decoded[:o] for o, p in zip(offsets, got, strict=True))
+        return
+    assert body.positions(offsets) == expected
