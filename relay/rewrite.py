@@ -62,11 +62,17 @@ _WS = r"\t\n\f\r "
 # If '=' follows the name a value must follow: an unterminated quoted value means EOF inside the tag, so the
 # whole tag match fails instead of falling back to some other reading. Possessive quantifiers make every
 # step final, which is what a state machine does, and keeps the match linear.
-_ATTR = (
-    rf"[{_WS}/]*+(?P<name>[^{_WS}/>][^{_WS}/>=]*+)"
-    rf"(?:(?=[{_WS}]*+=)[{_WS}]*+=[{_WS}]*+(?P<value>\"[^\"]*+\"|'[^']*+'|(?![\"'])[^{_WS}>]*+)|(?![{_WS}]*+=))"
-)
-_ATTRS = "(?:" + re.sub(r"\(\?P<\w+>", "(?:", _ATTR) + ")*+"
+_NAME = rf"[^{_WS}/>][^{_WS}/>=]*+"
+_VALUE = rf"(?:\"[^\"]*+\"|'[^']*+'|(?![\"'])[^{_WS}>]*+)"
+
+
+def _attribute(name: str = _NAME, value: str = _VALUE) -> str:
+    """The pattern of one attribute whose name and value match `name` and `value` (which may name groups)."""
+    return rf"[{_WS}/]*+{name}(?:[{_WS}]*+=[{_WS}]*+{value}|(?![{_WS}]*+=))"
+
+
+_ATTR = _attribute(f"(?P<name>{_NAME})", f"(?P<value>{_VALUE})")
+_ATTRS = f"(?:{_attribute()})*+"
 _TAG_REST = rf"[^{_WS}/>]*+{_ATTRS}[{_WS}/]*+>"
 
 # Elements whose content is text, not markup, up to their end tag (§13.2.5.2-5: RCDATA, RAWTEXT, script data,
@@ -93,21 +99,44 @@ def _anycase_names(names: list[str]) -> str:
 
 # Start tags the scanner must look at: links (VML shapes are `v:*`, Outlook's bulletproof buttons) and raw text.
 _SPECIAL = f"(?:{_anycase_names(['a', 'area', *_RAW_TEXT])}|{_anycase('v:')}[^{_WS}/>]*+)"
-
-# Everything the scanner may skip in one C-level match: text, ordinary start tags, end tags other than </body>,
-# plain comments, doctype and bogus comments. It stops in front of the tokens that need a decision.
-_SKIP = re.compile(
+# Tag names that cannot be special by their first one or two letters (td, tr, table, img, p, div, span...): tested
+# before the negative lookahead for specials, which costs about as much as the rest of an ordinary tag.
+_ORDINARY = (
+    rf"[b-hj-moqruwyzB-HJ-MOQRUWYZ]|[b-zB-Z](?=[{_WS}/>])|[aA][b-qs-zB-QS-Z]|[iI][a-eg-zA-EG-Z]|[nN][a-np-zA-NP-Z]"
+    rf"|[pP][a-km-zA-KM-Z]|[sS][abd-su-zABD-SU-Z]|[tT][a-df-hj-zA-DF-HJ-Z]"
+)
+# A raw-text element whose end tag follows, skipped with its content (not PLAINTEXT, which never ends).
+_CLOSED_RAW_TEXT = "|".join(
+    rf"{_anycase(name)}(?=[{_WS}/>]){_ATTRS}[{_WS}/]*+>(?:[^<]++|<(?!/{_anycase(name)}[{_WS}/>]))*+(?=</{_anycase(name)}[{_WS}/>])"
+    for name in sorted(_RAW_TEXT - {"plaintext"})
+)
+# A link start tag, its first href attribute (§13.2.5.33: a duplicate is dropped) in named groups.
+_HREF = _anycase("href") + rf"(?![^{_WS}/>=])"
+_LINK = (
+    rf"<(?:[aA](?:[rR][eE][aA])?(?=[{_WS}/>])|{_anycase('v:')}[^{_WS}/>]*+)"
+    rf"(?:{_attribute(f'(?!{_HREF}){_NAME}')})*+"
+    rf"(?:{_attribute(f'(?P<href_name>{_HREF})', f'(?P<href>{_VALUE})')})?+"
+    rf"{_ATTRS}[{_WS}/]*+>"
+)
+# One C-level match per link: everything the scanner may skip (text, ordinary start tags, closed raw-text elements,
+# end tags other than </body>, plain comments, doctype and bogus comments), then the link tag it stops at, if any.
+# Otherwise it stops in front of the other tokens that need a decision. The alternatives exclude one another, so
+# their order is only for speed: the common ones first, '<' read once.
+_NEXT = re.compile(
     rf"""(?:
         [^<]++
-      | <(?![A-Za-z!/?])                                   # '<' that opens no markup is text (§13.2.5.6)
-      | <(?!{_SPECIAL}(?:[{_WS}/>]|\Z))[A-Za-z]{_TAG_REST}  # ordinary start tag
-      | </(?!{_anycase("body")}(?:[{_WS}/>]|\Z))[A-Za-z]{_TAG_REST}  # end tag (attributes in end tags are tokenized too)
-      | </>                                                # ignored (§13.2.5.7)
-      | </(?![A-Za-z>])[^>]*+>                             # bogus comment
-      | <!--(?!\[{_anycase("if")})(?:>|->|(?s:.*?)--!?>)    # comment, incl. abrupt <!--> and <!---> (§13.2.5.43-52)
-      | <!(?!--)[^>]*+>                                    # doctype, <![endif]> and other bogus comments
-      | <\?[^>]*+>                                         # processing instruction: bogus comment
-    )*+""",
+      | <(?:
+            /(?:[ac-zAC-Z]|(?!{_anycase("body")}(?:[{_WS}/>]|\Z))[bB]){_TAG_REST}  # end tag but </body> (attributes are tokenized too)
+          | (?:{_ORDINARY}|(?!{_SPECIAL}(?:[{_WS}/>]|\Z))[A-Za-z]){_TAG_REST}  # ordinary start tag
+          | (?![A-Za-z!/?])                                # '<' that opens no markup is text (§13.2.5.6)
+          | />                                             # ignored (§13.2.5.7)
+          | /(?![A-Za-z>])[^>]*+>                          # bogus comment
+          | !--(?!\[{_anycase("if")})(?:>|->|(?s:.*?)--!?>) # comment, incl. abrupt <!--> and <!---> (§13.2.5.43-52)
+          | !(?!--)[^>]*+>                                 # doctype, <![endif]> and other bogus comments
+          | \?[^>]*+>                                      # processing instruction: bogus comment
+          | {_CLOSED_RAW_TEXT}
+        )
+    )*+(?P<link>{_LINK})?""",
     re.VERBOSE,
 )
 _START_TAG = re.compile(rf"<(?P<tag>[A-Za-z][^{_WS}/>]*+)(?P<attrs>{_ATTRS})[{_WS}/]*+>")
@@ -117,7 +146,6 @@ _COMMENT_END = re.compile(r"--!?>")
 # Microsoft's downlevel-hidden conditional comment: `<!--[if mso]> markup for Outlook <![endif]-->`. To HTML5 it
 # is one comment; Outlook renders the markup inside, so its links (VML buttons) are real links.
 _CONDITIONAL = re.compile(r"\[if[^\]]*\]>(?P<inner>.*)<!\[endif\]\Z", re.DOTALL | re.IGNORECASE)
-_RAW_TEXT_END = {name: re.compile(rf"</{_anycase(name)}[{_WS}/>]") for name in _RAW_TEXT}
 
 # --- attribute values -------------------------------------------------------------------------------------
 _CHAR_REFERENCE = re.compile(r"&(?:#[xX](?P<hex>[0-9A-Fa-f]+);?|#(?P<dec>[0-9]+);?|(?P<named>[A-Za-z0-9]+;?))")
@@ -289,33 +317,33 @@ def _same(text: str) -> str:
     return text
 
 
+def _opted_out(html: str, tag: re.Match[str], read: Callable[[str], str]) -> bool:
+    """Whether the link's first data-inflight-track attribute says "off"."""
+    start_tag = _START_TAG.match(html, tag.start("link"))
+    assert start_tag is not None  # the same tag, as _LINK matched it
+    for attribute in _ATTR_RE.finditer(html, *start_tag.span("attrs")):
+        if attribute["name"].lower() == _OPT_OUT:
+            if attribute["value"] is None:
+                return False
+            start, end, _ = _value_span(attribute)
+            return decode_attribute(read(html[start:end])).strip().lower() == "off"
+    return False
+
+
 def _link_slot(
     html: str, tag: re.Match[str], skip_urls: frozenset[str], seen: set[str], untrackable: list[str], read: Callable[[str], str]
 ) -> Slot | None:
-    href = opt_out = None
-    attrs_start, attrs_end = tag.span("attrs")
-    # Most links carry no opt-out: then the attributes after the first href need no reading.
-    any_opt_out = _OPT_OUT in html[attrs_start:attrs_end].lower()
-    for attribute in _ATTR_RE.finditer(html, attrs_start, attrs_end):
-        name = attribute["name"].lower()
-        # §13.2.5.33: a duplicate attribute is dropped, the first one counts.
-        if name == "href" and href is None:
-            href = attribute
-            if not any_opt_out:
-                break
-        elif name == _OPT_OUT and opt_out is None:
-            opt_out = attribute
-    if href is None or href["value"] is None:
-        return None
-    start, end, quote = _value_span(href)
+    start, end = tag.span("href")
+    quote = html[start] if start < end and html[start] in "\"'" else ""
+    if quote:
+        start, end = start + 1, end - 1
     destination = link_destination(read(html[start:end]))
     if not _HTTP_URL.match(destination):
         return None  # mailto:, tel:, #anchors, relative URLs, merge tags like *|UNSUB|*
     seen.add(destination)
-    if opt_out is not None and opt_out["value"] is not None:
-        opt_start, opt_end, _ = _value_span(opt_out)
-        if decode_attribute(read(html[opt_start:opt_end])).strip().lower() == "off":
-            return None
+    # Most links carry no opt-out: a substring test spares them reading their attributes.
+    if _OPT_OUT in html[tag.start("link") : tag.end()].lower() and _opted_out(html, tag, read):
+        return None
     # The substring tests spare most links the placeholder pattern's scan (every link of every message passes).
     placeholder = ("{" in destination or "*|" in destination or "%%" in destination) and _PLACEHOLDER.search(destination)
     if placeholder or destination in skip_urls:
@@ -327,7 +355,7 @@ def _link_slot(
     except UnserialisableUrl as exc:
         untrackable.append(str(exc))  # e.g. a host IDNA refuses: no Location could name it
         return None
-    return Slot(start, end, destination, quote, href.start("name"), href.end("value"))
+    return Slot(start, end, destination, quote, tag.start("href_name"), tag.end("href"))
 
 
 def plan_html(html: str, *, skip_urls: frozenset[str] = frozenset(), read: Callable[[str], str] = _same) -> HtmlPlan:
@@ -364,7 +392,15 @@ def _scan(
     """Tokenize html[pos:end], appending link slots; returns where the last `</body>` starts."""
     body_end: int | None = None
     while True:
-        pos = _SKIP.match(html, pos, end).end()  # type: ignore[union-attr]  # `(...)*+` always matches
+        token = _NEXT.match(html, pos, end)
+        assert token is not None  # `(...)*+(...)?` always matches
+        pos = token.end()
+        if token.start("link") >= 0:
+            if token.start("href") >= 0:
+                slot = _link_slot(html, token, skip_urls, seen, untrackable, read)
+                if slot is not None:
+                    slots.append(slot)
+            continue
         if pos >= end:
             return body_end
         if html.startswith("<!--", pos):
@@ -384,20 +420,9 @@ def _scan(
                 body_end = pos
             pos = tag.end()
         else:
-            tag = _START_TAG.match(html, pos, end)
-            if tag is None:
-                return body_end  # EOF in tag (or in a bogus comment): nothing after it is markup
-            name = tag["tag"].lower()
-            pos = tag.end()
-            if name in _RAW_TEXT:
-                close = _RAW_TEXT_END[name].search(html, pos, end) if name != "plaintext" else None
-                if close is None:
-                    return body_end
-                pos = close.start()
-            elif name in ("a", "area") or name.startswith("v:"):
-                slot = _link_slot(html, tag, skip_urls, seen, untrackable, read)
-                if slot is not None:
-                    slots.append(slot)
+            # An unclosed raw-text element or PLAINTEXT (the rest is text), or EOF in a tag or a bogus comment
+            # (nothing after it is markup): nothing after it is a link or `</body>`.
+            return body_end
 
 
 @dataclass(frozen=True, slots=True)

@@ -161,11 +161,26 @@ def test_unterminated_comment_hides_the_rest(minter):
     assert minter.destinations == []
 
 
-@pytest.mark.parametrize("element", ["style", "script", "title", "textarea", "xmp", "noframes", "STYLE"])
+@pytest.mark.parametrize("element", ["style", "script", "title", "textarea", "xmp", "noframes", "noembed", "iframe", "STYLE", "TiTlE"])
 def test_raw_text_elements_contain_no_links(minter, element):
     html = f'<{element} type="x"><a href="https://e.com/in">x</a></{element} ><a href="https://e.com/out">y</a>'
     rewrite_html(html, minter)
     assert minter.destinations == ["https://e.com/out"]
+
+
+def test_tags_named_like_special_ones_are_ordinary(minter):
+    # The scanner skips tags by their first letters before it asks whether a name is special: names that share
+    # letters with a, area, title, textarea, style, script, iframe, noembed, plaintext, xmp or v: are skipped whole.
+    names = ["abbr", "areas", "ti", "tit", "te", "sty", "sc", "if", "iframes", "no", "pl", "plain", "xm", "v", "vx", "b", "P", "TD"]
+    html = "".join(f'<{name} title="<a href=https://e.com/no{i}>">x</{name}>' for i, name in enumerate(names))
+    rewrite_html(html + '<a href="https://e.com/yes">y</a>', minter)
+    assert minter.destinations == ["https://e.com/yes"]
+
+
+def test_link_after_unclosed_raw_text_is_not_a_link_but_after_a_closed_one_is(minter):
+    rewrite_html('<title>t</title><style>a{}</style ><a href="https://e.com/1">1</a><script>x<a href="https://e.com/no">', minter)
+    rewrite_html('<a href="https://e.com/2">2</a><PlainText><a href="https://e.com/no"></plaintext><a href="https://e.com/no">', minter)
+    assert minter.destinations == ["https://e.com/1", "https://e.com/2"]
 
 
 def test_css_urls_images_link_and_base_are_not_links(minter):
