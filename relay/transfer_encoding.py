@@ -199,27 +199,35 @@ class QuotedPrintableBody:
         if not data:
             return [0] * len(offsets)
         out = []
-        size, find, a2b_qp, view, column_of = len(data), data.find, binascii.a2b_qp, memoryview(data), self._column
-        start, end = 0, self._next_line(0)
+        size, find, rfind, a2b_qp, view, column_of = len(data), data.find, data.rfind, binascii.a2b_qp, memoryview(data), self._column
+        last = size - 1
+        start, end = 0, find(b"\n") + 1 or size  # the current line, its line feed included (a bare CR ends none)
         line = data[start:end]
-        decoded_start, line_decoded = 0, a2b_qp(line)
+        line_decoded = a2b_qp(line)
+        decoded_start, decoded_end = 0, len(line_decoded)  # where the current line's decoded text starts and ends
         for offset in offsets:
-            if decoded_start + len(line_decoded) <= offset and end < size:
+            if decoded_end <= offset and end < size:
                 # Encoded text is never shorter than what it decodes to, so every whole line before the one holding
                 # encoded position start + (offset - decoded_start) ends at or before the offset: decode them in
                 # one call (a view, in bounded steps) instead of line by line. The last line is never skipped.
-                while (skip_to := data.rfind(b"\n", start, min(start + offset - decoded_start, size - 1, start + _QP_SKIP)) + 1) > end:
-                    decoded_start += len(a2b_qp(view[start:skip_to]))
+                while True:
+                    bound = start + offset - decoded_start
+                    bound = last if bound > last else bound
+                    skip_to = rfind(b"\n", start, bound if bound - start <= _QP_SKIP else start + _QP_SKIP) + 1
+                    if skip_to <= end:
+                        break
+                    decoded_start = decoded_end = decoded_start + len(a2b_qp(view[start:skip_to]))
                     start = end = skip_to
-                    line_decoded = b""
-            # The last line whose decoded text starts at or before the offset (lines that decode to nothing are passed).
-            while decoded_start + len(line_decoded) <= offset and end < size:
-                decoded_start += len(line_decoded)
-                start = end
-                end = find(b"\n", start) + 1 or size  # inlined _next_line: this loop runs once per line
-                line = data[start:end]
-                line_decoded = a2b_qp(line)
-            out.append(start + column_of(line, line_decoded, offset - decoded_start))
+                # The last line whose decoded text starts at or before the offset (lines that decode to nothing are passed).
+                while decoded_end <= offset and end < size:
+                    start = end
+                    end = find(b"\n", start) + 1 or size
+                    line = data[start:end]
+                    line_decoded = a2b_qp(line)
+                    decoded_start, decoded_end = decoded_end, decoded_end + len(line_decoded)
+            wanted = offset - decoded_start
+            # No '=' before the offset: it is that many bytes into the line (the common case, and the cheap one).
+            out.append(start + (wanted if line.find(b"=", 0, wanted) < 0 else column_of(line, line_decoded, wanted)))
         return out
 
     def release(self) -> None:
@@ -245,11 +253,6 @@ class QuotedPrintableBody:
             raise UnsupportedEncoding("quoted-printable position does not map back exactly")
         return column
 
-    def _next_line(self, start: int) -> int:
-        """End of the physical line starting at `start`, its line feed included (a bare CR does not end one)."""
-        end = self._data.find(b"\n", start)
-        return len(self._data) if end < 0 else end + 1
-
     @staticmethod
     def _advance(line: bytes, pos: int, count: int) -> int:
         """Column after `count` more decoded bytes of `line` from column `pos`, mirroring a2b_qp's reading of '='."""
@@ -271,18 +274,43 @@ class QuotedPrintableBody:
         return pos
 
     def render(self, edits: Iterable[Edit]) -> Iterator[bytes]:
-        data = self._data
-        out: list[bytes] = []  # the pieces of one edit, handed on before the next
+        """Pieces of the body with `edits` made, as they come (see `_copy` and `_wrap`, which this inlines for
+        the common edit: safe bytes, such as a tracked URL, on a line that has room for them)."""
+        data, soft_break, find = self._data, self._soft_break, self._data.find
+        out: list[bytes] = []  # pieces of the uncommon cases, handed on as they are made
         pos = 0
         column: int | None = None  # output column once our output diverged from the original line
-        for edit in edits:
-            column = self._copy(out, pos, edit.start, column, more=True)
+        for start, end, inserted, _, _ in edits:
+            newline = find(b"\n", pos, start)
+            if column is None or newline < 0 or data[newline - 1 : newline + 1] != b"\r\n" or data[newline - 2] == 0x0D:
+                column = self._copy(out, pos, start, column, more=True)
+                yield from out
+                out.clear()
+            else:  # _copy where the original text ends our line with one CRLF
+                if newline - 1 > pos and column + newline - 1 - pos > _QP_LINE:
+                    yield soft_break
+                yield data[pos:start]
+                column = None
             if column is None:
-                column = edit.start - (data.rfind(b"\n", 0, edit.start) + 1)
-            column = self._wrap(out, edit.data, column)
-            pos = edit.end
-            yield from out
-            out.clear()
+                column = start - (data.rfind(b"\n", 0, start) + 1)
+            if inserted and not inserted.translate(None, _QP_SAFE) and not inserted.endswith(b" "):
+                # _wrap of bytes that need no escape: as they are, or cut at fixed widths.
+                room, size = max(_QP_LINE - 1 - column, 0), len(inserted)
+                if size <= room:
+                    yield inserted
+                    column += size
+                elif size - room <= _QP_LINE - 1:
+                    yield inserted[:room] + soft_break
+                    yield inserted[room:]
+                    column = size - room
+                else:
+                    yield soft_break.join([inserted[:room], *(inserted[i : i + _QP_LINE - 1] for i in range(room, size, _QP_LINE - 1))])
+                    column = (size - room - 1) % (_QP_LINE - 1) + 1
+            else:
+                column = self._wrap(out, inserted, column)
+                yield from out
+                out.clear()
+            pos = end
         self._copy(out, pos, len(data), column, more=False)
         yield from out
 

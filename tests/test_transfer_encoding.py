@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import binascii
 import contextlib
+import quopri
 import re
 
 import pytest
@@ -115,3 +116,43 @@ def test_quoted_printable_positions_equal_the_line_by_line_definition(pieces: li
             assert all(binascii.a2b_qp(data[:p] + b"x")[:-1] == body.decoded[:o] for o, p in zip(offsets, got, strict=True))
         return
     assert body.positions(offsets) == expected
+
+
+SAFE_URL = st.text(alphabet="abcXYZ019:/.?&#-_~%", max_size=200).map(str.encode)  # what tracked URLs are made of
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(st.binary(max_size=600), st.sampled_from([b"\r\n", b"\n"]), st.data())
+def test_edits_render_to_the_edited_text_in_lines_of_at_most_76(text: bytes, eol: bytes, draw: st.DataObject) -> None:
+    data = quopri.encodestring(text).replace(b"\n", eol)
+    body = QuotedPrintableBody(data, eol)
+    cuts = sorted(draw.draw(st.lists(st.integers(0, len(body.decoded)), max_size=8)))
+    spans = list(zip(cuts[::2], cuts[1::2], strict=False))
+    inserted = [draw.draw(st.one_of(SAFE_URL, st.binary(max_size=120))) for _ in spans]
+    positions = body.positions([offset for span in spans for offset in span])
+    edits = [Edit(positions[2 * i], positions[2 * i + 1], inserted[i], None, None) for i in range(len(spans))]
+    out = b"".join(body.render(edits))
+    expected, done = [], 0
+    for (start, end), new in zip(spans, inserted, strict=True):
+        expected += [body.decoded[done:start], new]
+        done = end
+    assert binascii.a2b_qp(out) == b"".join([*expected, body.decoded[done:]])
+    assert all(len(line.rstrip(b"\r")) <= 76 for line in out.split(b"\n"))
+
+
+def test_text_after_inserted_text_is_wrapped_at_exactly_the_line_limit() -> None:
+    # Every column an edit can start at, inserted text that ends on the first or a later line, and every length of the
+    # original text after it up to a whole line: the output line after the edit must end exactly where 76 is reached.
+    for column in range(76):
+        for length in (1, 40, 80, 150):
+            for tail in range(0, 77 - column):
+                data = b"p" * column + b"OLD" + b"t" * tail + b"\r\nnext\r\n"
+                body = QuotedPrintableBody(data, b"\r\n")
+                start, end = body.positions([column, column + 3])
+                out = b"".join(body.render([Edit(start, end, b"u" * length, None, None)]))
+                assert binascii.a2b_qp(out) == b"p" * column + b"u" * length + b"t" * tail + b"\r\nnext\r\n"
+                assert max(map(len, out.split(b"\r\n"))) <= 76
+                last_u = out.rindex(b"u") + 1
+                end_column = last_u - (out.rfind(b"\n", 0, last_u) + 1)
+                # A soft break before the tail exactly when the tail would not fit after the inserted text.
+                assert out.startswith(b"=\r\n", last_u) is (end_column + tail > 76)
