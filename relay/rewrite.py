@@ -259,6 +259,7 @@ def tracking_markup(minter: LinkMinter) -> str:
 
 
 # --- the plan ----------------------------------------------------------------------------------------------
+_UNMINTED = "\0"  # no tracked URL is this: a cache miss
 class Slot(NamedTuple):
     """A span of the HTML to replace: a link attribute value, or the empty span where the pixel goes."""
 
@@ -290,18 +291,19 @@ class HtmlPlan:
         """
         out: list[str | None] = []
         links = 0
-        for slot in self.slots:
-            if slot.destination is None:
+        click_url = minter.click_url
+        for _, _, destination, quote, _, _ in self.slots:
+            if destination is None:
                 out.append(markup)
                 continue
-            if slot.destination not in cache:
-                cache[slot.destination] = minter.click_url(slot.destination)
-            tracked = cache[slot.destination]
+            tracked = cache.get(destination, _UNMINTED)
+            if tracked is _UNMINTED:
+                tracked = cache[destination] = click_url(destination)
             if tracked is None:
                 out.append(None)
-            else:
-                out.append(escape_attribute(tracked, slot.quote))
-                links += 1
+                continue
+            out.append(escape_attribute(tracked, quote))
+            links += 1
         return out, links
 
 
@@ -311,6 +313,9 @@ def _value_span(attribute: re.Match[str]) -> tuple[int, int, str]:
     if quote in ('"', "'"):
         return attribute.start("value") + 1, attribute.end("value") - 1, quote
     return attribute.start("value"), attribute.end("value"), ""
+
+
+_new_slot = tuple.__new__  # Slot(...) without the Python-level __new__ a NamedTuple has: once per link
 
 
 def _same(text: str) -> str:
@@ -337,7 +342,13 @@ def _link_slot(
     quote = html[start] if start < end and html[start] in "\"'" else ""
     if quote:
         start, end = start + 1, end - 1
-    destination = link_destination(read(html[start:end]))
+    # link_destination, inlined for the common value: ASCII, at most "&amp;" to decode, no tab or newline.
+    value = html[start:end]
+    if not value.isascii():
+        value = read(value)
+    destination = (decode_attribute(value) if "&" in value else value).strip(_URL_EDGES)
+    if "\n" in destination or "\t" in destination or "\r" in destination:
+        destination = destination.translate(_URL_REMOVED)
     if not _HTTP_URL.match(destination):
         return None  # mailto:, tel:, #anchors, relative URLs, merge tags like *|UNSUB|*
     seen.add(destination)
@@ -355,7 +366,7 @@ def _link_slot(
     except UnserialisableUrl as exc:
         untrackable.append(str(exc))  # e.g. a host IDNA refuses: no Location could name it
         return None
-    return Slot(start, end, destination, quote, tag.start("href_name"), tag.end("href"))
+    return _new_slot(Slot, (start, end, destination, quote, tag.start("href_name"), tag.end("href")))
 
 
 def plan_html(html: str, *, skip_urls: frozenset[str] = frozenset(), read: Callable[[str], str] = _same) -> HtmlPlan:

@@ -72,10 +72,13 @@ def test_new_value_escapes_quotes_of_its_style(make_minter):
 )
 def test_attribute_values_decode_as_a_browser_does(raw, decoded):
     assert decode_attribute(raw) == decoded
+    assert plan_html(f"<a href='{raw}'>x</a>").slots[0].destination == decoded  # the scanner's inlined decoding
 
 
 def test_destination_is_the_url_a_browser_follows():
-    assert link_destination(" \t https://e.com/a\n/b\r\n?q=1#frag \x01") == "https://e.com/a/b?q=1#frag"
+    raw = " \t https://e.com/a\n/b\r\n?q=1#frag \x01"
+    assert link_destination(raw) == "https://e.com/a/b?q=1#frag"
+    assert plan_html(f'<a href="{raw}">x</a>').slots[0].destination == "https://e.com/a/b?q=1#frag"
 
 
 def test_historical_rule_reaches_the_minter(minter):

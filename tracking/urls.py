@@ -27,8 +27,8 @@ class UnserialisableUrl(ValueError):
 
 
 _EDGES = "".join(map(chr, range(0x21)))  # C0 controls and space, stripped at both ends
+_VISIBLE = bytes(byte for byte in range(0x21, 0x7F) if byte != 0x5C)  # visible ASCII but backslash
 _REMOVED = str.maketrans("", "", "\t\n\r")
-_VISIBLE_ASCII = re.compile(r"[\x21-\x5b\x5d-\x7e]+")
 _SCHEME = re.compile(r"(https?):[/\\]*", re.IGNORECASE)
 _AUTHORITY_END = re.compile(r"[/\\?#]")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -100,12 +100,18 @@ def _path(path: str) -> str:
     return "/" + "/".join(segments)
 
 
+def _visible_ascii(text: str) -> bool:
+    """Visible ASCII (0x21-0x7E) except backslash, one or more: deleting those bytes in C is ~4x quicker than a
+    regex's match of a 90-character URL (browser_url runs once per link of every message)."""
+    return text.isascii() and bool(text) and not text.encode("ascii").translate(None, _VISIBLE)
+
+
 def browser_url(link: str) -> str:
     """The ASCII URL a browser requests for this absolute http(s) `link`; raises UnserialisableUrl saying why."""
-    if _VISIBLE_ASCII.fullmatch(link):
+    if _visible_ascii(link):
         return link  # nothing to strip, remove or encode (the common case, on every link of every message)
     link = link.strip(_EDGES).translate(_REMOVED)
-    if _VISIBLE_ASCII.fullmatch(link):
+    if _visible_ascii(link):
         return link
     if _SURROGATE.search(link):
         raise UnserialisableUrl("bytes that are not text in the mail's charset")
