@@ -173,6 +173,7 @@ _HEX_DIGITS = frozenset(b"0123456789ABCDEFabcdef")
 _QP_UNSAFE = re.compile(rb"[^ !-<>-~]")
 _QP_SAFE = bytes(byte for byte in range(256) if _QP_UNSAFE.match(bytes([byte])) is None)
 _QP_LINE = 76  # rule 5, including the '=' of a soft line break
+_QP_NEAR = 2 * _QP_LINE  # encoded bytes within which lines are walked one by one rather than skipped
 _QP_SKIP = 1 << 16  # encoded bytes decoded at once when skipping lines with no offset: bounds the temporary
 
 
@@ -199,7 +200,7 @@ class QuotedPrintableBody:
         if not data:
             return [0] * len(offsets)
         out = []
-        size, find, rfind, a2b_qp, view, column_of = len(data), data.find, data.rfind, binascii.a2b_qp, memoryview(data), self._column
+        size, find, rfind, a2b_qp, view, walk = len(data), data.find, data.rfind, binascii.a2b_qp, memoryview(data), self._walk
         last = size - 1
         start, end = 0, find(b"\n") + 1 or size  # the current line, its line feed included (a bare CR ends none)
         line = data[start:end]
@@ -210,8 +211,8 @@ class QuotedPrintableBody:
                 # Encoded text is never shorter than what it decodes to, so every whole line before the one holding
                 # encoded position start + (offset - decoded_start) ends at or before the offset: decode them in
                 # one call (a view, in bounded steps) instead of line by line. The last line is never skipped.
-                while True:
-                    bound = start + offset - decoded_start
+                # (Not worth it for an offset a line or two on, such as the end of a link after its start.)
+                while (bound := start + offset - decoded_start) - end > _QP_NEAR:
                     bound = last if bound > last else bound
                     skip_to = rfind(b"\n", start, bound if bound - start <= _QP_SKIP else start + _QP_SKIP) + 1
                     if skip_to <= end:
@@ -225,28 +226,27 @@ class QuotedPrintableBody:
                     line = data[start:end]
                     line_decoded = a2b_qp(line)
                     decoded_start, decoded_end = decoded_end, decoded_end + len(line_decoded)
-            wanted = offset - decoded_start
-            # No '=' before the offset: it is that many bytes into the line (the common case, and the cheap one).
-            out.append(start + (wanted if line.find(b"=", 0, wanted) < 0 else column_of(line, line_decoded, wanted)))
+            # The column before the line's wanted-th decoded byte. When every '=' before it is an =XX escape, it is
+            # the least fixed point of wanted + 2 x (number of '=' before it), counted in C from below (with no
+            # '=', the first count ends it). It is taken when no '=' is among the two bytes before it (no escape
+            # is cut) and the text before it decodes to exactly what it must; otherwise ("==", a literal '=')
+            # the line is walked escape by escape.
+            column = wanted = offset - decoded_start
+            while (following := wanted + 2 * line.count(b"=", 0, column)) != column:
+                column = following
+            if column != wanted and not (
+                column <= len(line) and line.find(b"=", column - 2, column) < 0 and a2b_qp(line[:column]) == line_decoded[:wanted]
+            ):
+                column = walk(line, line_decoded, wanted)
+            out.append(start + column)
         return out
 
     def release(self) -> None:
         self.decoded = b""  # rendering edits the encoded text: for a 20 MB body that is 19 MB less
 
     @classmethod
-    def _column(cls, line: bytes, decoded: bytes, wanted: int) -> int:
-        """Column in `line` before its `wanted`th decoded byte (after the last when `wanted` is its length).
-
-        When every '=' before the column is an =XX escape, the column is the least fixed point of wanted + 2 ×
-        (number of '=' before it), counted in C from below. It is taken when no '=' is among the two bytes before
-        it (so no escape is cut) and the text before it decodes to exactly what it must; otherwise ("==", a
-        literal '=') the line is walked escape by escape as a2b_qp reads it.
-        """
-        column = wanted
-        while (following := wanted + 2 * line.count(b"=", 0, column)) != column:
-            column = following
-        if column <= len(line) and line.find(b"=", max(column - 2, 0), column) < 0 and binascii.a2b_qp(line[:column]) == decoded[:wanted]:
-            return column
+    def _walk(cls, line: bytes, decoded: bytes, wanted: int) -> int:
+        """Column in `line` before its `wanted`th decoded byte, walked as a2b_qp reads '=' and checked."""
         column = cls._advance(line, 0, wanted)
         # The sentinel keeps a literal '=' at the cut from being read as a soft line break.
         if binascii.a2b_qp(line[:column] + b"x")[:-1] != decoded[:wanted]:
