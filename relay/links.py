@@ -80,9 +80,12 @@ class TrackingLinks:
         return f"{self._base}{CLICK_PATH}{self._tokens.click(self._send_id, None)}"
 
     def is_tracking_url(self, url: str) -> bool:
-        """A URL this project minted (any of its keys): its message was instrumented already."""
-        for path, kind in ((CLICK_PATH, "click"), (OPEN_PATH, "open")):
-            prefix = self._base + path
+        """A URL this project minted (any of its keys): its message was instrumented already.
+
+        Asked of every link of every copy: a link elsewhere is told by one prefix test."""
+        if not url.startswith(self._base):
+            return False
+        for prefix, kind in ((self._base + CLICK_PATH, "click"), (self._base + OPEN_PATH, "open")):
             if url.startswith(prefix):
                 return self._tokens.verify(url[len(prefix):].removesuffix(".gif"), kind) is not None
         return False
