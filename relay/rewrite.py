@@ -7,8 +7,9 @@ ends locates two kinds of spans: the value of each link attribute, and the point
 the input with only those spans replaced, so everything else stays byte-identical by construction.
 
 The scanner is driven by possessive regular expressions (no backtracking, no recursion): the C regex engine
-skips ordinary text and tags, and Python code runs only for the few tokens that matter (links, comments,
-raw-text elements, `</body>`). Time is linear in the input size.
+skips ordinary text, tags, comments and closed raw-text elements and reads each link tag up to its href in
+the same match; Python code runs once per link and for the few other tokens that need a decision (Outlook's
+conditional comments, `</body>`, what never ends). Time is linear in the input size.
 """
 
 from __future__ import annotations
