@@ -1,9 +1,10 @@
 """The PostgreSQL backend (asyncpg, pooled): one store for several relay and tracker nodes.
 
 What SQLite gets from its single writer, this backend states in SQL, so it holds on N nodes:
-- counters and `first` are exact: the transaction recording a hit first takes a transaction-level
-  advisory lock on its message, so hits of one message are counted one after another, whichever
-  node records them, while other messages go on in parallel;
+- counters and `first` are exact: the transaction recording a batch of hits first takes a
+  transaction-level advisory lock on each of their messages, so hits of one message are counted one
+  after another, whichever node records them, while other messages go on in parallel; a batch costs
+  four round trips however many hits it holds (store/postgresql_hits.py);
 - recording is idempotent on the event's uid (a unique index, and a look-up under the same lock);
 - the delivery ledger is claimed by rows (INSERT … ON CONFLICT), so two attempts of one message on
   two nodes never both send a recipient;
@@ -19,20 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import hashlib
-import json
 import logging
 import os
 import re
 import time
-from collections.abc import Callable, Collection, Coroutine, Sequence
+from collections.abc import Collection
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import asyncpg
 
+from store import postgresql_hits as hits
 from store.model import (
     MAX_LIMIT,
     Delivered,
@@ -45,12 +44,13 @@ from store.model import (
     StoredEvent,
     ThrottleEvent,
     WebhookJob,
-    implied_uid,
     now_rfc3339,
     rfc3339,
 )
 from store.postgresql_dashboard import PostgresDashboardQueries
 from store.postgresql_feedback import PostgresFeedback
+from store.postgresql_hits import OUTBOX_CHANNEL
+from store.postgresql_retry import TRANSIENT, retrying
 from store.sql import (
     COLUMN,
     COLUMNS,
@@ -60,7 +60,6 @@ from store.sql import (
     THROTTLE_READ_LIMIT,
     ThrottleCursor,
     delivered_rows,
-    engagement_rows,
     filters,
     stats_counts,
     stats_sql,
@@ -68,56 +67,21 @@ from store.sql import (
 from tracking.claims import TrackedSend
 
 log = logging.getLogger("inflight.store")
-P = ParamSpec("P")
-T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).parent / "migrations" / "postgresql"
 # Advisory lock keys (64-bit space): the message locks use the two-key form, a separate space.
 MIGRATION_LOCK = 0x1F11_6A7E_0001
 PARTITION_LOCK = 0x1F11_6A7E_0002
-OUTBOX_CHANNEL = "inflight_outbox"
 POOL_SIZE = 8  # connections per process: writes are short; several nodes share max_connections
 PARTITIONS_AHEAD = 2  # months made at start beyond the current one
 PURGE_BATCH = 5000
 LISTEN_RETRY_SECONDS = 2.0
 
 _MONTH = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
-_TYPES = {"tracked": "boolean", "first": "boolean", "implied": "boolean", "opens": "integer", "clicks": "integer"}
-_UNNEST = ", ".join(f"${i}::{_TYPES.get(c, 'text')}[]" for i, c in enumerate(COLUMNS, 1))
 _AT = COLUMN["at"]
-_WEBHOOK_PROJECTS = len(COLUMNS) + 1  # the placeholder of the webhook projects in _INSERT
-# Insert events given as one array per column, in order, with their outbox rows when their project
-# has a webhook; an already stored uid inserts nothing. Answers (uid, id) of the rows inserted.
-# Written into the month's partition itself: routing through the parent and its ON CONFLICT
-# planning over every partition cost about twice the insert (a hit ~3.4 -> ~1.7 ms).
-_INSERT = f"""
-    WITH e AS (
-        INSERT INTO {{partition}} ({', '.join(COLUMNS)})
-        SELECT {', '.join(COLUMNS)} FROM unnest({_UNNEST}) WITH ORDINALITY AS u({', '.join(COLUMNS)}, ord) ORDER BY ord
-        ON CONFLICT (uid, at) DO NOTHING
-        RETURNING id, project, uid
-    ), o AS (
-        INSERT INTO webhook_outbox (event_id, project, key, created, due)
-        SELECT id, project, 'evt_' || replace(gen_random_uuid()::text, '-', ''), ${_WEBHOOK_PROJECTS + 1}, ${_WEBHOOK_PROJECTS + 1}
-        FROM e WHERE project = ANY(${_WEBHOOK_PROJECTS}::text[])
-    )
-    SELECT uid, id FROM e"""
-# Read after the message's lock is held, so in a snapshot that holds every hit recorded before.
-_ENGAGEMENT_STATE = """SELECT
-    (SELECT array_agg(id ORDER BY id) FROM events WHERE uid = ANY($4::text[])) AS stored,
-    (SELECT subject FROM events WHERE project = $1 AND message_id = $2 AND name = 'email.sent' LIMIT 1) AS subject,
-    (SELECT sender FROM events WHERE project = $1 AND message_id = $2 AND name = 'email.sent' LIMIT 1) AS sender,
-    (SELECT count(*) FROM events WHERE project = $1 AND message_id = $2 AND contact = $3 AND name = 'email.open') AS opens,
-    (SELECT count(*) FROM events WHERE project = $1 AND message_id = $2 AND contact = $3 AND name = 'email.click') AS clicks,
-    (SELECT json_agg(h ORDER BY h.at, h.id) FROM (
-        SELECT id, name, at, ip, user_agent, link, agent, agent_reason FROM events
-        WHERE $5::text IS NOT NULL AND project = $1 AND message_id = $2 AND name IN ('email.open', 'email.click')
-        AND at >= $5 AND implied IS NOT TRUE) h) AS history"""
-# `history`: the opens and clicks a verdict reads (Judgement.since on), in the same round trip.
-_LABEL = "UPDATE events SET agent = $1, agent_reason = btrim(COALESCE(agent_reason, '') || ' ' || $2) WHERE "
-_IMPLIED_OF = ("implied AND (project, message_id, contact, at) = "
-               "(SELECT project, message_id, contact, at FROM events WHERE id = $3 AND name = 'email.click')")
 _PAIR = "(message_id, contact)"  # one message to one contact: the unit of "unique" (text cannot hold a NUL)
+HIT_BATCH = 256  # hits per transaction: each holds an advisory lock per message, from a shared table of
+# max_locks_per_transaction × max_connections (6,400 by default) that every node's batches share
 
 
 def _mark(index: int) -> str:
@@ -182,52 +146,11 @@ def partition_name(month: str) -> str:
     return f"events_p{month.replace('-', '_')}"
 
 
-# The database restarting or failing over: the same call succeeds once it is back. Every store call
-# can be repeated (events by their uid, the ledger by its owner, the rest are reads or upserts).
-_TRANSIENT = (OSError, asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError,
-              asyncpg.exceptions.TooManyConnectionsError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError)
-RETRY_SECONDS = 20.0  # how long a call waits for the database to come back before it fails
-
-
-def _retrying(call: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Repeat a store call while the database is away (a restart), then give up with its error."""
-
-    @functools.wraps(call)
-    async def repeated(*args: P.args, **kwargs: P.kwargs) -> T:
-        deadline = time.monotonic() + RETRY_SECONDS
-        delay = 0.1
-        while True:
-            try:
-                return await call(*args, **kwargs)
-            except _TRANSIENT as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
-                log.warning("store-unavailable call=%s retry_in=%.1fs: %s", call.__name__, delay, type(exc).__name__)
-                pool = getattr(args[0], "_pool", None)
-                if pool is not None:  # its other connections were cut too: the pool opens new ones
-                    await pool.expire_connections()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-
-    return repeated
-
-
-def _message_lock(project: str, message_id: str) -> tuple[int, int]:
-    """Two signed 32-bit keys naming one message, the same on every node."""
-    digest = hashlib.blake2b(f"{project}\n{message_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest[:4], "big", signed=True), int.from_bytes(digest[4:], "big", signed=True)
-
-
 async def _reset(connection: asyncpg.Connection) -> None:
     """What a connection needs before it goes back to the pool: nothing, unless a transaction was left
     open. asyncpg's default reset costs a round trip on every release; nothing here sets session state."""
     if connection.is_in_transaction():
         await connection.execute("ROLLBACK")
-
-
-def _columns(events: Sequence[Sequence[Any]]) -> list[list[Any]]:
-    """Insert rows (values in COLUMNS order) as one list per column, for unnest."""
-    return [list(column) for column in zip(*events, strict=True)] if events else [[] for _ in COLUMNS]
 
 
 class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
@@ -248,6 +171,8 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
         self.owner = int.from_bytes(os.urandom(8), "big") >> 1
         self._session: asyncpg.Connection | None = None
         self._throttles = ThrottleCursor(time.time())
+        self._hits: list[tuple[hits.Hit, asyncio.Future[list[int]]]] = []  # record_engagement calls waiting
+        self._hit_writer: asyncio.Task[None] | None = None
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -271,6 +196,8 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
         self._listener = asyncio.create_task(self._keep_session(lost))
 
     async def close(self) -> None:
+        if self._hit_writer is not None:
+            await self._hit_writer  # hits already handed to record_engagement are committed before the pool goes
         if self._listener is not None:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
@@ -338,95 +265,110 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
 
     # --- events ----------------------------------------------------------------------
 
-    async def _insert(self, connection: asyncpg.Connection, rows: Sequence[Sequence[Any]]) -> dict[str, int]:
-        months: dict[str, list[Sequence[Any]]] = {}
-        for row in rows:
-            months.setdefault(month_of(row[_AT]), []).append(row)
-        inserted: dict[str, int] = {}
-        for month, batch in months.items():  # one month but at a month's turn
-            sql = _INSERT.replace("{partition}", partition_name(month))  # a validated name
-            found = await connection.fetch(sql, *_columns(batch), self.webhook_projects, time.time())
-            inserted.update((row["uid"], row["id"]) for row in found)
-        return inserted
-
-    @_retrying
+    @retrying
     async def record(self, events: list[NewEvent]) -> list[int]:
-        """Store `events` (in order); their ids once committed. Known uids store nothing: their ids."""
+        """Store `events` (in order); their ids once committed. Known uids store nothing: their ids.
+        One statement (and round trip) per month the events fall in."""
         if not events:
             return []
         await self._ensure_months({month_of(event.at) for event in events})
-        uids = [event.uid for event in events]
-        async with self.pool.acquire() as connection, connection.transaction():
-            ids: dict[str, int] = dict(await connection.fetch("SELECT uid, id FROM events WHERE uid = ANY($1::text[])", uids))
-            new, seen, inserted = [], set(ids), {}
-            for event in events:
-                if event.uid not in seen:
-                    seen.add(event.uid)
-                    new.append([getattr(event, column) for column in COLUMNS])
-            if new:
-                inserted = await self._insert(connection, new)
-                ids.update(inserted)
-                raced = [uid for uid in uids if uid not in ids]  # stored by another node meanwhile
-                if raced:
-                    ids.update(await connection.fetch("SELECT uid, id FROM events WHERE uid = ANY($1::text[])", raced))
-                queued = bool(inserted) and any(event.project in self.webhook_projects for event in events)
-                if queued:
-                    await connection.execute(f"NOTIFY {OUTBOX_CHANNEL}")
-        if new and queued:
+        months: dict[str, dict[str, list[Any]]] = {}
+        for event in events:  # a uid twice in one call is stored once
+            months.setdefault(month_of(event.at), {}).setdefault(event.uid, [getattr(event, c) for c in COLUMNS])
+        ids: dict[str, int] = {}
+        queued = False
+        async with self.pool.acquire() as connection:
+            for month, rows in months.items():  # one month but at a month's turn
+                sql = hits.RECORD.replace("{partition}", partition_name(month))  # a validated name
+                for uid, event_id in await connection.fetch(sql, *hits.columns(list(rows.values())),
+                                                            self.webhook_projects, time.time()):
+                    if uid is None:
+                        queued = True
+                    else:
+                        ids[uid] = event_id
+            uids = [event.uid for event in events]
+            raced = [uid for uid in uids if uid not in ids]  # being stored by another node: its commit decided
+            if raced:
+                ids.update(await connection.fetch("SELECT uid, id FROM events WHERE uid = ANY($1::text[])", raced))
+        if queued:
             self.outbox_added.set()
         return [ids[uid] for uid in uids]
 
-    @_retrying
     async def record_engagement(self, event: NewEvent, judgement: Judgement | None = None) -> list[int]:
-        """Record an open or a click with its counters (and its verdict, when judged), under the
-        message's lock: exact on any number of nodes. Returns the ids stored, in order."""
-        await self._ensure_months({month_of(event.at)})
-        uids = [event.uid, implied_uid(event.uid)]
-        async with self.pool.acquire() as connection:
-            # BEGIN and the lock in one round trip (the keys are integers made here, safe to inline);
-            # the state is read by the next statement, so in a snapshot taken once the lock is held.
-            await connection.execute("BEGIN; SELECT pg_advisory_xact_lock({}, {})".format(*_message_lock(event.project, event.message_id)))
-            try:
-                ids, queued = await self._engagement_in(connection, event, judgement, uids)
-            except BaseException:
-                with contextlib.suppress(*_TRANSIENT, asyncpg.PostgresError):  # a lost connection rolled back by itself
-                    await connection.execute("ROLLBACK")
-                raise
-            await connection.execute(f"NOTIFY {OUTBOX_CHANNEL}; COMMIT" if queued else "COMMIT")
+        """Record an open or a click with its counters (and its verdict, when judged): exact on any
+        number of nodes. Returns the ids stored, in order, once committed.
+
+        Group-committed: calls that arrive while a batch is being written go in the next one
+        (store/postgresql_hits.py), so a burst of hits costs a few transactions, not one each."""
+        hit = hits.Hit(event, judgement)
+        done: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._hits.append((hit, done))
+        if self._hit_writer is None:
+            self._hit_writer = asyncio.create_task(self._write_hits())
+        return await done
+
+    async def _write_hits(self) -> None:
+        """The single writer of hits: drains the queue, one transaction per batch, until it is empty."""
+        try:
+            while self._hits:
+                batch, self._hits = self._hits[:HIT_BATCH], self._hits[HIT_BATCH:]
+                await self._commit_hits(batch)
+        finally:
+            self._hit_writer = None
+
+    async def _commit_hits(self, batch: list[tuple[hits.Hit, asyncio.Future[list[int]]]]) -> None:
+        try:
+            queued = await self._engage([hit for hit, _ in batch])
+        except TRANSIENT as exc:  # the database stayed away: the same for every hit (the spool retries them)
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        except Exception as exc:
+            if len(batch) > 1:  # one caller's bad event must not fail the others: retry them one by one
+                for item in batch:
+                    await self._commit_hits([item])
+                return
+            if not batch[0][1].done():
+                batch[0][1].set_exception(exc)
+            return
         if queued:
             self.outbox_added.set()
-        return ids
+        for hit, done in batch:
+            if not done.done():  # a cancelled caller's hit is stored all the same
+                done.set_result(hit.ids)
 
-    async def _engagement_in(self, connection: asyncpg.Connection, event: NewEvent, judgement: Judgement | None,
-                             uids: list[str]) -> tuple[list[int], bool]:
-        """The hit's rows, inside the transaction holding its message's lock; (ids, whether a webhook was queued)."""
-        since = judgement.since if judgement is not None else None
-        state = await connection.fetchrow(_ENGAGEMENT_STATE, event.project, event.message_id, event.contact, uids, since)
-        if state["stored"]:  # recorded before (a replay): counted once, its webhook queued once
-            return list(state["stored"]), False
-        row = [getattr(event, column) for column in COLUMNS]
-        changes: dict[int, tuple[str, str]] = {}
-        if judgement is not None:
-            history = json.loads(state["history"]) if state["history"] is not None else []
-            row[COLUMN["agent"]], row[COLUMN["agent_reason"]], changes = judgement.decide(history)
-        if state["subject"] is not None or state["sender"] is not None:
-            row[COLUMN["subject"]], row[COLUMN["sender"]] = state["subject"], state["sender"]
-        rows = engagement_rows(row, event.name, state["opens"], state["clicks"], uids[1])
-        inserted = await self._insert(connection, rows)
-        if changes:
-            labels = [(agent, reason, event_id) for event_id, (agent, reason) in changes.items()]
-            await connection.executemany(_LABEL + "id = $3", labels)
-            await connection.executemany(_LABEL + _IMPLIED_OF, labels)
-        return [inserted[r[COLUMN["uid"]]] for r in rows], event.project in self.webhook_projects
+    @retrying
+    async def _engage(self, batch: list[hits.Hit]) -> bool:
+        """Store a batch of hits in one transaction of four round trips; whether webhooks were queued."""
+        await self._ensure_months({month_of(hit.event.at) for hit in batch})
+        async with self.pool.acquire() as connection:
+            await connection.execute(hits.lock_sql([hit.event for hit in batch]))
+            try:
+                state = await connection.fetchrow(hits.STATE, *hits.state_args(batch))
+                plan = hits.play(batch, state)
+                queued = False
+                if plan.rows:
+                    months = {month_of(row[_AT]) for row in plan.rows}
+                    table = partition_name(months.pop()) if len(months) == 1 else "events"  # a validated name
+                    written = await connection.fetchrow(hits.WRITE.replace("{partition}", table),
+                                                        *plan.write_args(self.webhook_projects, time.time()))
+                    queued = bool(written["notified"])
+            except BaseException:
+                with contextlib.suppress(*TRANSIENT, asyncpg.PostgresError):  # a lost connection rolled back by itself
+                    await connection.execute("ROLLBACK")
+                raise
+            await connection.execute("COMMIT")
+        return queued
 
-    @_retrying
+    @retrying
     async def events(self, query: EventQuery) -> list[StoredEvent]:
         where, args = filters(query, ("contact", "name", "campaign", "message_id", "agent"), _mark)
         args.append(max(1, min(query.limit, MAX_LIMIT + 1)))  # +1: the API reads one more to know a next page exists
         rows = await self.pool.fetch(f"SELECT * FROM events WHERE {where} ORDER BY at DESC, id DESC LIMIT ${len(args)}", *args)
         return [dict(row) for row in rows]
 
-    @_retrying
+    @retrying
     async def stats(self, query: StatsQuery) -> StatsCounts:
         condition, args = filters(query, ("campaign", "template"), _mark)
         totals_sql, links_sql = stats_sql(condition, _PAIR)
@@ -437,14 +379,14 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
 
     # --- settings --------------------------------------------------------------------
 
-    @_retrying
+    @retrying
     async def tracking_mode(self, project: str) -> str | None:
         """Read per relayed message: a primary-key look-up on a pooled connection, prepared once
         per connection, so a change made on any node applies to the next message on every node."""
         mode = await self.pool.fetchval("SELECT mode FROM tracking_settings WHERE project = $1", project)
         return None if mode is None else str(mode)
 
-    @_retrying
+    @retrying
     async def set_tracking_mode(self, project: str, mode: str | None) -> None:
         """Store the mode set at runtime; None forgets it, so the project follows its TOML value again."""
         if mode is None:
@@ -457,7 +399,7 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
 
     # --- webhook outbox --------------------------------------------------------------
 
-    @_retrying
+    @retrying
     async def claim_webhooks(self, *, now: float, lease: float, limit: int) -> list[WebhookJob]:
         """Take up to `limit` due rows for `lease` seconds; rows another node holds are skipped, not waited for."""
         async with self.pool.acquire() as connection, connection.transaction():
@@ -476,20 +418,20 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
                            event=events[row["event_id"]])
                 for row in sorted(claimed, key=lambda r: r["id"]) if row["event_id"] in events]
 
-    @_retrying
+    @retrying
     async def finish_webhook(self, outbox_id: int) -> None:
         await self.pool.execute("DELETE FROM webhook_outbox WHERE id = $1", outbox_id)
 
-    @_retrying
+    @retrying
     async def retry_webhook(self, outbox_id: int, *, due: float, error: str) -> None:
         await self.pool.execute("UPDATE webhook_outbox SET attempts = attempts + 1, due = $1, last_error = $2 WHERE id = $3",
                                 due, error[:500], outbox_id)
 
-    @_retrying
+    @retrying
     async def pending_webhooks(self) -> int:
         return int(await self.pool.fetchval("SELECT count(*) FROM webhook_outbox"))
 
-    @_retrying
+    @retrying
     async def webhook_backlog(self) -> tuple[int, float | None]:
         """Deliveries waiting and when the oldest was recorded (epoch seconds): the /metrics gauges."""
         row = await self.pool.fetchrow("SELECT count(*) AS n, min(created) AS oldest FROM webhook_outbox")
@@ -497,7 +439,7 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
 
     # --- delivery ledger -------------------------------------------------------------
 
-    @_retrying
+    @retrying
     async def delivered_recipients(self, project: str, message_id: str, recipients: list[str]) -> set[str]:
         """The recipients (lower-cased) already accepted upstream for this message and not yet expired."""
         rows = await self.pool.fetch(
@@ -506,7 +448,7 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
             project, message_id, int(time.time()), sorted({r.lower() for r in recipients}))
         return {row[0] for row in rows}
 
-    @_retrying
+    @retrying
     async def claim_deliveries(self, project: str, message_id: str, recipients: list[str], *, lease_seconds: int) -> DeliveryClaim:
         """Claim the recipients no attempt sent or is sending; one row per recipient decides, so of two
         attempts on two nodes exactly one sends each recipient."""
@@ -531,13 +473,13 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
                              delivered={r for r, state in others if state == "delivered"},
                              busy={r for r, state in others if state != "delivered"})
 
-    @_retrying
+    @retrying
     async def release_deliveries(self, project: str, message_id: str, recipients: list[str]) -> None:
         """Give back claims of recipients the upstream did not accept, so a retry may send them."""
         await self.pool.execute("DELETE FROM deliveries WHERE project = $1 AND message_id = $2 AND state = 'sending' "
                                 "AND recipient = ANY($3::text[])", project, message_id, [r.lower() for r in recipients])
 
-    @_retrying
+    @retrying
     async def record_delivered(self, rows: list[Delivered]) -> None:
         values = delivered_rows(rows)
         if not values:
@@ -548,14 +490,14 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
             "ON CONFLICT (project, message_id, recipient) DO UPDATE SET expires_at = excluded.expires_at, state = 'delivered'",
             *(list(column) for column in zip(*values, strict=True)))
 
-    @_retrying
+    @retrying
     async def purge_deliveries(self) -> int:
         result = await self.pool.execute("DELETE FROM deliveries WHERE expires_at <= $1", int(time.time()))
         return int(result.split()[-1])
 
     # --- sends (who an opaque token's copy went to) ----------------------------------
 
-    @_retrying
+    @retrying
     async def record_sends(self, sends: list[tuple[bytes, TrackedSend]]) -> None:
         if not sends:
             return
@@ -565,7 +507,7 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
             f"ON CONFLICT (project, send_id) DO NOTHING",
             [(send.project, send_id, *(getattr(send, c) for c in SEND_COLUMNS)) for send_id, send in sends])
 
-    @_retrying
+    @retrying
     async def tracked_sends(self, keys: list[tuple[str, bytes]]) -> dict[tuple[str, bytes], TrackedSend]:
         if not keys:
             return {}
@@ -577,7 +519,7 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
 
     # --- throttles -------------------------------------------------------------------
 
-    @_retrying
+    @retrying
     async def share_throttle_events(self, events: list[ThrottleEvent]) -> list[ThrottleEvent]:
         """Store this node's throttle events and answer the other nodes' new ones, in one transaction."""
         now = time.time()
@@ -620,7 +562,7 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
             project)
         return not other
 
-    @_retrying
+    @retrying
     async def purge(self, project: str, before: datetime) -> int:
         """Delete a project's events recorded before `before` (retention). A month wholly before it
         that holds only this project's events is dropped as a partition (no row-by-row delete, no
@@ -652,7 +594,7 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
                                      "WHERE i.inhparent = 'events'::regclass")
         return {row[0].removeprefix("events_p").replace("_", "-") for row in rows}
 
-    @_retrying
+    @retrying
     async def forget(self, address: str, *, project: str | None = None) -> tuple[int, int]:
         """Erase a contact: every event whose contact or recipient is `address`, its pending webhooks and ledger rows.
 
