@@ -19,7 +19,6 @@ The schema comes from store/migrations/postgresql (see `migrate`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import re
@@ -268,7 +267,7 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
     @retrying
     async def record(self, events: list[NewEvent]) -> list[int]:
         """Store `events` (in order); their ids once committed. Known uids store nothing: their ids.
-        One statement (and round trip) per month the events fall in."""
+        One statement per month the events fall in, in one transaction."""
         if not events:
             return []
         await self._ensure_months({month_of(event.at) for event in events})
@@ -278,14 +277,15 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
         ids: dict[str, int] = {}
         queued = False
         async with self.pool.acquire() as connection:
-            for month, rows in months.items():  # one month but at a month's turn
-                sql = hits.RECORD.replace("{partition}", partition_name(month))  # a validated name
-                for uid, event_id in await connection.fetch(sql, *hits.columns(list(rows.values())),
-                                                            self.webhook_projects, time.time()):
-                    if uid is None:
-                        queued = True
-                    else:
-                        ids[uid] = event_id
+            async with hits.transaction(connection):
+                for month, rows in months.items():  # one month but at a month's turn
+                    sql = hits.RECORD.replace("{partition}", partition_name(month))  # a validated name
+                    for uid, event_id in await connection.fetch(sql, *hits.columns(list(rows.values())),
+                                                                self.webhook_projects, time.time()):
+                        if uid is None:
+                            queued = True
+                        else:
+                            ids[uid] = event_id
             uids = [event.uid for event in events]
             raced = [uid for uid in uids if uid not in ids]  # being stored by another node: its commit decided
             if raced:
@@ -342,23 +342,16 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
     async def _engage(self, batch: list[hits.Hit]) -> bool:
         """Store a batch of hits in one transaction of four round trips; whether webhooks were queued."""
         await self._ensure_months({month_of(hit.event.at) for hit in batch})
-        async with self.pool.acquire() as connection:
-            await connection.execute(hits.lock_sql([hit.event for hit in batch]))
-            try:
-                state = await connection.fetchrow(hits.STATE, *hits.state_args(batch))
-                plan = hits.play(batch, state)
-                queued = False
-                if plan.rows:
-                    months = {month_of(row[_AT]) for row in plan.rows}
-                    table = partition_name(months.pop()) if len(months) == 1 else "events"  # a validated name
-                    written = await connection.fetchrow(hits.WRITE.replace("{partition}", table),
-                                                        *plan.write_args(self.webhook_projects, time.time()))
-                    queued = bool(written["notified"])
-            except BaseException:
-                with contextlib.suppress(*TRANSIENT, asyncpg.PostgresError):  # a lost connection rolled back by itself
-                    await connection.execute("ROLLBACK")
-                raise
-            await connection.execute("COMMIT")
+        queued = False
+        async with self.pool.acquire() as connection, hits.transaction(connection, hits.lock_sql([hit.event for hit in batch])):
+            state = await connection.fetchrow(hits.STATE, *hits.state_args(batch))
+            plan = hits.play(batch, state)
+            if plan.rows:
+                months = {month_of(row[_AT]) for row in plan.rows}
+                table = partition_name(months.pop()) if len(months) == 1 else "events"  # a validated name
+                written = await connection.fetchrow(hits.WRITE.replace("{partition}", table),
+                                                    *plan.write_args(self.webhook_projects, time.time()))
+                queued = bool(written["notified"])
         return queued
 
     @retrying

@@ -122,6 +122,48 @@ def test_a_verdict_sees_the_hits_stored_before_it_in_its_batch_and_relabels_them
         ("scanner", "seen=0 proximity"), ("scanner", "seen=1 proximity"), ("scanner", "seen=2")]
 
 
+def test_hits_recorded_together_store_what_they_store_one_by_one(store_url: str) -> None:
+    """A burst of mixed hits (clicks with implied opens, several messages and contacts, a replayed uid,
+    verdicts re-labelling earlier hits and a click's implied open) recorded at once, as one group commit,
+    stores the same rows, counters, labels and ids per caller as the same hits recorded one after another."""
+
+    def decide(rows: list) -> Decision:  # type: ignore[type-arg]
+        clicks = [row["id"] for row in rows if row["name"] == "email.click"]
+        return "scanner", f"seen={len(rows)}", {event_id: ("prefetch", f"after={len(rows)}") for event_id in clicks[-1:]}
+
+    def burst(project: str) -> list[NewEvent]:
+        made = []
+        for index, (name, message, contact) in enumerate([
+                ("email.click", "m1", "a"), ("email.open", "m1", "a"), ("email.click", "m1", "a"), ("email.open", "m2", "b"),
+                ("email.click", "m2", "c"), ("email.click", "m1", "a"), ("email.open", "m2", "b"), ("email.open", "m1", "d")]):
+            link = f"https://x.test/{index}" if name == "email.click" else None
+            made.append(replace(hit(name, message, contact, link, at=f"2026-03-01T10:00:{index:02d}.000000Z"),
+                                project=project, uid=f"{project}{index:031d}"))
+        return [*made[:4], made[2], *made[4:]]  # the third hit twice: a replay inside the burst
+
+    async def scenario() -> tuple[list[list[int]], list[list[int]], list[dict], list[dict]]:
+        async with opened(store_url) as store:
+            judged = Judgement(since="2026-03-01T00:00:00.000000Z", decide=decide)
+            for project in ("p", "q"):
+                await store.record([replace(sent(m, c), project=project) for m, c in (("m1", "a"), ("m2", "b"), ("m2", "c"))])
+            alone = [await store.record_engagement(event, judged) for event in burst("p")]
+            together = await asyncio.gather(*(store.record_engagement(event, judged) for event in burst("q")))
+            return (alone, list(together), await public(store, EventQuery(project="p", limit=100)),
+                    await public(store, EventQuery(project="q", limit=100)))
+
+    alone, together, one_by_one, at_once = run(scenario())
+    assert alone[2] == alone[4] and together[2] == together[4]  # the replay answers the ids stored the first time
+    assert [len(ids) for ids in together] == [len(ids) for ids in alone] == [2, 1, 1, 1, 1, 2, 1, 1, 1]
+
+    def comparable(events: list[dict], ids: list[list[int]]) -> list[dict]:
+        order = {event_id: place for place, event_id in enumerate(sorted({i for call in ids for i in call}))}
+        return [{**{k: v for k, v in e.items() if k not in ("id", "project")}, "place": order.get(e["id"])} for e in events]
+
+    assert comparable(at_once, together) == comparable(one_by_one, alone)
+    labelled = [(e["name"], e.get("implied"), e["agent"]) for e in one_by_one if e["agent"] == "prefetch"]
+    assert ("email.open", True, "prefetch") in labelled and ("email.click", None, "prefetch") in labelled
+
+
 def test_counters_are_per_message_and_contact(store_url: str) -> None:
     async def scenario() -> list[dict]:
         async with opened(store_url) as store:
