@@ -1,9 +1,9 @@
 """Several inflight nodes on one store, as real processes: the topology of docker-compose.yml.
 
-`Cluster` starts `inflight relay` and `inflight tracker` through the CLI, each in its own process,
-all from one configuration file whose listeners are on port 0: every node reads its real port
-from its own "listening on" log line, so parallel test runs never race for a port. Nodes are
-killed with real signals (SIGKILL, SIGTERM). `LossyLink` is a TCP hop between the app and a
+`Cluster` starts `inflight relay` and `inflight tracker` through the CLI (tests/processes.py), each
+in its own process, all from one configuration file whose listeners are on port 0: every node reads
+its real port from its own "listening on" log line, so parallel test runs never race for a port.
+Nodes are killed with real signals (SIGKILL, SIGTERM). `LossyLink` is a TCP hop between the app and a
 relay that loses the relay's reply to one DATA, the fault an app retries after.
 """
 
@@ -12,24 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.conftest import PROJECT, PROJECT_SECRET, free_port
+from tests.processes import Inflight
 from tests.upstreams import LoopbackServer
-
-ROOT = Path(__file__).resolve().parents[1]
-LISTENING = re.compile(rb"(relay|tracker) listening on [0-9.]+:(\d+)")
-START_SECONDS = 30.0  # two cores shared by the whole suite: imports alone can take seconds
 
 
 def cluster_config(path: Path, *, store_url: str, upstream_url: str, webhook_url: str | None = None,
@@ -68,68 +61,13 @@ tracking = "{tracking}"
     return path
 
 
-class Node:
-    """One `inflight relay` or `inflight tracker` process; `port` is its SMTP or HTTP port once started."""
-
-    def __init__(self, verb: str, config: Path, log: Path) -> None:
-        self.verb = verb
-        self.config = config
-        self.log = log
-        self.port = 0
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Node:
-        offset = self.log.stat().st_size if self.log.exists() else 0  # a restart appends to the same log
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "inflight.cli", self.verb, "--config", str(self.config)],
-                                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + START_SECONDS
-        while time.monotonic() < deadline:
-            for found in LISTENING.finditer(self.log.read_bytes()[offset:]):
-                if found.group(1).decode() == self.verb:
-                    self.port = int(found.group(2))
-                    return self
-            assert self.process.poll() is None, f"{self.verb} exited:\n{self.output()}"
-            time.sleep(0.05)
-        self.kill()
-        raise AssertionError(f"{self.verb} did not listen within {START_SECONDS:g} s:\n{self.output()}")
-
-    @property
-    def smtp_port(self) -> int:  # the names RunningService has, so tests/test_flow.py's helpers take a Node
-        return self.port
-
-    @property
-    def http_base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def kill(self) -> None:
-        """SIGKILL: no drain, no cleanup, as a crash or the OOM killer does."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-
-    def stop(self) -> int:
-        """SIGTERM and wait for the drain; the exit code."""
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return int(self.process.returncode)
-
-
 @dataclass
 class Cluster:
     config: Path
-    relays: list[Node] = field(default_factory=list)
-    trackers: list[Node] = field(default_factory=list)
+    relays: list[Inflight] = field(default_factory=list)
+    trackers: list[Inflight] = field(default_factory=list)
 
-    def nodes(self) -> list[Node]:
+    def nodes(self) -> list[Inflight]:
         return self.relays + self.trackers
 
 
@@ -139,9 +77,9 @@ def cluster(directory: Path, config: Path, *, relays: int = 2, trackers: int = 2
     running = Cluster(config)
     try:
         for index in range(relays):
-            running.relays.append(Node("relay", config, directory / f"relay-{index}.log").start())
+            running.relays.append(Inflight("relay", config, directory / f"relay-{index}.log").start())
         for index in range(trackers):
-            running.trackers.append(Node("tracker", config, directory / f"tracker-{index}.log").start())
+            running.trackers.append(Inflight("tracker", config, directory / f"tracker-{index}.log").start())
         yield running
     finally:
         problems = []

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 import smtplib
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -30,27 +27,26 @@ import pytest
 from store import open_store
 from store.spool import read_frames
 from tests.conftest import PROJECT, PROJECT_SECRET, Sink, free_port
+from tests.processes import Inflight, wait_for
 from tracking.claims import TrackedSend
 from tracking.tokens import TokenKeys, new_send_id
 
-ROOT = Path(__file__).resolve().parents[1]
 SECRET = "test-secret-1"
 BUDGET_MS = 50
 
 
-class InflightProcess:
-    """`inflight <verb>` as a real process on free loopback ports, its store SQLite in `tmp_path` unless
-    `store_url` says otherwise (then `direct_url` is where the test reads it, around any proxy)."""
+class InflightProcess(Inflight):
+    """`inflight <verb>` on free loopback ports, its store SQLite in `tmp_path` unless `store_url` says
+    otherwise (then `direct_url` is where the test reads it, around any proxy)."""
 
     def __init__(self, tmp_path: Path, verb: str, upstream_url: str, store_url: str = "", direct_url: str = "",
                  workers: int = 1) -> None:
-        self.tmp_path, self.verb = tmp_path, verb
+        super().__init__(verb, tmp_path / f"{verb}.toml", tmp_path / f"{verb}.log")
+        self.tmp_path = tmp_path
         self.smtp_port, self.http_port = free_port(), free_port()
         self.db = tmp_path / "inflight.db"
         self.store_url = store_url or f"sqlite:///{self.db}"
         self.direct_url = direct_url or self.store_url
-        self.config = tmp_path / f"{verb}.toml"
-        self.log = tmp_path / f"{verb}.log"
         self.config.write_text(f"""
 [relay]
 listen = "127.0.0.1:{self.smtp_port}"
@@ -73,29 +69,6 @@ id = "{PROJECT}"
 secret = "{PROJECT_SECRET}"
 tracking = "ENABLED"
 """)
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> InflightProcess:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "inflight.cli", self.verb, "--config", str(self.config)],
-                                            cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log.read_text()
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.http_port), timeout=0.2):
-                return self
-            time.sleep(0.05)
-        raise AssertionError(f"inflight {self.verb} did not listen within 20 s:\n{self.log.read_text()}")
-
-    def kill(self) -> None:
-        """SIGKILL to the process and its workers at once (its own process group)."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
 
     def journal_records(self) -> int:
         return sum(len(read_frames(path.read_bytes())[0]) for path in (self.tmp_path / "spool").glob("*.journal"))
@@ -172,13 +145,6 @@ def click_all(base: str, paths: list[str], *, concurrency: int, answered_so_far:
         return [a for part in pool.map(one_client, [paths[i::concurrency] for i in range(concurrency)]) for a in part]
 
 
-def wait_for(what: str, condition: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.1)
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigkill_right_after_1000_clicks_answered_loses_none_and_stores_none_twice(tmp_path: Path, workers: int) -> None:
     """With 2 workers, two journals are left by the kill, each taken over after the restart."""
@@ -192,7 +158,7 @@ def test_sigkill_right_after_1000_clicks_answered_loses_none_and_stores_none_twi
             if count == 1000:
                 tracker.kill()  # SIGKILL, the moment the last answer arrived
 
-        answers = click_all(tracker.base, paths, concurrency=25, answered_so_far=answered_so_far)
+        answers = click_all(tracker.http_base, paths, concurrency=25, answered_so_far=answered_so_far)
         locker.execute("ROLLBACK")
         locker.close()
         assert [status for status, _ in answers] == [302] * 1000
@@ -201,11 +167,11 @@ def test_sigkill_right_after_1000_clicks_answered_loses_none_and_stores_none_twi
     # ones among them, which the replay must not store twice) and clicks the store did not have.
     assert in_journal > 0 and stored < 1000, (in_journal, stored)
     with running(tmp_path, "tracker") as restarted:
-        wait_for("1000 clicks stored", lambda: sum(restarted.clicks_by_link().values()) >= 1000)
+        wait_for(lambda: sum(restarted.clicks_by_link().values()) >= 1000, seconds=60, what="1000 clicks stored", every=0.1)
         time.sleep(0.5)  # anything else the replay had would have arrived by now
         clicks = restarted.clicks_by_link()
         assert clicks == Counter({f"https://example.com/p/{i}": 1 for i in range(1000)})
-        wait_for("journal emptied", lambda: restarted.journal_records() == 0)
+        wait_for(lambda: restarted.journal_records() == 0, seconds=60, what="journal emptied", every=0.1)
     print(f"SIGKILL ({workers} worker(s)) after 1000 answered clicks: {stored} stored and {in_journal} journal records at the kill, "
           f"1000 stored once each after restart")
 
@@ -307,7 +273,8 @@ def test_store_away_for_20_s_clicks_answer_within_budget_and_mail_gets_250_then_
     with running(tmp_path, "serve", sink.url, store_url=outage.store_url, direct_url=outage.direct_url) as serve:
         paths = click_paths(100, serve.direct_url)
         assert send_message(serve.smtp_port, 0, recipients)[0] == 250  # before the outage: the mode is known
-        wait_for("the first message's events stored", lambda: serve.query("SELECT count(*) FROM events")[0][0] == 2)
+        wait_for(lambda: serve.query("SELECT count(*) FROM events")[0][0] == 2, seconds=60, what="the first message's events stored",
+                 every=0.1)
         outage.begin(serve.db)
         began = time.monotonic()
         replies: list[tuple[int, bytes]] = []
@@ -322,7 +289,7 @@ def test_store_away_for_20_s_clicks_answer_within_budget_and_mail_gets_250_then_
         mail = threading.Thread(target=relay_during_outage)
         mail.start()
         answers = []
-        with httpx.Client(base_url=serve.base, timeout=30) as client:
+        with httpx.Client(base_url=serve.http_base, timeout=30) as client:
             for path in paths:  # spread over the outage, one at a time: each answer timed alone
                 started = time.perf_counter()
                 answers.append((client.get(path).status_code, time.perf_counter() - started))
@@ -343,8 +310,9 @@ def test_store_away_for_20_s_clicks_answer_within_budget_and_mail_gets_250_then_
         slowest = timings[-1]
         assert timings[89] < BUDGET_MS and slowest < 1000, f"redirect ms, budget {BUDGET_MS}: {timings}"
         assert [code for code, _ in replies] == [250] * 21, replies
-        wait_for("every event stored", lambda: serve.query("SELECT count(*) FROM events WHERE name = 'email.click'")[0][0] >= 100
-                 and serve.query("SELECT count(*) FROM events WHERE name = 'email.sent'")[0][0] >= 42)
+        wait_for(lambda: serve.query("SELECT count(*) FROM events WHERE name = 'email.click'")[0][0] >= 100
+                 and serve.query("SELECT count(*) FROM events WHERE name = 'email.sent'")[0][0] >= 42,
+                 seconds=60, what="every event stored", every=0.1)
         time.sleep(0.5)
         assert serve.clicks_by_link() == Counter({f"https://example.com/p/{i}": 1 for i in range(100)})
         sent = Counter(serve.query("SELECT message_id, recipient FROM events WHERE name = 'email.sent'"))
@@ -365,7 +333,7 @@ def test_a_hit_whose_copy_reaches_the_store_after_it_is_recorded_once_it_does(tm
     with running(tmp_path, "tracker") as tracker:
         send_id = new_send_id()
         token = TokenKeys([SECRET], [PROJECT]).project(PROJECT).click(send_id, "https://example.com/late")
-        assert httpx.get(f"{tracker.base}/c/{token}", timeout=10).status_code == 302
+        assert httpx.get(f"{tracker.http_base}/c/{token}", timeout=10).status_code == 302
         time.sleep(2)  # the tracker's spool has looked for the copy and found nothing yet
         assert tracker.clicks_by_link() == Counter()
 
@@ -380,4 +348,5 @@ def test_a_hit_whose_copy_reaches_the_store_after_it_is_recorded_once_it_does(tm
                 await store.close()
 
         asyncio.run(relay_spool_delivers())
-        wait_for("the waiting click stored", lambda: tracker.clicks_by_link() == Counter({"https://example.com/late": 1}), 20)
+        wait_for(lambda: tracker.clicks_by_link() == Counter({"https://example.com/late": 1}), seconds=20,
+                 what="the waiting click stored", every=0.1)

@@ -9,9 +9,6 @@ import re
 import smtplib
 import socket
 import sqlite3
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import pytest
 from monitoring.logs import JsonFormatter
 from store.sqlite import sqlite_path
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, free_port, make_settings
+from tests.processes import Inflight, answers, wait_for
 from tests.test_flow import fetch, html_message, send, tracked_urls
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,18 +139,6 @@ def test_aiosmtpds_own_refusals_say_why_and_are_logged(tmp_path: Path, sink: Sin
     assert sink.messages == []
 
 
-def wait_for(url: str, process: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if httpx.get(url).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, f"{url} did not come up"
-        time.sleep(0.1)
-
-
 def test_processes_share_metrics_and_log_json_with_one_auth_warning(tmp_path: Path, sink: Sink) -> None:
     """`inflight relay` and `inflight tracker` as processes with PROMETHEUS_MULTIPROC_DIR: either /metrics
     answers for both. The relay logs JSON, and warns about AUTH without TLS once, not per connection."""
@@ -180,26 +166,23 @@ secret = "{PROJECT_SECRET}"
 """)
     (tmp_path / "prom").mkdir()
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")}
-    relay = subprocess.Popen([sys.executable, "-m", "inflight.cli", "relay", "--config", str(config)], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    tracker = subprocess.Popen([sys.executable, "-m", "inflight.cli", "tracker", "--config", str(config)], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    relay = Inflight("relay", config, tmp_path / "relay.log", env=env)
+    tracker = Inflight("tracker", config, tmp_path / "tracker.log", env=env)
     try:
-        wait_for(f"http://127.0.0.1:{relay_http}/healthz", relay)
-        wait_for(f"http://127.0.0.1:{tracker_http}/healthz", tracker)
+        relay.start(ready=lambda _: answers(f"http://127.0.0.1:{relay_http}/healthz"))
+        tracker.start(ready=lambda _: answers(f"http://127.0.0.1:{tracker_http}/healthz"))
         for _ in range(3):
             send(smtp_port, html_message({"X-Inflight-Template-Type": "MARKETING"}))
         pixel = next(u for u in tracked_urls(sink.messages[0].data) if "/o/" in u).replace("http://127.0.0.1:1", "")
         assert httpx.get(f"http://127.0.0.1:{tracker_http}{pixel}").status_code == 200
-        deadline = time.monotonic() + 10  # the hit is counted once stored: its spool delivers it just after the answer
-        text = httpx.get(f"http://127.0.0.1:{relay_http}/metrics").text
-        while sample(text, "inflight_tracker_hits_total", kind="open") != 1 and time.monotonic() < deadline:
-            time.sleep(0.1)
-            text = httpx.get(f"http://127.0.0.1:{relay_http}/metrics").text
+        # the hit is counted once stored: its spool delivers it just after the answer
+        text = poll_metrics(f"http://127.0.0.1:{relay_http}", lambda text: sample(text, "inflight_tracker_hits_total", kind="open") == 1,
+                            seconds=10, every=0.1)
     finally:
         for process in (relay, tracker):
-            process.terminate()
-        relay_out, tracker_out = (p.communicate(timeout=20)[0] for p in (relay, tracker))
+            if process.process is not None:
+                process.stop()
+        relay_out, tracker_out = relay.output(), tracker.output()
     assert sample(text, "inflight_messages_total", project=PROJECT, outcome="queued") == 3
     assert sample(text, "inflight_tracker_hits_total", kind="open") == 1  # counted by the tracker process
     relay_lines = [json.loads(line) for line in relay_out.splitlines() if line.startswith("{")]
@@ -243,11 +226,7 @@ def test_spool_depth_and_age_are_exported_while_the_store_is_away(tmp_path: Path
     assert sample(drained, "inflight_spool_oldest_seconds") == 0
 
 
-def poll_metrics(base: str, done: Callable[[str], bool], timeout: float = 30.0) -> str:
+def poll_metrics(base: str, done: Callable[[str], bool], *, seconds: float = 30.0, every: float = 0.2) -> str:
     """The first /metrics text `done` accepts (the gauges are refreshed every few seconds)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        text = httpx.get(f"{base}/metrics").text
-        if done(text) or time.monotonic() > deadline:
-            return text
-        time.sleep(0.2)
+    return wait_for(lambda: text if done(text := httpx.get(f"{base}/metrics").text) else "", seconds=seconds,
+                    what=f"/metrics of {base}", every=every)

@@ -25,9 +25,10 @@ import pytest
 
 from tests.cluster import LossyLink, PrivatePostgres, cluster, cluster_config, postgres_bindir
 from tests.conftest import PROJECT_SECRET
+from tests.processes import wait_for
 from tests.test_faults import attempt, message
 from tests.test_flow import events, html_message, send, tracked_urls
-from tests.test_webhooks import Receiver, receiver, wait_for  # noqa: F401 (receiver is a fixture)
+from tests.test_webhooks import Receiver, receiver  # noqa: F401 (receiver is a fixture)
 from tests.upstreams import FaultySink, faulty_sink
 
 BEARER = {"Authorization": f"Bearer {PROJECT_SECRET}"}

@@ -18,6 +18,7 @@ import pytest
 
 from store import open_store
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, make_settings
+from tests.processes import wait_for
 from tests.test_flow import events, fetch, html_message, send, tracked_urls
 from tracker.webhooks import retry_delay, signature, signing_key
 
@@ -120,13 +121,6 @@ def outbox_rows(where: Path | str) -> int:
             await store.close()
 
     return asyncio.run(count())
-
-
-def wait_for(condition: Callable[[], bool], seconds: float = 20.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
 
 
 def engage(service: RunningService, sink: Sink) -> None:

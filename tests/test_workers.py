@@ -11,8 +11,6 @@ import re
 import signal
 import smtplib
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,22 +21,20 @@ import pytest
 from inflight.service import ListenError, Listeners
 from inflight.supervisor import Slot, plan_slots
 from tests.conftest import PROJECT, PROJECT_SECRET, Sink, free_port, make_settings
+from tests.processes import Inflight, answers
 from tests.test_flow import html_message, html_of
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-class Serve:
-    """`inflight serve` (or another verb) as a child process on free ports, its log in a file."""
+class Serve(Inflight):
+    """`inflight serve` (or another verb) on free ports, its log in a file; a context manager: up
+    (its /healthz answers) on entry, SIGTERM on exit."""
 
     def __init__(self, tmp_path: Path, sink: Sink, *, workers: int, verb: str = "serve",
                  smtp_port: int | None = None, http_port: int | None = None, name: str = "first",
                  store_url: str | None = None) -> None:
+        super().__init__(verb, tmp_path / f"{name}.toml", tmp_path / f"{name}.log")
         self.smtp_port = smtp_port or free_port()
         self.http_port = http_port or free_port()
-        self.config = tmp_path / f"{name}.toml"
-        self.log = tmp_path / f"{name}.log"
-        self.verb = verb
         self.config.write_text(f"""
 [relay]
 listen = "127.0.0.1:{self.smtp_port}"
@@ -60,40 +56,12 @@ url = "{sink.url}"
 id = "{PROJECT}"
 secret = "{PROJECT_SECRET}"
 """)
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def run(self, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "inflight.cli", self.verb, "--config", str(self.config)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
     def __enter__(self) -> Serve:
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "inflight.cli", self.verb, "--config", str(self.config)],
-                                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:
-            assert self.process.poll() is None, self.log.read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.http_port}/healthz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"did not come up:\n{self.log.read_text()}"
-            time.sleep(0.1)
+        return self.start(ready=lambda serve: answers(f"{serve.http_base}/healthz"))
 
     def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-
-    def workers(self) -> set[int]:
-        assert self.process is not None
-        pid = self.process.pid
-        return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+        self.stop(30)
 
     def send(self, subject: str) -> None:
         message = html_message({"X-Inflight-Template-Type": "MARKETING"})
