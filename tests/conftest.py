@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -25,6 +25,9 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from config.settings import Settings, settings_from_mapping
 from inflight.service import Service
+
+if TYPE_CHECKING:
+    from tests.cluster import PrivatePostgres
 
 PROJECT = "demo"
 PROJECT_SECRET = "demo-secret"
@@ -181,6 +184,25 @@ def pg_url(pg_server: str) -> Iterator[str]:
         yield urlsplit(pg_server)._replace(path=f"/{name}").geturl()
     finally:
         _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL server of the test's own (tests/cluster.py), which it may stop and start."""
+    from tests.cluster import PrivatePostgres, postgres_bindir  # it imports this module
+
+    bindir = postgres_bindir()
+    if bindir is None:
+        reason = "initdb and pg_ctl not found (Debian: postgresql-15)"
+        if os.environ.get("INFLIGHT_REQUIRE_PG") == "1":
+            pytest.fail(f"{reason}; INFLIGHT_REQUIRE_PG=1 requires them")
+        pytest.skip(reason)
+    server = PrivatePostgres(bindir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

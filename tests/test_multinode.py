@@ -11,7 +11,6 @@ WAL file two processes on one box may share.
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from collections import Counter
@@ -23,7 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.cluster import LossyLink, PrivatePostgres, cluster, cluster_config, postgres_bindir
+from tests.cluster import LossyLink, PrivatePostgres, cluster, cluster_config
 from tests.conftest import PROJECT_SECRET
 from tests.processes import wait_for
 from tests.test_faults import attempt, message
@@ -175,22 +174,6 @@ def test_a_retry_through_the_other_relay_while_the_first_attempt_is_still_upstre
                 codes.append(attempt(second.port, data, ["a@example.com"]))
         assert codes[-1] == 250, codes
         assert sink.handler.copies() == {"a@example.com": 1}, codes
-
-
-@pytest.fixture
-def private_postgres() -> Iterator[PrivatePostgres]:
-    bindir = postgres_bindir()
-    if bindir is None:
-        reason = "initdb and pg_ctl not found (Debian: postgresql-15)"
-        if os.environ.get("INFLIGHT_REQUIRE_PG") == "1":
-            pytest.fail(f"{reason}; INFLIGHT_REQUIRE_PG=1 requires them")
-        pytest.skip(reason)
-    server = PrivatePostgres(bindir)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.remove()
 
 
 def test_postgresql_restarted_under_load_loses_nothing_duplicates_nothing_and_mail_keeps_flowing(

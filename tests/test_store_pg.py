@@ -4,6 +4,7 @@ liveness of ledger claims, and the whole service (relay, tracker, webhooks) on a
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,8 +14,9 @@ import httpx
 
 from inflight.cli import main as cli
 from store import open_store
-from store.model import EventQuery
+from store.model import DashboardUser, EventQuery, StatsQuery
 from store.postgresql import PostgresEventStore, migrations, partition_name
+from tests.cluster import PrivatePostgres
 from tests.conftest import PROJECT_SECRET, RunningService, Sink, make_settings
 from tests.test_flow import fetch, html_message, send, tracked_urls
 from tests.test_store import opened, sent
@@ -157,3 +159,31 @@ def test_calls_wait_for_the_database_to_come_back(pg_url: str) -> None:
 
     ids, opens, mode = run(scenario())
     assert len(set(ids)) == 2 and opens == [1, 2] and mode == "DISABLED"
+
+
+def test_feedback_and_dashboard_calls_wait_for_a_restarted_database(private_postgres: PrivatePostgres) -> None:
+    """The server stopped (`pg_ctl stop -m fast`) and started 2 s later: the suppression, dead-letter,
+    provider-id and dashboard calls made while it is down wait for it and answer, as the event store's do."""
+    async def scenario() -> tuple[bool, list[str], object, object, object]:
+        async with opened(private_postgres.url) as store:
+            await store.suppress("p", "a@example.com", reason="bounce", detail="550")  # the pool's connections are up
+            private_postgres.stop()
+
+            def start_later() -> None:
+                time.sleep(2)
+                private_postgres.start()
+
+            restart = asyncio.create_task(asyncio.to_thread(start_later))
+            added, letters, daily, user = await asyncio.gather(
+                store.suppress("p", "b@example.com", reason="complaint", detail="abuse"),
+                store.dead_letters("p", limit=10),
+                store.daily(StatsQuery(project="p")),
+                store.save_user(DashboardUser("ops@example.com", "hash", None, True)))
+            await restart
+            found = await store.suppressed("p", ["a@example.com", "b@example.com"])
+            return added, sorted(found), letters, daily, (user, await store.user("ops@example.com"))
+
+    added, found, letters, daily, (saved, user) = run(scenario())
+    assert added is True and found == ["a@example.com", "b@example.com"]
+    assert letters == [] and daily == [] and saved is None
+    assert user == DashboardUser("ops@example.com", "hash", None, True)
