@@ -534,7 +534,7 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
     # --- retention and erasure -------------------------------------------------------
 
     async def _delete_events(self, where: str, args: list[Any]) -> tuple[int, int]:
-        """Delete matching events and their pending webhooks, in batches; (events, webhooks) deleted."""
+        """Delete matching events, their pending webhooks and dead letters, in batches; (events, webhooks) deleted."""
         events = webhooks = 0
         while True:
             async with self.pool.acquire() as connection, connection.transaction():
@@ -544,6 +544,7 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
                 if ids:
                     result = await connection.execute("DELETE FROM webhook_outbox WHERE event_id = ANY($1::bigint[])", ids)
                     webhooks += int(result.split()[-1])
+                    await connection.execute("DELETE FROM webhook_dead_letters WHERE event_id = ANY($1::bigint[])", ids)
             events += len(ids)
             if len(ids) < PURGE_BATCH:
                 return events, webhooks
@@ -557,9 +558,10 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
 
     @retrying
     async def purge(self, project: str, before: datetime) -> int:
-        """Delete a project's events recorded before `before` (retention). A month wholly before it
-        that holds only this project's events is dropped as a partition (no row-by-row delete, no
-        bloat); what remains is deleted by rows."""
+        """Delete a project's events recorded before `before` (retention), with the sends behind them and
+        the webhook deliveries given up (dead letters) of events recorded before it. A month wholly
+        before it that holds only this project's events is dropped as a partition (no row-by-row
+        delete, no bloat); what remains is deleted by rows."""
         cutoff = rfc3339(before)
         deleted = 0
         for month in sorted(self._months | await self._partition_months()):
@@ -575,11 +577,13 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
                     continue
                 deleted += await connection.fetchval(f"SELECT count(*) FROM {name}")
                 await connection.execute(f"DELETE FROM webhook_outbox WHERE event_id IN (SELECT id FROM {name})")
+                await connection.execute(f"DELETE FROM webhook_dead_letters WHERE event_id IN (SELECT id FROM {name})")
                 await connection.execute(f"DROP TABLE {name}")
                 log.info("store-partition-dropped name=%s project=%s", name, project)
             self._months.discard(month)
         events, _ = await self._delete_events("project = $1 AND at < $2", [project, cutoff])
         await self.pool.execute("DELETE FROM sends WHERE project = $1 AND sent_at < $2", project, int(before.timestamp()))
+        await self.pool.execute("DELETE FROM webhook_dead_letters WHERE project = $1 AND created < $2", project, before.timestamp())
         return deleted + events
 
     async def _partition_months(self) -> set[str]:

@@ -560,7 +560,7 @@ class SqliteEventStore(SqliteFeedback, SqliteDashboardQueries):
     # --- privacy ---------------------------------------------------------------------
 
     async def _delete_events(self, where: str, args: list[Any]) -> tuple[int, int]:
-        """Delete matching events and their pending webhooks, in batches; (events, webhooks) deleted."""
+        """Delete matching events, their pending webhooks and dead letters, in batches; (events, webhooks) deleted."""
         events = webhooks = 0
         while True:
             async with self._transaction() as db:
@@ -570,16 +570,19 @@ class SqliteEventStore(SqliteFeedback, SqliteDashboardQueries):
                     marks = ", ".join("?" for _ in ids)
                     cursor = await db.execute(f"DELETE FROM webhook_outbox WHERE event_id IN ({marks})", ids)
                     webhooks += cursor.rowcount
+                    await db.execute(f"DELETE FROM webhook_dead_letters WHERE event_id IN ({marks})", ids)
                     cursor = await db.execute(f"DELETE FROM events WHERE id IN ({marks})", ids)
                     events += cursor.rowcount
             if len(ids) < PURGE_BATCH:
                 return events, webhooks
 
     async def purge(self, project: str, before: datetime) -> int:
-        """Delete a project's events recorded before `before` (retention), and the sends behind them."""
+        """Delete a project's events recorded before `before` (retention), the sends behind them and the
+        webhook deliveries given up (dead letters) of events recorded before it."""
         events, _ = await self._delete_events("project = ? AND at < ?", [project, rfc3339(before)])
         async with self._transaction() as db:
             await db.execute("DELETE FROM sends WHERE project = ? AND sent_at < ?", [project, int(before.timestamp())])
+            await db.execute("DELETE FROM webhook_dead_letters WHERE project = ? AND created < ?", [project, before.timestamp()])
         return events
 
     async def forget(self, address: str, *, project: str | None = None) -> tuple[int, int]:

@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS webhook_dead_letters (
     buried REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS webhook_dead_letters_project ON webhook_dead_letters (project, id);
+CREATE INDEX IF NOT EXISTS webhook_dead_letters_event ON webhook_dead_letters (event_id);
 """
 
 

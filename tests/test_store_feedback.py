@@ -4,11 +4,22 @@ DeadLetters): one contract, run against every backend by the `store_url` fixture
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from store import open_store
-from store.model import EventStore, NewEvent, ProviderCopy, forgotten_key, is_forgotten, now_rfc3339
+from store.model import (
+    EventQuery,
+    EventStore,
+    NewEvent,
+    ProviderCopy,
+    forgotten_key,
+    is_forgotten,
+    now_rfc3339,
+    rfc3339,
+)
 
 T = TypeVar("T")
 
@@ -87,3 +98,39 @@ def test_dead_letters_are_buried_listed_and_replayed_once(store_url: str) -> Non
         assert await store.dead_letters("p", limit=10) == []
 
     run(store_url, scenario, webhook_projects=("p",))
+
+
+def test_dead_letters_go_with_retention_and_erasure(store_url: str) -> None:
+    """Retention deletes the dead letters of the events it deletes and those buried for events recorded
+    before its cut-off, whatever their event's time; erasing a contact deletes the dead letters of its events."""
+    now = datetime.now(UTC)
+
+    def event(project: str, contact: str, at: datetime) -> NewEvent:
+        return NewEvent(name="email.sent", project=project, contact=contact, recipient=contact, message_id=f"{contact}@x",
+                        at=rfc3339(at))
+
+    async def scenario(store: EventStore) -> list[list[tuple[str, str]]]:
+        await store.record([event("p", "old@example.com", now - timedelta(days=40)), event("p", "new@example.com", now),
+                            event("q", "later@example.com", now + timedelta(days=2))])
+        for job in await store.claim_webhooks(now=10**10, lease=30, limit=10):
+            await store.bury_webhook(job.outbox_id, error="HTTP 503", now=time.time())
+
+        async def letters() -> list[tuple[str, str]]:
+            found = [letter for project in ("p", "q") for letter in await store.dead_letters(project, limit=10)]
+            contacts = {e["id"]: e["contact"] for project in ("p", "q") for e in await store.events(EventQuery(project=project))}
+            return sorted((letter.project, contacts.get(letter.event_id, "(gone)")) for letter in found)
+
+        seen = [await letters()]
+        assert await store.purge("p", now - timedelta(days=30)) == 1
+        seen.append(await letters())
+        assert await store.purge("q", now + timedelta(days=1)) == 0  # the event is later than the cut-off, its dead letter not
+        seen.append(await letters())
+        await store.forget("new@example.com")
+        seen.append(await letters())
+        return seen
+
+    before, after_p, after_q, after_forget = run(store_url, scenario, webhook_projects=("p", "q"))
+    assert before == [("p", "new@example.com"), ("p", "old@example.com"), ("q", "later@example.com")]
+    assert after_p == [("p", "new@example.com"), ("q", "later@example.com")]
+    assert after_q == [("p", "new@example.com")]
+    assert after_forget == []

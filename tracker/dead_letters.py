@@ -1,5 +1,6 @@
 """Webhook deliveries given up after `retry_hours`, over the API: listed, and replayed on demand
-(`GET /v1/webhooks/dead-letters`, `POST /v1/webhooks/dead-letters/{id}/replay`)."""
+(`GET /v1/webhooks/dead-letters`, `POST /v1/webhooks/dead-letters/{id}/replay`). They are kept as long
+as the project's events: the store's retention and erasure delete them with their events."""
 
 from __future__ import annotations
 
