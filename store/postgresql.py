@@ -31,6 +31,7 @@ from typing import Any
 import asyncpg
 
 from store import postgresql_hits as hits
+from store.group_commit import GroupCommit
 from store.model import (
     MAX_LIMIT,
     Delivered,
@@ -170,8 +171,8 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
         self.owner = int.from_bytes(os.urandom(8), "big") >> 1
         self._session: asyncpg.Connection | None = None
         self._throttles = ThrottleCursor(time.time())
-        self._hits: list[tuple[hits.Hit, asyncio.Future[list[int]]]] = []  # record_engagement calls waiting
-        self._hit_writer: asyncio.Task[None] | None = None
+        # The database away: the same for every hit of a batch (see GroupCommit).
+        self._hits = GroupCommit(self._engage, limit=HIT_BATCH, whole=TRANSIENT)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -195,8 +196,7 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
         self._listener = asyncio.create_task(self._keep_session(lost))
 
     async def close(self) -> None:
-        if self._hit_writer is not None:
-            await self._hit_writer  # hits already handed to record_engagement are committed before the pool goes
+        await self._hits.drained()  # hits already handed to record_engagement are committed before the pool goes
         if self._listener is not None:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
@@ -300,47 +300,11 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
 
         Group-committed: calls that arrive while a batch is being written go in the next one
         (store/postgresql_hits.py), so a burst of hits costs a few transactions, not one each."""
-        hit = hits.Hit(event, judgement)
-        done: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-        self._hits.append((hit, done))
-        if self._hit_writer is None:
-            self._hit_writer = asyncio.create_task(self._write_hits())
-        return await done
-
-    async def _write_hits(self) -> None:
-        """The single writer of hits: drains the queue, one transaction per batch, until it is empty."""
-        try:
-            while self._hits:
-                batch, self._hits = self._hits[:HIT_BATCH], self._hits[HIT_BATCH:]
-                await self._commit_hits(batch)
-        finally:
-            self._hit_writer = None
-
-    async def _commit_hits(self, batch: list[tuple[hits.Hit, asyncio.Future[list[int]]]]) -> None:
-        try:
-            queued = await self._engage([hit for hit, _ in batch])
-        except TRANSIENT as exc:  # the database stayed away: the same for every hit (the spool retries them)
-            for _, done in batch:
-                if not done.done():
-                    done.set_exception(exc)
-            return
-        except Exception as exc:
-            if len(batch) > 1:  # one caller's bad event must not fail the others: retry them one by one
-                for item in batch:
-                    await self._commit_hits([item])
-                return
-            if not batch[0][1].done():
-                batch[0][1].set_exception(exc)
-            return
-        if queued:
-            self.outbox_added.set()
-        for hit, done in batch:
-            if not done.done():  # a cancelled caller's hit is stored all the same
-                done.set_result(hit.ids)
+        return await self._hits.submit(hits.Hit(event, judgement))
 
     @retrying
-    async def _engage(self, batch: list[hits.Hit]) -> bool:
-        """Store a batch of hits in one transaction of four round trips; whether webhooks were queued."""
+    async def _engage(self, batch: list[hits.Hit]) -> list[list[int]]:
+        """Store a batch of hits in one transaction of four round trips; the ids each stored, in order."""
         await self._ensure_months({month_of(hit.event.at) for hit in batch})
         queued = False
         async with self.pool.acquire() as connection, hits.transaction(connection, hits.lock_sql([hit.event for hit in batch])):
@@ -352,7 +316,9 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
                 written = await connection.fetchrow(hits.WRITE.replace("{partition}", table),
                                                     *plan.write_args(self.webhook_projects, time.time()))
                 queued = bool(written["notified"])
-        return queued
+        if queued:
+            self.outbox_added.set()
+        return [hit.ids for hit in batch]
 
     @retrying
     async def events(self, query: EventQuery) -> list[StoredEvent]:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from store.group_commit import GroupCommit
 from store.model import (
     MAX_LIMIT,
     Delivered,
@@ -275,8 +276,8 @@ class SqliteEventStore(SqliteFeedback, SqliteDashboardQueries):
         self.outbox_added = asyncio.Event()  # set when this process queued webhooks; wakes the worker
         self._db: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
-        self._pending: list[tuple[_Write, asyncio.Future[list[int]]]] = []
-        self._writer: asyncio.Task[None] | None = None
+        # Locked, busy, disk full: the same for every write of a batch (see GroupCommit).
+        self._writes = GroupCommit(self._commit, limit=WRITE_BATCH, whole=(sqlite3.OperationalError,))
         self._commits = 0  # write transactions since the last checkpoint started
         self._checkpointer: ThreadPoolExecutor | None = None
         self._checkpoint: asyncio.Future[None] | None = None
@@ -310,8 +311,7 @@ class SqliteEventStore(SqliteFeedback, SqliteDashboardQueries):
         await self._db.commit()
 
     async def close(self) -> None:
-        if self._writer is not None:
-            await self._writer  # events already handed to record() are committed before the connection goes
+        await self._writes.drained()  # events already handed to record() are committed before the connection goes
         if self._checkpoint is not None:
             await asyncio.wait([self._checkpoint])
         if self._checkpointer is not None:
@@ -383,64 +383,29 @@ class SqliteEventStore(SqliteFeedback, SqliteDashboardQueries):
         """Store `events` (in order); their ids once committed."""
         if not events:
             return []
-        return await self._queue(lambda db: self._record_in(db, events))
+        return await self._writes.submit(lambda db: self._record_in(db, events))
 
     async def record_engagement(self, event: NewEvent, judgement: Judgement | None = None) -> list[int]:
         """Record an open or a click with its counters (and its verdict, when judged); a click on a
         message never opened first records an implied open before it. Returns the ids stored, in
         order, once committed."""
-        return await self._queue(lambda db: self._engagement_in(db, event, judgement))
+        return await self._writes.submit(lambda db: self._engagement_in(db, event, judgement))
 
-    async def _queue(self, write: _Write) -> list[int]:
-        done: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-        self._pending.append((write, done))
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write_pending())
-        return await done
-
-    async def _write_pending(self) -> None:
-        """The single writer: drains the queue, one transaction per batch, until it is empty."""
-        try:
-            while self._pending:
-                batch, self._pending = self._pending[:WRITE_BATCH], self._pending[WRITE_BATCH:]
-                await self._commit(batch)
-        finally:
-            self._writer = None
-
-    async def _commit(self, batch: list[tuple[_Write, asyncio.Future[list[int]]]]) -> None:
+    async def _commit(self, writes: list[_Write]) -> list[list[int]]:
         # The whole batch is one function run in aiosqlite's thread (its `_execute`, which every
         # aiosqlite call goes through): one trip there per batch instead of several per event,
         # which cost more than the writes themselves.
-        writes = [write for write, _ in batch]
-        try:
-            async with self._write_lock:
-                try:
-                    results = await self.db._execute(_begin_and_write, self.db._conn, writes)
-                except BaseException:
-                    await self.db.rollback()
-                    raise
-                await self.db.commit()
-                self._committed()
-        except sqlite3.OperationalError as exc:
-            # Locked, busy, disk full: the same for every write of the batch. Retrying them one by one
-            # would wait out busy_timeout once per write (the spool retries the batch later instead).
-            for _, done in batch:
-                if not done.done():
-                    done.set_exception(exc)
-            return
-        except Exception as exc:
-            if len(batch) > 1:  # one caller's bad event must not fail the others: retry them one by one
-                for item in batch:
-                    await self._commit([item])
-                return
-            if not batch[0][1].done():
-                batch[0][1].set_exception(exc)
-            return
+        async with self._write_lock:
+            try:
+                results = await self.db._execute(_begin_and_write, self.db._conn, writes)
+            except BaseException:
+                await self.db.rollback()
+                raise
+            await self.db.commit()
+            self._committed()
         if any(queued for _, queued in results):
             self.outbox_added.set()
-        for (_, done), (ids, _) in zip(batch, results, strict=True):
-            if not done.done():  # a cancelled caller's events are stored all the same
-                done.set_result(ids)
+        return [ids for ids, _ in results]
 
     def _record_in(self, db: sqlite3.Connection, events: list[NewEvent]) -> tuple[list[int], bool]:
         return [self._insert(db, _values(event)) for event in events], any(e.project in self.webhook_projects for e in events)
@@ -676,7 +641,7 @@ class SqliteEventStore(SqliteFeedback, SqliteDashboardQueries):
             return [], False
 
         if rows:
-            await self._queue(write)
+            await self._writes.submit(write)
 
     async def tracked_sends(self, keys: list[tuple[str, bytes]]) -> dict[tuple[str, bytes], TrackedSend]:
         """The copies these (project, send id) name; one missing is absent (never stored, past retention, forgotten)."""
