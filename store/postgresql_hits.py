@@ -55,10 +55,10 @@ def _outbox(events: str, projects: int) -> str:
     ), n AS (SELECT pg_notify('{OUTBOX_CHANNEL}', '') FROM (SELECT 1 FROM o LIMIT 1) one)"""
 
 
-# A stored event by (uid, at), the unique key (a replay carries its original `at`): one index probe in
-# the one partition `at` names, whatever the statistics say (LIMIT keeps the planner from turning the
-# look-ups into a scan of this month's partition, which its lagging statistics made it choose).
-_STORED = "(SELECT x.id FROM events x WHERE x.uid = {uid} AND x.at = {at} LIMIT 1)"
+# A stored event by its uid: one index probe per partition (LIMIT keeps the planner from turning the
+# look-ups of a batch into a scan of this month's partition, which its lagging statistics made it choose).
+# By uid alone: a replay may carry another time (a feedback notification delivered twice).
+_STORED = "(SELECT x.id FROM events x WHERE x.uid = {uid} LIMIT 1)"
 
 # record(): events as one array per column; an already stored uid inserts nothing and answers its id.
 # Rows: (uid, id) of each row inserted and each uid stored before; (NULL, NULL) when a NOTIFY went.
@@ -66,7 +66,7 @@ _STORED = "(SELECT x.id FROM events x WHERE x.uid = {uid} AND x.at = {at} LIMIT 
 # planning over every partition cost about twice the insert (a hit ~3.4 -> ~1.7 ms).
 RECORD = f"""
     WITH u AS (
-        SELECT u.*, {_STORED.format(uid="u.uid", at="u.at")} AS stored
+        SELECT u.*, {_STORED.format(uid="u.uid")} AS stored
         FROM unnest({_arrays(1)}) WITH ORDINALITY AS u({_NAMES}, ord)
     ), e AS (
         INSERT INTO {{partition}} ({_NAMES})
@@ -79,14 +79,14 @@ RECORD = f"""
     UNION ALL SELECT NULL, NULL FROM n"""
 
 # Step 2, once the messages' locks are held (so in a snapshot holding every hit recorded before):
-# $1 the uids (and implied uids) of the batch, $9 their times; per message $2 project, $3 message_id,
-# $4 the earliest history a verdict of the batch reads (NULL: none judged); per message and contact
-# $5, $6, $7; $8 how many ids to take.
+# $1 the uids (and implied uids) of the batch; per message $2 project, $3 message_id, $4 the earliest
+# history a verdict of the batch reads (NULL: none judged); per message and contact $5, $6, $7;
+# $8 how many ids to take.
 STATE = f"""
     SELECT s.uids, s.ids, m.subjects, m.senders, m.histories, p.opens, p.clicks,
         (SELECT array_agg(nextval('events_id_seq')) FROM generate_series(1, $8::int)) AS fresh
     FROM (SELECT array_agg(u.uid) AS uids, array_agg(u.id) AS ids FROM (
-            SELECT u.uid, {_STORED.format(uid="u.uid", at="u.at")} AS id FROM unnest($1::text[], $9::text[]) AS u(uid, at)) u
+            SELECT u.uid, {_STORED.format(uid="u.uid")} AS id FROM unnest($1::text[]) AS u(uid)) u
           WHERE u.id IS NOT NULL) s,
     (SELECT array_agg(t.subject ORDER BY m.ord) AS subjects, array_agg(t.sender ORDER BY m.ord) AS senders,
             array_agg(h.history ORDER BY m.ord) AS histories
@@ -184,7 +184,7 @@ class Plan:
 
 def state_args(hits: Sequence[Hit]) -> list[Any]:
     """STATE's arguments for a batch."""
-    uids = {uid: hit.event.at for hit in hits for uid in (hit.event.uid, implied_uid(hit.event.uid))}
+    uids = list(dict.fromkeys(uid for hit in hits for uid in (hit.event.uid, implied_uid(hit.event.uid))))
     since: dict[tuple[str, str], str | None] = {}
     for hit in hits:
         key = (hit.event.project, hit.event.message_id)
@@ -193,8 +193,8 @@ def state_args(hits: Sequence[Hit]) -> list[Any]:
         since[key] = judged if earlier is None else min(earlier, judged) if judged is not None else earlier
     pairs = list(dict.fromkeys((hit.event.project, hit.event.message_id, hit.event.contact) for hit in hits))
     clicks = sum(hit.event.name == "email.click" for hit in hits)
-    return [list(uids), [p for p, _ in since], [m for _, m in since], list(since.values()),
-            [p for p, _, _ in pairs], [m for _, m, _ in pairs], [c for _, _, c in pairs], len(hits) + clicks, list(uids.values())]
+    return [uids, [p for p, _ in since], [m for _, m in since], list(since.values()),
+            [p for p, _, _ in pairs], [m for _, m, _ in pairs], [c for _, _, c in pairs], len(hits) + clicks]
 
 
 def _append(reason: str | None, more: str) -> str:
