@@ -21,44 +21,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.conftest import PROJECT, PROJECT_SECRET, free_port
-from tests.processes import Inflight
+from tests.processes import Inflight, write_config
 from tests.upstreams import LoopbackServer
 
 
 def cluster_config(path: Path, *, store_url: str, upstream_url: str, webhook_url: str | None = None,
-                   tracking: str = "ENABLED", extra: str = "") -> Path:
+                   tracking: str = "ENABLED") -> Path:
     """One TOML file for every node: listeners on port 0, one store, one upstream, one project. A node is
     one process (`workers = 1`): the nodes here are the processes; two nodes' workers would only add load."""
-    hooks = f'webhook_url = "{webhook_url}"\nwebhook_secret = "receiver-secret-0123456789"\n' if webhook_url else ""
-    path.write_text(f"""
-[relay]
-listen = "127.0.0.1:0"
-hostname = "relay.test"
-allow_plaintext_auth = true
-drain_timeout_seconds = 5
-workers = 1
-[tracker]
-listen = "127.0.0.1:0"
-workers = 1
-public_url = "http://127.0.0.1:1"
-secrets = ["test-secret-1"]
-[store]
-url = "{store_url}"
-[upstream]
-url = "{upstream_url}"
-connect_timeout_seconds = 1
-data_timeout_seconds = 10
-[webhooks]
-timeout_seconds = 2
-retry_initial_seconds = 0.1
-retry_max_seconds = 0.5
-poll_seconds = 0.1
-[[projects]]
-id = "{PROJECT}"
-secret = "{PROJECT_SECRET}"
-tracking = "{tracking}"
-{hooks}{extra}""")
-    return path
+    hooks = {"webhook_url": webhook_url, "webhook_secret": "receiver-secret-0123456789"} if webhook_url else {}
+    return write_config(path, upstream_url, relay={"drain_timeout_seconds": 5}, store={"url": store_url},
+                        upstream={"connect_timeout_seconds": 1, "data_timeout_seconds": 10},
+                        webhooks={"timeout_seconds": 2, "retry_initial_seconds": 0.1, "retry_max_seconds": 0.5,
+                                  "poll_seconds": 0.1},
+                        projects=[{"id": PROJECT, "secret": PROJECT_SECRET, "tracking": tracking, **hooks}])
 
 
 @dataclass

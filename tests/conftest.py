@@ -213,8 +213,9 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("pg_url"))
 
 
-def make_settings(tmp_path: Path, upstream_url: str, **sections: Any) -> Settings:
-    """Test settings on port 0; `sections` merge into the TOML-shaped mapping (arrays of tables replace)."""
+def config_mapping(tmp_path: Path, upstream_url: str, **sections: Any) -> dict[str, Any]:
+    """The tests' configuration, TOML-shaped: listeners on port 0, SQLite and the spool in `tmp_path`, one
+    project; `sections` merge into it (arrays of tables replace)."""
     raw: dict[str, Any] = {
         "relay": {"listen": "127.0.0.1:0", "hostname": "relay.test", "allow_plaintext_auth": True, "workers": 1},
         "tracker": {"listen": "127.0.0.1:0", "public_url": "http://127.0.0.1:1", "secrets": ["test-secret-1"],
@@ -225,7 +226,12 @@ def make_settings(tmp_path: Path, upstream_url: str, **sections: Any) -> Setting
     }
     for name, value in sections.items():
         raw[name] = value if isinstance(value, list) else {**raw.get(name, {}), **value}
-    return settings_from_mapping(raw, environ={})
+    return raw
+
+
+def make_settings(tmp_path: Path, upstream_url: str, **sections: Any) -> Settings:
+    """Test settings (config_mapping) for a Service in the test's own process."""
+    return settings_from_mapping(config_mapping(tmp_path, upstream_url, **sections), environ={})
 
 
 class RunningService:

@@ -1,13 +1,15 @@
 """`inflight` commands as real processes, and waiting for what they do: the one harness of the tests.
 
-`Inflight` starts `inflight <verb> --config FILE` in a process group of its own (so a SIGKILL takes
-its worker processes with it), its output in a log file, and is ready once the log says the verb's
-listener is up (the port is read from that line, so a configuration may listen on port 0). Tests
-write their own configuration files; `wait_for` polls for what the processes do.
+`write_config` writes the tests' configuration (tests/conftest.py config_mapping) as the TOML file a
+process reads. `Inflight` starts `inflight <verb> --config FILE` in a process group of its own (so a
+SIGKILL takes its worker processes with it), its output in a log file, and is ready once the log says
+the verb's listener is up (the port is read from that line, so a configuration may listen on port 0).
+`wait_for` polls for what the processes do.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -16,14 +18,27 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import httpx
+
+from tests.conftest import config_mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 START_SECONDS = 30.0  # two cores shared by the whole suite: imports alone can take seconds
 LISTENING = re.compile(rb"(relay|tracker) listening on [0-9.]+:(\d+)")
 T = TypeVar("T")
+
+
+def write_config(path: Path, upstream_url: str, **sections: Any) -> Path:
+    """config_mapping(`path`'s folder, `upstream_url`, `sections`) as a TOML file at `path`."""
+    lines = []
+    for name, value in config_mapping(path.parent, upstream_url, **sections).items():
+        for table in value if isinstance(value, list) else [value]:  # arrays of tables, or one table
+            lines.append(f"[[{name}]]" if isinstance(value, list) else f"[{name}]")
+            lines += [f"{key} = {json.dumps(item)}" for key, item in table.items()]  # JSON strings, lists, booleans are TOML
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def wait_for(condition: Callable[[], T], *, seconds: float = 20.0, what: str = "condition", every: float = 0.02) -> T:

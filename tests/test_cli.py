@@ -6,12 +6,10 @@ import asyncio
 import email
 import email.policy
 import re
-import signal
 import smtplib
 import sqlite3
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,9 +17,8 @@ import httpx
 
 from inflight.cli import build_parser
 from tests.conftest import free_port
+from tests.processes import ROOT, Inflight, answers
 from tests.test_store import opened, sent
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_compose_file_uses_real_cli_verbs() -> None:
@@ -53,18 +50,9 @@ url = "outbox:///{tmp_path}/outbox"
 id = "demo"
 secret = "demo-secret"
 """)
-    process = subprocess.Popen([sys.executable, "-m", "inflight.cli", "serve", "--config", str(config)],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    serve = Inflight("serve", config, tmp_path / "serve.log")
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{http_port}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and process.poll() is None, "serve did not come up"
-            time.sleep(0.1)
+        serve.start(ready=lambda started: answers(f"{started.http_base}/healthz"))
         message = (b"From: app@example.com\r\nTo: a@example.com\r\nSubject: hi\r\n"
                    b"X-Inflight-Template-Type: MARKETING\r\nMIME-Version: 1.0\r\n"
                    b"Content-Type: text/html; charset=utf-8\r\n\r\n"
@@ -83,9 +71,9 @@ secret = "demo-secret"
                                               headers={"Authorization": "Bearer demo-secret"}).json()["events"]]
         assert names == ["email.click", "email.open", "email.sent"]
     finally:
-        process.send_signal(signal.SIGTERM)
-        output = process.communicate(timeout=15)[0].decode()
-    assert process.returncode == 0, output
+        code = serve.stop(15) if serve.process is not None else None
+    output = serve.output()
+    assert code == 0, output
     assert "demo-secret" not in output and "walkthrough-secret" not in output
     assert "outcome=queued project=demo" in output  # the one line per message an operator reads
     assert "login_data is deprecated" not in output  # aiosmtpd's own noise on every AUTH

@@ -16,9 +16,9 @@ import httpx
 import pytest
 
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, make_settings
+from tests.processes import ROOT
 from tests.test_flow import fetch, html_message, send, tracked_urls
 
-ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "correct horse battery"
 CHROMIUM = "/usr/bin/chromium"
 BROWSER_UA = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36"

@@ -13,9 +13,6 @@ import contextlib
 import os
 import signal
 import smtplib
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -25,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, free_port, make_settings
+from tests.processes import Inflight, write_config
 from tests.upstreams import FaultySink, RawUpstream, faulty_sink, self_signed_cert
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPIENTS = ["a@example.com", "b@example.com", "c@example.com"]
 FAST = {"connect_timeout_seconds": 0.5, "command_timeout_seconds": 1.0, "data_timeout_seconds": 1.0}
 
@@ -184,47 +181,15 @@ def _tls_sink_port(tmp_path: Path) -> Iterator[str]:
         yield str(sink.port)
 
 
-class RelayProcess:
-    """`inflight relay` as a real process, so it can be killed like one."""
+class RelayProcess(Inflight):
+    """`inflight relay` as a real process on a port of its own (the same across restarts), so it can be killed like one."""
 
     def __init__(self, tmp_path: Path, upstream_url: str) -> None:
         tmp_path.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.config = tmp_path / "relay.toml"
-        self.log = tmp_path / "relay.log"
-        self.config.write_text(f"""
-[relay]
-listen = "127.0.0.1:{self.port}"
-hostname = "relay.test"
-allow_plaintext_auth = true
-drain_timeout_seconds = 5
-workers = 1
-[tracker]
-public_url = "http://127.0.0.1:1"
-secrets = ["test-secret-1"]
-[store]
-url = "sqlite:///{tmp_path}/inflight.db"
-[upstream]
-url = "{upstream_url}"
-connect_timeout_seconds = 1
-data_timeout_seconds = 10
-[[projects]]
-id = "{PROJECT}"
-secret = "{PROJECT_SECRET}"
-""")
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> RelayProcess:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "inflight.cli", "relay", "--config", str(self.config)],
-                                            cwd=ROOT, stdout=log, stderr=log)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log.read_text()
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                return self
-            time.sleep(0.05)
-        raise AssertionError(f"relay did not listen within 15 s:\n{self.log.read_text()}")
+        super().__init__("relay", tmp_path / "relay.toml", tmp_path / "relay.log")
+        self.smtp_port = free_port()
+        write_config(self.config, upstream_url, relay={"listen": f"127.0.0.1:{self.smtp_port}", "drain_timeout_seconds": 5},
+                     upstream={"connect_timeout_seconds": 1, "data_timeout_seconds": 10})
 
     def descendants(self) -> set[int]:
         assert self.process is not None
@@ -246,11 +211,6 @@ secret = "{PROJECT_SECRET}"
     def wait(self, timeout: float) -> int:
         assert self.process is not None
         return self.process.wait(timeout)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
 
 
 def crash_cases(tmp_path: Path, tally: Tally) -> None:
@@ -279,7 +239,7 @@ def crash_cases(tmp_path: Path, tally: Tally) -> None:
                 tally.check(case, codes, sink.handler.copies(), recipients)
                 return children
             finally:
-                relay.stop()
+                relay.kill()
 
     def stall_rcpt(sink: FaultySink) -> None:
         sink.handler.stall_rcpt = "b@example.com"
@@ -349,7 +309,7 @@ def shutdown_case(tmp_path: Path, tally: Tally) -> None:
             if codes != [250] or exit_code != 0 or not refused_new:
                 tally.problems.append(f"SIGTERM: replies={codes} exit={exit_code} new connections refused={refused_new}")
         finally:
-            relay.stop()
+            relay.kill()
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="counts child processes through /proc (Linux)")

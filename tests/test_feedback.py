@@ -45,11 +45,11 @@ from tests.conftest import (
     make_settings,
     running_sink,
 )
+from tests.processes import ROOT
 from tests.test_flow import events, fetch, html_message, send, tracked_urls
 from tests.upstreams import faulty_sink
 from tracker.feedback import Feedback, ses_feedback
 
-ROOT = Path(__file__).resolve().parents[1]
 TOPIC = "arn:aws:sns:eu-west-1:123456789012:inflight-ses"
 AUTH = {"Authorization": f"Bearer {PROJECT_SECRET}"}
 

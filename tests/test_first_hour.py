@@ -7,8 +7,6 @@ import email
 import email.policy
 import json
 import socket
-import subprocess
-import sys
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,9 +20,9 @@ from relay.upstream import OutboxUpstream
 from store import open_store
 from store.model import NewEvent, rfc3339
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, make_settings
+from tests.processes import Inflight
 from tests.test_flow import html_message, send
 
-ROOT = Path(__file__).resolve().parents[1]
 START = datetime(2026, 3, 1, 10, tzinfo=UTC)
 VALID = {"projects": [{"id": "p", "secret": "secret-123"}]}
 
@@ -195,14 +193,11 @@ url = "sqlite:///{tmp_path}/inflight.db"
 id = "demo"
 secret = "demo-secret"
 """)
-    process = subprocess.Popen([sys.executable, "-m", "inflight.cli", "tracker", "--config", str(config)], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
+    tracker = Inflight("tracker", config, tmp_path / "tracker.log")
     try:
-        assert process.stdout is not None
-        while not any("tracker listening" in line for line in lines) and len(lines) < 50:
-            lines.append(process.stdout.readline())  # the warning comes before the tracker listens
+        tracker.start()  # the warning comes before the tracker listens
     finally:
-        process.terminate()
-        process.wait(15)
+        if tracker.process is not None:
+            tracker.stop(15)
+    lines = tracker.output().splitlines()
     assert any("missing: no addresses loaded; run `inflight netdata refresh`" in line for line in lines), lines

@@ -27,7 +27,7 @@ import pytest
 from store import open_store
 from store.spool import read_frames
 from tests.conftest import PROJECT, PROJECT_SECRET, Sink, free_port
-from tests.processes import Inflight, wait_for
+from tests.processes import Inflight, wait_for, write_config
 from tracking.claims import TrackedSend
 from tracking.tokens import TokenKeys, new_send_id
 
@@ -47,28 +47,10 @@ class InflightProcess(Inflight):
         self.db = tmp_path / "inflight.db"
         self.store_url = store_url or f"sqlite:///{self.db}"
         self.direct_url = direct_url or self.store_url
-        self.config.write_text(f"""
-[relay]
-listen = "127.0.0.1:{self.smtp_port}"
-hostname = "relay.test"
-allow_plaintext_auth = true
-workers = {workers}
-[tracker]
-workers = {workers}
-listen = "127.0.0.1:{self.http_port}"
-public_url = "http://127.0.0.1:{self.http_port}"
-secrets = ["{SECRET}"]
-answer_budget_ms = {BUDGET_MS}
-[store]
-url = "{self.store_url}"
-spool_dir = "{tmp_path}/spool"
-[upstream]
-url = "{upstream_url}"
-[[projects]]
-id = "{PROJECT}"
-secret = "{PROJECT_SECRET}"
-tracking = "ENABLED"
-""")
+        write_config(self.config, upstream_url, relay={"listen": f"127.0.0.1:{self.smtp_port}", "workers": workers},
+                     tracker={"listen": f"127.0.0.1:{self.http_port}", "public_url": self.http_base, "secrets": [SECRET],
+                              "workers": workers, "answer_budget_ms": BUDGET_MS},
+                     store={"url": self.store_url, "spool_dir": f"{tmp_path}/spool"})
 
     def journal_records(self) -> int:
         return sum(len(read_frames(path.read_bytes())[0]) for path in (self.tmp_path / "spool").glob("*.journal"))

@@ -18,10 +18,8 @@ import pytest
 from monitoring.logs import JsonFormatter
 from store.sqlite import sqlite_path
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, free_port, make_settings
-from tests.processes import Inflight, answers, wait_for
+from tests.processes import ROOT, Inflight, answers, wait_for, write_config
 from tests.test_flow import fetch, html_message, send, tracked_urls
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def sample(text: str, name: str, **labels: str) -> float:
@@ -143,27 +141,11 @@ def test_processes_share_metrics_and_log_json_with_one_auth_warning(tmp_path: Pa
     """`inflight relay` and `inflight tracker` as processes with PROMETHEUS_MULTIPROC_DIR: either /metrics
     answers for both. The relay logs JSON, and warns about AUTH without TLS once, not per connection."""
     smtp_port, relay_http, tracker_http = free_port(), free_port(), free_port()
-    config = tmp_path / "inflight.toml"
-    config.write_text(f"""
-[relay]
-listen = "127.0.0.1:{smtp_port}"
-http_listen = "127.0.0.1:{relay_http}"
-allow_plaintext_auth = true
-[tracker]
-listen = "127.0.0.1:{tracker_http}"
-public_url = "http://127.0.0.1:1"
-secrets = ["multiprocess-secret"]
-[store]
-url = "sqlite:///{tmp_path}/inflight.db"
-[upstream]
-url = "{sink.url}"
-[log]
-format = "json"
-access_log = true
-[[projects]]
-id = "{PROJECT}"
-secret = "{PROJECT_SECRET}"
-""")
+    cores = os.cpu_count() or 1  # the default number of workers: metrics of several processes per node
+    config = write_config(tmp_path / "inflight.toml", sink.url,
+                          relay={"listen": f"127.0.0.1:{smtp_port}", "http_listen": f"127.0.0.1:{relay_http}", "workers": cores},
+                          tracker={"listen": f"127.0.0.1:{tracker_http}", "secrets": ["multiprocess-secret"], "workers": cores},
+                          log={"format": "json", "access_log": True})
     (tmp_path / "prom").mkdir()
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")}
     relay = Inflight("relay", config, tmp_path / "relay.log", env=env)

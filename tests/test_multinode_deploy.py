@@ -16,9 +16,9 @@ import yaml
 
 from config.settings import RelaySettings
 from tests.cluster import cluster, cluster_config
+from tests.processes import ROOT
 from tests.upstreams import faulty_sink
 
-ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 
 

@@ -15,8 +15,8 @@ from config.settings import (
     resolve_config_path,
     settings_from_mapping,
 )
+from tests.processes import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 VALID = {"projects": [{"id": "p", "secret": "secret-123"}]}
 
 

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from store.spool import UNDELIVERABLE, Handler, Spool, frame, read_frames, store_key
+from tests.processes import ROOT
 
 STORE = "sqlite:///somewhere/inflight.db"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class Sink:

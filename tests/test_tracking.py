@@ -8,7 +8,6 @@ import smtplib
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +17,10 @@ import pytest
 from config.settings import ConfigError, Settings
 from config.tracking import ModeRefused, TrackingSettings
 from inflight.cli import main
-from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, free_port, make_settings
+from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, make_settings
+from tests.processes import ROOT, Inflight, write_config
 from tests.test_flow import html_message, send, tracked_urls
 
-ROOT = Path(__file__).resolve().parents[1]
 MARKETING = {"X-Inflight-Template-Type": "MARKETING"}
 SETS = {"configuration_set": "track", "no_tracking_configuration_set": "quiet"}
 
@@ -147,61 +146,22 @@ def test_provider_engine_view(tmp_path: Path, sink: Sink) -> None:
 
 # Across processes: `inflight relay` and the tracker (or the CLI) on one SQLite file.
 
-def write_config(tmp_path: Path, sink: Sink, smtp_port: int) -> Path:
-    config = tmp_path / "inflight.toml"
-    config.write_text(f"""
-[relay]
-listen = "127.0.0.1:{smtp_port}"
-hostname = "relay.test"
-allow_plaintext_auth = true
-workers = 1
-[tracker]
-listen = "127.0.0.1:0"
-public_url = "http://127.0.0.1:1"
-secrets = ["test-secret-1"]
-[store]
-url = "sqlite:///{tmp_path}/inflight.db"
-[upstream]
-url = "{sink.url}"
-[[projects]]
-id = "{PROJECT}"
-secret = "{PROJECT_SECRET}"
-""")
-    return config
-
-
-def wait_for_smtp(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            with smtplib.SMTP("127.0.0.1", port, timeout=2):
-                return
-        except OSError:
-            assert process.poll() is None and time.monotonic() < deadline, "inflight relay did not come up"
-            time.sleep(0.1)
-
-
 def test_relay_process_sees_a_change_made_through_the_tracker_process(tmp_path: Path, sink: Sink) -> None:
-    smtp_port = free_port()
-    config = write_config(tmp_path, sink, smtp_port)
-    relay = subprocess.Popen([sys.executable, "-m", "inflight.cli", "relay", "--config", str(config)],
-                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    relay = Inflight("relay", write_config(tmp_path / "inflight.toml", sink.url), tmp_path / "relay.log").start()
     try:
-        wait_for_smtp(smtp_port, relay)
         with RunningService(make_settings(tmp_path, sink.url), relay=False) as tracker:
-            send(smtp_port, html_message(MARKETING))
+            send(relay.smtp_port, html_message(MARKETING))
             assert api(tracker, "PUT", {"mode": "DISABLED"}).status_code == 200
-            send(smtp_port, html_message(MARKETING))
+            send(relay.smtp_port, html_message(MARKETING))
             assert api(tracker, "PUT", {"mode": "ENABLED"}).status_code == 200
-            send(smtp_port, html_message(MARKETING))
+            send(relay.smtp_port, html_message(MARKETING))
     finally:
-        relay.terminate()
-        relay.wait(15)
+        relay.stop(15)
     assert [bool(tracked_urls(m.data)) for m in sink.messages] == [True, False, True]
 
 
 def test_cli_twin_changes_a_running_service(tmp_path: Path, sink: Sink) -> None:
-    config = write_config(tmp_path, sink, 0)
+    config = write_config(tmp_path / "inflight.toml", sink.url)
     with RunningService(make_settings(tmp_path, sink.url)) as service:
         send(service.smtp_port, html_message(MARKETING))
         result = subprocess.run([sys.executable, "-m", "inflight.cli", "settings", "tracking", PROJECT, "DISABLED",
@@ -214,7 +174,7 @@ def test_cli_twin_changes_a_running_service(tmp_path: Path, sink: Sink) -> None:
 
 
 def test_cli_twin_prints_sets_and_validates_like_the_api(tmp_path: Path, sink: Sink, capsys: pytest.CaptureFixture[str]) -> None:
-    config = write_config(tmp_path, sink, 0)
+    config = write_config(tmp_path / "inflight.toml", sink.url)
     assert main(["settings", "tracking", PROJECT, "--config", str(config)]) == 0
     assert json.loads(capsys.readouterr().out) == {
         "mode": "ENABLED", "available_modes": ["ENABLED", "DISABLED", "MARKETING_ONLY"],

@@ -18,11 +18,10 @@ import pytest
 
 from store import open_store
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, make_settings
-from tests.processes import wait_for
+from tests.processes import ROOT, wait_for
 from tests.test_flow import events, fetch, html_message, send, tracked_urls
 from tracker.webhooks import retry_delay, signature, signing_key
 
-ROOT = Path(__file__).resolve().parents[1]
 SECRET = "receiver-secret-0123456789"
 FAST_RETRIES = {"retry_initial_seconds": 0.05, "retry_max_seconds": 0.2, "poll_seconds": 0.05, "timeout_seconds": 2.0}
 

@@ -21,7 +21,7 @@ import pytest
 from inflight.service import ListenError, Listeners
 from inflight.supervisor import Slot, plan_slots
 from tests.conftest import PROJECT, PROJECT_SECRET, Sink, free_port, make_settings
-from tests.processes import Inflight, answers
+from tests.processes import Inflight, answers, write_config
 from tests.test_flow import html_message, html_of
 
 
@@ -35,27 +35,11 @@ class Serve(Inflight):
         super().__init__(verb, tmp_path / f"{name}.toml", tmp_path / f"{name}.log")
         self.smtp_port = smtp_port or free_port()
         self.http_port = http_port or free_port()
-        self.config.write_text(f"""
-[relay]
-listen = "127.0.0.1:{self.smtp_port}"
-hostname = "relay.test"
-allow_plaintext_auth = true
-workers = {workers}
-cpu_workers = 1
-drain_timeout_seconds = 10
-[tracker]
-listen = "127.0.0.1:{self.http_port}"
-public_url = "http://127.0.0.1:{self.http_port}"
-secrets = ["test-secret-1"]
-workers = {workers}
-[store]
-url = "{store_url or f'sqlite:///{tmp_path}/inflight.db'}"
-[upstream]
-url = "{sink.url}"
-[[projects]]
-id = "{PROJECT}"
-secret = "{PROJECT_SECRET}"
-""")
+        write_config(self.config, sink.url,
+                     relay={"listen": f"127.0.0.1:{self.smtp_port}", "workers": workers, "cpu_workers": 1,
+                            "drain_timeout_seconds": 10},
+                     tracker={"listen": f"127.0.0.1:{self.http_port}", "public_url": self.http_base, "workers": workers},
+                     store={"url": store_url or f"sqlite:///{tmp_path}/inflight.db"})
 
     def __enter__(self) -> Serve:
         return self.start(ready=lambda serve: answers(f"{serve.http_base}/healthz"))
