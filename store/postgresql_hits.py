@@ -1,11 +1,12 @@
 """Events into PostgreSQL in a fixed number of round trips, whatever the batch holds.
 
 `record` is one statement (in a transaction: three round trips): the rows, their webhook outbox rows
-and the NOTIFY, and the ids of the uids stored before. Opens and clicks (`record_engagement`) are group-committed, as on SQLite:
-calls that arrive while a batch is being written go together in the next one, one transaction of
-four round trips for the whole batch:
+and the NOTIFY, and the ids of the uids stored before. Opens and clicks (`record_engagement`) are
+group-committed, as on SQLite (store/group_commit.py): calls that arrive while a batch is being
+written go together in the next one, one transaction of four round trips for the whole batch:
 
-1. BEGIN (custom plans, see BEGIN) and the advisory locks of the batch's messages, in one order on every node (no deadlock);
+1. BEGIN (custom plans, see BEGIN) and the advisory locks of the batch's messages, in one order on
+   every node (no deadlock);
 2. the state, read once the locks are held: uids stored already, each message's subject, sender and
    verdict history, each message-and-contact's opens and clicks, and ids for the new rows;
 3. the rows, their outbox rows, the re-labels of stored events and the NOTIFY, in one statement;
@@ -125,7 +126,7 @@ WRITE = f"""
         AND (events.project, events.message_id, events.contact, events.at) = (l.project, l.message_id, l.contact, l.at)
         RETURNING 1
     )
-    SELECT (SELECT count(*) FROM e) AS inserted, (SELECT count(*) FROM n) AS notified, (SELECT count(*) FROM i) AS implied"""
+    SELECT count(*) AS notified FROM n"""
 
 
 @contextlib.asynccontextmanager
@@ -171,7 +172,7 @@ class Hit:
 
 @dataclass
 class Plan:
-    """What step 3 writes: rows (with their ids), re-labels of stored events, whether webhooks were queued."""
+    """What step 3 writes: the new rows (each with its id last) and the re-labels of stored events."""
 
     rows: list[list[Any]] = field(default_factory=list)
     labels: dict[int, tuple[str, str]] = field(default_factory=dict)  # stored event id -> (agent, reasons appended)
