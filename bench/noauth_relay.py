@@ -17,14 +17,16 @@ import socket
 from pathlib import Path
 
 import uvloop
-from aiosmtpd.smtp import Session
+from aiosmtpd.smtp import SMTP, Session
 
 from config.settings import ProjectSettings, Settings, load_settings
 from inflight.service import Listeners
 from inflight.supervisor import Slot, Supervisor, plan_slots
 from monitoring.logs import configure_logging
+from relay.accept import SharedAcceptor
 from relay.pipeline import Pipeline
 from relay.server import COMMAND_LIMITS, RelayHandler, RelaySMTP
+from relay.sessions import Sessions
 from relay.throttle import RateLimiter
 from relay.upstream import upstream_from_settings
 from relay.workers import cpu_pool
@@ -55,12 +57,17 @@ async def serve(settings: Settings, project: ProjectSettings, sock: socket.socke
     await spool.open()
     handler = ProjectBoundHandler(settings, pipeline, project)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: RelaySMTP(handler, require_tls=False, data_size_limit=settings.relay.max_message_bytes,
-                          hostname=settings.relay.hostname, ident="inflight", auth_required=False,
-                          command_call_limit=COMMAND_LIMITS, loop=loop),
-        sock=sock,
-    )
+    sessions = Sessions()
+
+    def protocol() -> SMTP:
+        return sessions.track(RelaySMTP(handler, require_tls=False, data_size_limit=settings.relay.max_message_bytes,
+                                        hostname=settings.relay.hostname, ident="inflight", auth_required=False,
+                                        command_call_limit=COMMAND_LIMITS, loop=loop))
+
+    # As `inflight relay` accepts: each worker its share of the shared socket (relay/accept.py).
+    server: asyncio.Server | SharedAcceptor = (
+        SharedAcceptor(sock, protocol, sessions=lambda: len(sessions.live())) if settings.relay.workers > 1
+        else await loop.create_server(protocol, sock=sock))
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)

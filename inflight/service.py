@@ -26,6 +26,7 @@ from config.settings import ConfigError, Settings, parse_listen
 from config.tracking import TrackingSettings
 from monitoring.http import monitoring_app
 from monitoring.metrics import SPOOL_DEPTH, SPOOL_OLDEST
+from relay.accept import SharedAcceptor
 from relay.pipeline import Pipeline
 from relay.server import Relay
 from relay.upstream import Upstream, upstream_from_settings
@@ -210,8 +211,8 @@ class Service:
         self.relay_address: tuple[str, int] | None = None
         self.smtps_address: tuple[str, int] | None = None
         self.tracker_address: tuple[str, int] | None = None
-        self._smtp: asyncio.Server | None = None
-        self._smtps: asyncio.Server | None = None
+        self._smtp: asyncio.Server | SharedAcceptor | None = None
+        self._smtps: asyncio.Server | SharedAcceptor | None = None
         self._relay: Relay | None = None
         self._upstream: Upstream | None = None
         self._workers: ProcessPoolExecutor | None = None

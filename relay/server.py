@@ -17,6 +17,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, sy
 from config.settings import ProjectSettings, Settings, SuppressionMode
 from monitoring.metrics import REFUSALS
 from relay import replies
+from relay.accept import SharedAcceptor
 from relay.headers import without_envelope_line
 from relay.memory import MemoryBudget, memory_share
 from relay.pipeline import Pipeline, StoreAway
@@ -276,7 +277,7 @@ class Relay:
         self.sessions = Sessions()  # every connection on every listener, for the shutdown drain
         self.memory = MemoryBudget(memory_share(relay.max_inflight_bytes, relay.workers, relay.max_message_bytes))
 
-    async def listen(self, sock: socket.socket, *, implicit_tls: bool = False) -> asyncio.Server:
+    async def listen(self, sock: socket.socket, *, implicit_tls: bool = False) -> asyncio.Server | SharedAcceptor:
         """Serve SMTP on an already bound socket (so callers and tests can bind port 0).
 
         With `implicit_tls` every connection starts with the TLS handshake (port 465 style) and
@@ -305,6 +306,9 @@ class Relay:
                     loop=loop,
                 ))
 
+        if relay.workers > 1:  # the socket is shared with the other workers: take a fair share of it
+            return SharedAcceptor(sock, protocol, sessions=lambda: len(self.sessions.live()),
+                                  tls=self.tls if implicit_tls else None, tls_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_SECONDS)
         if implicit_tls:
             return await loop.create_server(protocol, sock=sock, ssl=self.tls,
                                             ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_SECONDS)
