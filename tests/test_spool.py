@@ -256,3 +256,31 @@ def test_the_live_file_is_locked_from_the_moment_it_has_its_name(tmp_path: Path)
                 os.close(fd)
 
     asyncio.run(scenario())
+
+
+def test_hits_are_gathered_into_batches_and_other_kinds_or_a_reader_do_not_wait(tmp_path: Path) -> None:
+    """Kinds registered with `gather` wait for more after a delivery (here up to 30 s, so the waiting is
+    certain); a record of another kind, or a reader waiting for its writes, sends what waits at once."""
+
+    async def main() -> None:
+        sink, urgent = Sink(), Sink()
+        spool = Spool(tmp_path, store_url=STORE, gather_seconds=30)
+        spool.register("n", Handler(decode=decode, deliver=sink.deliver, gather=True))
+        spool.register("u", Handler(decode=decode, deliver=urgent.deliver))
+        await spool.open()
+        try:
+            await spool.append("n", 1)  # after a quiet spell: at once
+            await until(lambda: sink.delivered == [1])
+            await spool.append("n", 2)
+            await spool.append("n", 3)
+            await asyncio.sleep(0.3)
+            assert sink.delivered == [1] and spool.depth() == 2  # gathering
+            await spool.append("u", 4)  # not gathered: goes at once, with what was gathered
+            await until(lambda: urgent.delivered == [4] and sink.delivered == [1, 2, 3], timeout=20)
+            await spool.append("n", 5)
+            assert await spool.settled(20)  # read your writes: the reader does not wait the gathering out
+            assert sink.delivered == [1, 2, 3, 5]
+        finally:
+            await spool.close(timeout=2)
+
+    asyncio.run(main())
