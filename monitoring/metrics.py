@@ -47,11 +47,12 @@ REFUSALS = Counter("inflight_smtp_refusals", "4xx/5xx SMTP replies, by code", ["
 
 @contextmanager
 def timed(histogram: Histogram, *labels: str) -> Iterator[None]:
+    """Observe the block's duration in `histogram` (with `labels`; none for a child already labelled)."""
     started = time.perf_counter()
     try:
         yield
     finally:
-        histogram.labels(*labels).observe(time.perf_counter() - started)
+        (histogram.labels(*labels) if labels else histogram).observe(time.perf_counter() - started)
 
 
 def failure_cause(exc: BaseException) -> str:

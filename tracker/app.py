@@ -14,10 +14,10 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+from prometheus_client import Counter
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -168,6 +168,9 @@ class Tracker:
         self.suppressions = SuppressionRoutes(store)
         self.dead_letters = DeadLetterRoutes(store)
         self._metrics_readers = TrustedProxies(settings.tracker.metrics_allow)
+        # Every hit counts in these: labelled once, not per hit (labels() takes a lock and checks its arguments).
+        self._store_seconds = STORE_SECONDS.labels("record_engagement")
+        self._hits: dict[tuple[str, str], Counter] = {}
 
     def _claims(self, request: HitRequest, token: str, kind: str) -> TrackingClaims | None:
         """The claims of a `kind` token minted for a project this Host serves; None for any other token or Host."""
@@ -261,7 +264,7 @@ class Tracker:
                 continue
             if await self.forgotten.covers(send.project, send.recipient, send.contact):
                 continue  # an erased contact: a legacy token still carries the address; answered, not recorded
-            hit = replace(item.hit, sent_at=send.sent_at)
+            hit = Hit(**{**vars(item.hit), "sent_at": send.sent_at})  # dataclasses.replace: several times this
             event = self._event(item.claims, send, hit, item.uid)
             writes.append(self._record_engagement(event, hit))
         for result in await asyncio.gather(*writes, return_exceptions=True):
@@ -272,9 +275,13 @@ class Tracker:
 
     async def _record_engagement(self, event: NewEvent, hit: Hit) -> None:
         agents: list[str] = []
-        with timed(STORE_SECONDS, "record_engagement"):
+        with timed(self._store_seconds):
             await self.store.record_engagement(event, self._judgement(hit, agents))
-        HITS.labels(hit.kind, agents[-1] if agents else "none").inc()
+        labels = (hit.kind, agents[-1] if agents else "none")
+        counter = self._hits.get(labels)
+        if counter is None:
+            counter = self._hits[labels] = HITS.labels(*labels)
+        counter.inc()
 
     async def answer(self, kind: str, token: str, scope: Scope) -> Response:
         """The answer to a `kind` ("open": the pixel, "click": a redirect) hit on `token`: the same from
