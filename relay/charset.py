@@ -10,6 +10,7 @@ rather than silently change bytes.
 from __future__ import annotations
 
 import codecs
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -98,7 +99,7 @@ class Charset:
         # (our URLs and markup are ASCII, so this is a safety net for a minter returning an IRI).
         return text.encode(self.codec, "xmlcharrefreplace")
 
-    def byte_offsets(self, text: str, data: bytes, positions: list[int]) -> list[int]:
+    def byte_offsets(self, text: str, data: bytes, positions: Sequence[int]) -> Sequence[int]:
         """Byte offsets in `data` of the sorted text `positions`, verified to reproduce `data` exactly."""
         payload = memoryview(data)[self.bom :]
         if self.ascii_compatible and len(text) == len(payload) and text.encode(self.codec, "surrogateescape") == payload:

@@ -15,11 +15,13 @@ conditional comments, `</body>`, what never ends). Time is linear in the input s
 from __future__ import annotations
 
 import bisect
+import operator
 import re
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from html.entities import html5 as _NAMED_REFERENCES
-from operator import itemgetter
+from itertools import islice
 from typing import NamedTuple, Protocol
 
 from tracking.urls import UnserialisableUrl, browser_url
@@ -29,6 +31,7 @@ __all__ = [
     "LinkMinter",
     "RewriteResult",
     "Slot",
+    "Slots",
     "decode_attribute",
     "escape_attribute",
     "link_destination",
@@ -275,11 +278,67 @@ class Slot(NamedTuple):
     attribute_end: int  # just after the closing quote
 
 
+class Slots:
+    """A plan's slots in document order, kept in parallel arrays; iterating gives `Slot` tuples.
+
+    Compact because a 20 MB newsletter has 100 k links, planned once per message in the CPU pool:
+    as Slot tuples with their int objects they took ~22 MB more than these arrays (README "Memory").
+    """
+
+    __slots__ = ("_offsets", "destinations", "quotes")
+
+    def __init__(self) -> None:
+        self._offsets = array("q")  # per slot: attribute_start, start, end, attribute_end (sorted, as they follow)
+        self.destinations: list[str | None] = []  # per slot; None for the pixel slot
+        self.quotes: list[str] = []  # per slot
+
+    def add(self, start: int, end: int, destination: str | None, quote: str, attribute_start: int, attribute_end: int) -> None:
+        """Append a slot (its fields as in `Slot`) after the last one."""
+        self._offsets.extend((attribute_start, start, end, attribute_end))
+        self.destinations.append(destination)
+        self.quotes.append(quote)
+
+    def place(self, slot: Slot) -> None:
+        """Insert `slot` after every slot that starts at or before it; once, after the scanner added the others."""
+        starts = self._offsets[1::4]
+        if any(map(operator.gt, starts, islice(starts, 1, None))):
+            raise ValueError("slots out of document order")  # the scanner's contract; never silently spliced wrong
+        at = len(starts) if not starts or starts[-1] <= slot.start else bisect.bisect_right(starts, slot.start)
+        for offset, value in enumerate((slot.attribute_start, slot.start, slot.end, slot.attribute_end)):
+            self._offsets.insert(4 * at + offset, value)
+        self.destinations.insert(at, slot.destination)
+        self.quotes.insert(at, slot.quote)
+
+    def offsets(self, attributes: bool) -> array[int]:
+        """Every slot's start and end, in document order; with `attributes`, each between its attribute's
+        start and end. Sorted, since slots follow each other and an attribute holds its value."""
+        if attributes:
+            return self._offsets
+        spans = array("q", bytes(16 * len(self)))
+        spans[0::2], spans[1::2] = self._offsets[1::4], self._offsets[2::4]
+        return spans
+
+    def __len__(self) -> int:
+        return len(self.destinations)
+
+    def __getitem__(self, index: int) -> Slot:
+        index = range(len(self))[index]  # negative indices, and IndexError past the end
+        attribute_start, start, end, attribute_end = self._offsets[4 * index : 4 * index + 4]
+        return Slot(start, end, self.destinations[index], self.quotes[index], attribute_start, attribute_end)
+
+    def __iter__(self) -> Iterator[Slot]:
+        offsets = iter(self._offsets)
+        for (attribute_start, start, end, attribute_end), destination, quote in zip(
+            zip(offsets, offsets, offsets, offsets, strict=True), self.destinations, self.quotes, strict=True
+        ):
+            yield Slot(start, end, destination, quote, attribute_start, attribute_end)
+
+
 @dataclass(frozen=True, slots=True)
 class HtmlPlan:
     """What one scan of an HTML document found; rendering it for a recipient is just splicing."""
 
-    slots: tuple[Slot, ...]  # in document order, non-overlapping; the pixel slot is one of them
+    slots: Slots  # in document order, non-overlapping; the pixel slot is one of them
     seen_urls: frozenset[str]  # every absolute http(s) link and our-pixel URL: the idempotency check
     untrackable: tuple[str, ...] = ()  # why links a browser follows could not be tracked (no redirect can name them)
 
@@ -296,7 +355,7 @@ class HtmlPlan:
         out: list[str | None] = []
         links = 0
         click_url = minter.click_url
-        for _, _, destination, quote, _, _ in self.slots:
+        for destination, quote in zip(self.slots.destinations, self.slots.quotes, strict=True):
             if destination is None:
                 out.append(markup)
                 continue
@@ -319,8 +378,6 @@ def _value_span(attribute: re.Match[str]) -> tuple[int, int, str]:
     return attribute.start("value"), attribute.end("value"), ""
 
 
-_slot_start = itemgetter(0)
-
 
 def _same(text: str) -> str:
     return text
@@ -341,7 +398,7 @@ def _opted_out(html: str, tag: re.Match[str], read: Callable[[str], str]) -> boo
 
 def _link_slot(
     html: str, tag: re.Match[str], skip_urls: frozenset[str], seen: set[str], untrackable: list[str], read: Callable[[str], str]
-) -> Slot | None:
+) -> tuple[int, int, str, str, int, int] | None:
     start, end = tag.span("href")
     quote = html[start] if start < end and html[start] in "\"'" else ""
     if quote:
@@ -373,8 +430,7 @@ def _link_slot(
     except UnserialisableUrl as exc:
         untrackable.append(str(exc))  # e.g. a host IDNA refuses: no Location could name it
         return None
-    # Once per link: without the Python-level __new__ a NamedTuple has.
-    return tuple.__new__(Slot, (start, end, destination, quote, tag.start("href_name"), tag.end("href")))
+    return start, end, destination, quote, tag.start("href_name"), tag.end("href")  # Slot's fields (Slots.add)
 
 
 def plan_html(html: str, *, skip_urls: frozenset[str] = frozenset(), read: Callable[[str], str] = _same) -> HtmlPlan:
@@ -386,23 +442,23 @@ def plan_html(html: str, *, skip_urls: frozenset[str] = frozenset(), read: Calla
     span of `html` into the text it stands for: the identity, or for a part scanned byte for byte as Latin-1
     (see `Charset.byte_transparent`) the decoding in its real charset.
     """
-    slots: list[Slot] = []
+    slots = Slots()
     seen: set[str] = set()
     untrackable: list[str] = []
     body_end = _scan(html, 0, len(html), slots, skip_urls, seen, untrackable, read)
     pixel_at = len(html) if body_end is None else body_end
     # Link slots come in document order (a conditional comment's are scanned where it is): only the pixel's is placed.
-    bisect.insort(slots, Slot(pixel_at, pixel_at, None, "", pixel_at, pixel_at), key=_slot_start)
+    slots.place(Slot(pixel_at, pixel_at, None, "", pixel_at, pixel_at))
     if _OWN_PIXEL_TAIL in html:  # a substring search is ~10x quicker than the pattern's scan of a whole document
         seen.update(link_destination(match["src"]) for match in _OWN_PIXEL.finditer(html))
-    return HtmlPlan(tuple(slots), frozenset(seen), tuple(untrackable))
+    return HtmlPlan(slots, frozenset(seen), tuple(untrackable))
 
 
 def _scan(
     html: str,
     pos: int,
     end: int,
-    slots: list[Slot],
+    slots: Slots,
     skip_urls: frozenset[str],
     seen: set[str],
     untrackable: list[str],
@@ -416,9 +472,9 @@ def _scan(
         pos = token.end()
         if token.start("link") >= 0:
             if token.start("href") >= 0:
-                slot = _link_slot(html, token, skip_urls, seen, untrackable, read)
-                if slot is not None:
-                    slots.append(slot)
+                found = _link_slot(html, token, skip_urls, seen, untrackable, read)
+                if found is not None:
+                    slots.add(*found)
             continue
         if pos >= end:
             return body_end
@@ -451,7 +507,7 @@ class RewriteResult:
     already_instrumented: bool  # our own tracking URLs were found; `html` is the input
 
 
-def _splice(text: str, slots: tuple[Slot, ...], replacements: list[str | None]) -> str:
+def _splice(text: str, slots: Slots, replacements: list[str | None]) -> str:
     pieces: list[str] = []
     pos = 0
     for slot, replacement in zip(slots, replacements, strict=True):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import binascii
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple, Protocol
 
 __all__ = [
@@ -74,7 +74,7 @@ class Body(Protocol):
     decoded: bytes
     breaks_lines: bool  # whether render may use an edit's break positions (then they must be given)
 
-    def positions(self, offsets: list[int]) -> list[int]:
+    def positions(self, offsets: Sequence[int]) -> Sequence[int]:
         """Edit positions for sorted offsets into `decoded`."""
 
     def release(self) -> None:
@@ -117,7 +117,7 @@ class IdentityBody:
         self.breaks_lines = line_limit
         self._eol = eol
 
-    def positions(self, offsets: list[int]) -> list[int]:
+    def positions(self, offsets: Sequence[int]) -> Sequence[int]:
         return offsets
 
     def release(self) -> None:
@@ -194,7 +194,7 @@ class QuotedPrintableBody:
         self._eol = eol
         self._soft_break = b"=" + eol
 
-    def positions(self, offsets: list[int]) -> list[int]:
+    def positions(self, offsets: Sequence[int]) -> Sequence[int]:
         """One pass over the physical lines (offsets come sorted); lines between offsets are decoded in bulk."""
         data = self._data
         if not data:
@@ -383,7 +383,7 @@ class Base64Body:
         self._line_length = first_line if 4 <= first_line <= 76 and first_line % 4 == 0 and b"\n" in content else 76
         self._eol = eol
 
-    def positions(self, offsets: list[int]) -> list[int]:
+    def positions(self, offsets: Sequence[int]) -> Sequence[int]:
         return offsets
 
     def release(self) -> None:

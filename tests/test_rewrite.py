@@ -296,3 +296,12 @@ def test_links_no_location_can_name_are_left_with_the_reason():
     assert [slot.destination for slot in plan.slots] == ["https://e.com/", None]
     assert len(plan.untrackable) == 2
     assert "☃" in plan.untrackable[0] and "port" in plan.untrackable[1]
+
+
+def test_the_pixel_slot_takes_its_place_in_document_order():
+    """Slots are kept compactly (README "Memory"); the pixel goes among the links where `</body>` is."""
+    html = '<a href="https://e.com/1">1</a></body><a href="https://e.com/2">2</a>'
+    plan = plan_html(html)
+    assert [slot.destination for slot in plan.slots] == ["https://e.com/1", None, "https://e.com/2"]
+    assert [slot.start for slot in plan.slots] == sorted(slot.start for slot in plan.slots)
+    assert plan.slots.offsets(attributes=False).tolist() == [at for slot in plan.slots for at in (slot.start, slot.end)]
