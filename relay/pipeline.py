@@ -376,6 +376,7 @@ class Pipeline:
                         if all(v.unreachable for v in outcome.values()):
                             # The remaining copies would meet the same closed door: they wait for the retry.
                             return {**dict.fromkeys(pending, next(iter(outcome.values()))), **results}
+                        del copy  # sent: not held while the next copy is prepared (README "Memory")
         except DkimError as exc:
             if not results:
                 raise
@@ -510,6 +511,7 @@ class Pipeline:
                                                          notes)) as copies:
                 async for copy in copies:
                     yield copy
+                    del copy  # sent: not held while the next batch renders
         finally:
             held.discard()
 
