@@ -141,6 +141,17 @@ class IdentityBody:
         while index < len(edits):
             # Edits on one line: from the line start of the first to the line end after the last.
             line_start = data.rfind(b"\n", 0, edits[index].start) + 1
+            # The common case, on every link of every copy: the only edit on a line that stays short enough
+            # (measured to its line feed, a CR included: when that is too long, the exact reckoning below decides).
+            start, end, inserted, _, _ = edits[index]
+            newline = data.find(b"\n", end)
+            line_feed = len(data) if newline < 0 else newline
+            if (index + 1 == len(edits) or edits[index + 1].start >= line_feed) and (
+                line_feed - line_start + len(inserted) - (end - start) <= self._MAX_LINE
+            ):
+                out.append(edits[index])
+                index += 1
+                continue
             group = [edits[index]]
             line_end = self._line_end(edits[index].end)
             while index + len(group) < len(edits) and edits[index + len(group)].start < line_end:

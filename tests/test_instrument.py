@@ -430,6 +430,20 @@ def test_lines_pushed_past_998_octets_are_broken_between_attributes(minter):
     assert html_parts(result.data)[0].replace(" \r\nhref", " href").replace('"\r\n>', '">').count("<a ") == 3
 
 
+@pytest.mark.parametrize("eol", ["\r\n", "\n"])
+@pytest.mark.parametrize("overflow", [-1, 0, 1, 2])
+def test_a_line_is_broken_exactly_when_the_edit_pushes_it_past_998_octets(minter, eol, overflow):
+    tracked = f'href="{T0}"'
+    head = '<p><a class="c" '
+    filler = "x" * (998 + overflow - len(head) - len(tracked) - len(">y</a></p>"))
+    html = f"{head}{tracked.replace(T0, 'https://e.com/l')}>y</a></p>{filler}{eol}<p>next</p></body>"
+    result = instrument_message(message(html.encode().replace(b"\r\n", eol.encode()), eol=eol.encode()), minter)
+    body = result.data[result.data.index(eol.encode() * 2) + 2 * len(eol) :]
+    first = body.split(eol.encode())[0]
+    assert (first == f"{head}{tracked}>y</a></p>{filler}".encode()) is (overflow <= 0)
+    assert max(map(len, body.split(eol.encode()))) <= 998
+
+
 def test_render_is_deterministic_and_never_changes_the_plan(minter, make_minter):
     raw = message(base64.encodebytes(HTML.encode()), cte="base64")
     plan = plan_instrumentation(raw)
