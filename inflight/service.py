@@ -280,9 +280,9 @@ class Service:
             await self._serve_http(app, listeners.tracker)
             log.info("tracker listening on %s:%d (public_url=%s)", *self.tracker_address, self.settings.tracker.public_url)
 
-        if self.run_tracker and listeners.dashboard is not None:
+        if tracker is not None and listeners.dashboard is not None:  # bound with the tracker's listener
             self.dashboard_address = listeners.dashboard.getsockname()[:2]
-            await self._serve_http(dashboard_app(self.settings, self.store), listeners.dashboard)
+            await self._serve_http(dashboard_app(tracker), listeners.dashboard)
             log.info("dashboard on http://%s:%d/dashboard/", *self.dashboard_address)
 
     async def _serve_http(self, app: ASGIApp, sock: socket.socket) -> None:

@@ -172,6 +172,11 @@ class Tracker:
         self._store_seconds = STORE_SECONDS.labels("record_engagement")
         self._hits: dict[tuple[str, str], Counter] = {}
 
+    async def settled(self) -> None:
+        """Wait (at most SETTLE_SECONDS) until the hits this process answered are stored: a reader of
+        events or figures sees the hits that were answered before it asked."""
+        await self.spool.settled(SETTLE_SECONDS)
+
     def _claims(self, request: HitRequest, token: str, kind: str) -> TrackingClaims | None:
         """The claims of a `kind` token minted for a project this Host serves; None for any other token or Host."""
         host = self.proxies.host(request)
@@ -356,7 +361,7 @@ class Tracker:
         query = parse_event_query(project.id, request.query_params)
         if isinstance(query, list):
             return JSONResponse({"error": "; ".join(query)}, status_code=422)
-        await self.spool.settled(SETTLE_SECONDS)
+        await self.settled()
         rows = await self.store.events(dataclasses.replace(query, limit=query.limit + 1))
         page = [event_json(row) for row in rows[: query.limit]]
         more = len(rows) > query.limit
@@ -390,7 +395,7 @@ class Tracker:
         if isinstance(since, list):
             return JSONResponse({"error": "; ".join(since)}, status_code=422)
         query = StatsQuery(project=project.id, campaign=params.get("campaign"), template=params.get("template"), since=since)
-        await self.spool.settled(SETTLE_SECONDS)
+        await self.settled()
         return JSONResponse(stats_json(query, await self.store.stats(query)))
 
     async def tls_allowed(self, request: Request) -> Response:
@@ -498,7 +503,7 @@ def create_app(tracker: Tracker, *, manage_store: bool = False, dashboard: bool 
         Route("/metrics", tracker.metrics, methods=["GET"]),
     ]
     if dashboard:
-        routes += Dashboard(tracker.settings, tracker.store).routes()
+        routes += Dashboard(tracker.settings, tracker.store, settled=tracker.settled).routes()
     app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(HardenedResponses), Middleware(AccessLog)])
     # Starlette answers `/c/<token>/` with a 307 to an absolute URL built from the Host header:
     # a redirect we did not sign. Every path is exact; anything else is 404.
@@ -506,9 +511,9 @@ def create_app(tracker: Tracker, *, manage_store: bool = False, dashboard: bool 
     return HitPath(tracker.answer, app)
 
 
-def dashboard_app(settings: Settings, store: EventStore) -> Starlette:
+def dashboard_app(tracker: Tracker) -> Starlette:
     """The dashboard alone, for `[dashboard] listen` (a port of its own, e.g. kept off the public tracker)."""
-    app = Starlette(routes=Dashboard(settings, store).routes(),
+    app = Starlette(routes=Dashboard(tracker.settings, tracker.store, settled=tracker.settled).routes(),
                     middleware=[Middleware(HardenedResponses), Middleware(AccessLog)])
     app.router.redirect_slashes = False
     return app

@@ -68,9 +68,13 @@ Page = Callable[[Request, Viewer], Awaitable[Response]]
 
 
 class Dashboard:
-    def __init__(self, settings: Settings, store: EventStore, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: Settings, store: EventStore, *, settled: Callable[[], Awaitable[None]],
+                 clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.store = store
+        # Awaited before each page is read: the tracker answers a hit before storing it, and a page should
+        # show the hits answered before it was asked for, as /v1/stats does.
+        self.settled = settled
         self.tracking = TrackingSettings(settings, store)
         self.clock = clock
         # An account gets 3 free failures, an address 10 (several people may share one NAT).
@@ -125,6 +129,8 @@ class Dashboard:
                     return self._render("error.html", 403, viewer=viewer, message="The form expired or came from elsewhere "
                                         "(CSRF check failed). Reload the page and try again.")
                 request.state.form = form
+            else:
+                await self.settled()
             project_id = request.path_params.get("project")
             if project_id is not None and (self.settings.project(project_id) is None or not viewer.may_see(project_id)):
                 return self._render("error.html", 404, viewer=viewer, message="No such project.")
