@@ -26,12 +26,9 @@ class SendDirectory:
         self._size = size
         self._cache: OrderedDict[tuple[str, bytes], tuple[float, TrackedSend]] = OrderedDict()
 
-    async def send_of(self, claims: TrackingClaims) -> TrackedSend | None:
-        """The copy behind verified claims; None when the store has no row for it (past retention, forgotten)."""
-        return (await self.sends_of([claims]))[0]
-
     async def sends_of(self, claims: Sequence[TrackingClaims]) -> list[TrackedSend | None]:
-        """`send_of` for each of `claims`, with one store read for all those not cached."""
+        """The copy behind each of `claims` (None when the store has no row for it: past retention, forgotten),
+        with one store read for all those not cached."""
         now = time.monotonic()
         found: dict[tuple[str, bytes], TrackedSend] = {}
         missing: list[tuple[str, bytes]] = []
