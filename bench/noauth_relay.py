@@ -77,6 +77,7 @@ async def serve(settings: Settings, project: ProjectSettings, sock: socket.socke
     await spool.close()
     await upstream.close()
     workers.shutdown(cancel_futures=True)
+    pipeline.close()
     await store.close()
 
 

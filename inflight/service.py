@@ -214,6 +214,7 @@ class Service:
         self._smtp: asyncio.Server | SharedAcceptor | None = None
         self._smtps: asyncio.Server | SharedAcceptor | None = None
         self._relay: Relay | None = None
+        self._pipeline: Pipeline | None = None
         self._upstream: Upstream | None = None
         self._workers: ProcessPoolExecutor | None = None
         self.relay_http_address: tuple[str, int] | None = None
@@ -245,7 +246,7 @@ class Service:
             self._upstream = upstream_from_settings(
                 self.settings.upstream, local_hostname=self.settings.relay.hostname, executor=self._workers
             )
-            pipeline = Pipeline(settings=self.settings, upstream=self._upstream, store=self.store, keys=self.keys,
+            pipeline = self._pipeline = Pipeline(settings=self.settings, upstream=self._upstream, store=self.store, keys=self.keys,
                                 spool=self.spool, executor=self._workers)
         await self.spool.open()  # once relay and tracker registered what they write: it takes over those kinds
         self._background = [asyncio.create_task(self.webhooks.run()), asyncio.create_task(self._observe_spool())]
@@ -308,6 +309,8 @@ class Service:
             await self._upstream.close()
         if self._workers is not None:
             await asyncio.to_thread(self._workers.shutdown, True, cancel_futures=True)
+        if self._pipeline is not None:
+            self._pipeline.close()
         for http, serving in self._http_servers:
             http.should_exit = True
             await serving

@@ -5,8 +5,9 @@ back, it was held there three times (its pieces, the joined bytes, the pickle) a
 the relay while it was unpickled (bench case memory). Rendered in the pool, its pieces are written
 to a file as they are made, the pool answers with the file's name, and the relay reads the copy
 once, as it sends it, and removes the file: on disk, a copy waiting to go costs page cache the
-kernel can reclaim, not process memory (README "Memory"). Files live in the relay's temporary
-directory (TMPDIR; keep it on disk, not tmpfs, or the copies are in RAM again).
+kernel can reclaim, not process memory (README "Memory"). Files live in the relay process's own
+scratch directory under TMPDIR (keep it on disk, not tmpfs, or the copies are in RAM again), removed
+when the process stops, and by the next relay to start when the process died (the files hold mail).
 
 Never lose mail: a file that cannot be written (full disk) makes the copy render in memory as
 before; a render that fails leaves no file and the message goes untouched, as always.
@@ -16,8 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import logging
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -26,7 +31,61 @@ from pathlib import Path
 from relay.dkim import DkimSigner
 from relay.instrument import InstrumentationPlan, Instrumented, LinkMinter, plan_instrumentation
 
+log = logging.getLogger("inflight.relay")
+
 FILE_PREFIX = "inflight-copy-"
+SCRATCH_PREFIX = "inflight-scratch-"
+OWNER_FILE = "owner.lock"  # flock'd by the live process that owns the directory
+UNOWNED_GRACE_SECONDS = 60.0  # a directory without its owner file yet may be one another process is creating
+
+
+class ScratchDirectory:
+    """This relay process's directory for messages and copies in flight.
+
+    A relay killed with SIGKILL (or by the OOM killer, or a power cut) cannot remove its files, and
+    they hold recipients' mail: each process owns a directory of its own, holds an flock on a file
+    in it while it lives, and removes it when it stops; every relay that starts removes the
+    directories whose lock nobody holds any more (a pid could have been reused; a lock cannot).
+    """
+
+    def __init__(self, parent: str | None = None) -> None:
+        self.parent = parent or tempfile.gettempdir()
+        self.path = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=self.parent)
+        self._owner = os.open(os.path.join(self.path, OWNER_FILE), os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._owner, fcntl.LOCK_EX)
+        for abandoned in abandoned_scratch(self.parent):
+            shutil.rmtree(abandoned, ignore_errors=True)
+            log.warning("scratch-removed path=%s detail='left by a relay process that died'", abandoned)
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._owner)
+
+
+def abandoned_scratch(parent: str) -> list[str]:
+    """Scratch directories in `parent` whose owner is gone."""
+    found = []
+    with os.scandir(parent) as entries:
+        candidates = [entry.path for entry in entries if entry.name.startswith(SCRATCH_PREFIX) and entry.is_dir()]
+    for path in candidates:
+        try:
+            owner = os.open(os.path.join(path, OWNER_FILE), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                if time.time() - os.stat(path).st_mtime > UNOWNED_GRACE_SECONDS:
+                    found.append(path)
+            continue
+        except OSError:
+            continue  # another user's, or unreadable: not ours to judge
+        try:
+            fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its process lives
+        else:
+            found.append(path)
+        finally:
+            os.close(owner)
+    return found
 
 
 @dataclass(frozen=True)

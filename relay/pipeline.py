@@ -11,7 +11,6 @@ import contextlib
 import functools
 import logging
 import re
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -24,7 +23,7 @@ from config.settings import ProjectSettings, Settings, TrackingEngine, TrackingM
 from config.tracking import TrackingSettings
 from monitoring.metrics import FAIL_OPENS, MESSAGES, STORE_SECONDS, TRACKED, timed
 from relay import replies
-from relay.copies import HeldMessage, Rendered, discard, discard_when_done, render_copies
+from relay.copies import HeldMessage, Rendered, ScratchDirectory, discard, discard_when_done, render_copies
 from relay.dkim import DkimSigner
 from relay.headers import SplitMessage, decoded_header, split_message
 from relay.hints import AppHints, Refusal, read_hints, strip_hints
@@ -140,7 +139,14 @@ class Pipeline:
         self._store_away_until = 0.0  # monotonic time until which messages do not wait for the store
         self.dkim = DkimSigner([load_key(k.domain, k.selector, k.private_key_path) for k in settings.dkim])
         self.executor = executor  # CPU-heavy work on large messages; None runs it on the event loop
+        # Where large messages and their copies wait as files while the pool works on them.
+        self.scratch = ScratchDirectory() if executor is not None else None
         self._sending: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+
+    def close(self) -> None:
+        """Remove the scratch directory; once the pool stopped, nothing in it is waited for."""
+        if self.scratch is not None:
+            self.scratch.close()
 
     async def relay(self, project: ProjectSettings, mail_from: str, recipients: list[str], raw: bytes) -> str:
         """Return the SMTP reply for this transaction; 250 only once the upstream accepted every copy."""
@@ -505,7 +511,8 @@ class Pipeline:
         batch = max(1, INLINE_BYTES // max(held.size, 1))
         pooled = self.executor is not None and held.size >= INLINE_BYTES
         if pooled:
-            await held.spill(tempfile.gettempdir())  # the pool reads it there; the relay holds it no more
+            assert self.scratch is not None  # made with the pool
+            await held.spill(self.scratch.path)  # the pool reads it there; the relay holds it no more
         try:
             async with contextlib.aclosing(self._tracked(held, recipients, minters, batch, sends, message, message_id, project,
                                                          notes)) as copies:
@@ -583,7 +590,8 @@ class Pipeline:
         if self.executor is None or held.size < INLINE_BYTES:
             return render_copies(await held.read(), minters, self.dkim)
         message = held.path or await held.read()  # the file's name when it was spilled, else the bytes (pickled)
-        job = self.executor.submit(render_copies, message, minters, self.dkim, directory=tempfile.gettempdir())
+        assert self.scratch is not None  # made with the pool
+        job = self.executor.submit(render_copies, message, minters, self.dkim, directory=self.scratch.path)
         del message
         try:
             return await asyncio.wrap_future(job)

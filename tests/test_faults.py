@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import smtplib
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.copies import SCRATCH_PREFIX
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, free_port, make_settings
 from tests.processes import Inflight, write_config
 from tests.upstreams import FaultySink, RawUpstream, faulty_sink, self_signed_cert
@@ -228,12 +230,17 @@ def crash_cases(tmp_path: Path, tally: Tally) -> None:
                 app.start()
                 wait_for(sink, relay)
                 children = relay.descendants()
+                assert relay.process is not None
+                killed = children | {relay.process.pid}
                 relay.signal(signal.SIGKILL)
                 relay.wait(10)
                 app.join(20)
                 sink.handler.release.set()
                 sink.handler.data_delay = 0
                 relay.start()
+                left = [p for pid in killed for p in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}{pid}-*")]
+                if left:  # the killed processes' messages and copies: removed by the relay that started next
+                    tally.problems.append(f"{case}: scratch directories of the killed relay left: {left}")
                 assert first, "the app's first attempt ended"
                 codes = deliver(lambda: relay.port, data, recipients, lambda: None, tried=first)
                 tally.check(case, codes, sink.handler.copies(), recipients)

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import quopri
+import signal
 import smtplib
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -18,7 +23,16 @@ import pytest
 
 from config.settings import MEMORY_PER_MESSAGE_BYTE
 from relay import memory as memory_module
-from relay.copies import FILE_PREFIX, HeldMessage, Rendered, discard_when_done, render_copies
+from relay.copies import (
+    FILE_PREFIX,
+    SCRATCH_PREFIX,
+    HeldMessage,
+    Rendered,
+    ScratchDirectory,
+    abandoned_scratch,
+    discard_when_done,
+    render_copies,
+)
 from relay.dkim import DkimSigner
 from relay.memory import MemoryBudget, declared_size, memory_share
 from relay.upstream import INLINE_BYTES
@@ -137,7 +151,7 @@ def newsletter(links: int) -> bytes:
 
 
 def copy_files(directory: Path) -> list[Path]:
-    return sorted(directory.glob(f"{FILE_PREFIX}*"))
+    return sorted(directory.rglob(f"{FILE_PREFIX}*"))  # in the relay's scratch directory too
 
 
 def test_a_copy_rendered_into_a_file_is_the_copy_rendered_in_memory(tmp_path: Path, make_minter: type[DeterministicMinter]) -> None:
@@ -224,3 +238,36 @@ def test_a_large_message_with_nothing_to_track_goes_untouched_from_its_spilled_f
     [delivered] = sink.handler.messages  # one transaction for both, as sent
     assert sorted(delivered.recipients) == ["a@example.com", "b@example.com"]
     assert delivered.data.endswith(data.split(b"\r\n\r\n", 1)[1])
+
+
+def _scratch_of_a_killed_process(parent: Path) -> Path:
+    """A relay process's scratch directory with a copy in it, its process then killed with SIGKILL."""
+    code = ("import os, sys, signal; from relay.copies import ScratchDirectory; s = ScratchDirectory(sys.argv[1]); "
+            "open(os.path.join(s.path, 'inflight-copy-x'), 'wb').write(b'mail'); print(s.path, flush=True); "
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    done = subprocess.run([sys.executable, "-c", code, str(parent)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    return Path(done.stdout.strip())
+
+
+def test_scratch_left_by_a_killed_relay_is_removed_by_the_next_and_a_live_ones_is_kept(tmp_path: Path) -> None:
+    dead = _scratch_of_a_killed_process(tmp_path)
+    assert copy_files(dead), "the killed process left its copy behind"
+    live = ScratchDirectory(str(tmp_path))
+    try:
+        assert not dead.exists()
+        other = ScratchDirectory(str(tmp_path))  # a sibling worker starting: the first one's lock is held
+        assert Path(live.path).is_dir() and Path(other.path).is_dir()
+        other.close()
+        assert not Path(other.path).exists()
+    finally:
+        live.close()
+
+
+def test_scratch_without_its_owner_file_is_removed_only_once_old(tmp_path: Path) -> None:
+    young, old = tmp_path / f"{SCRATCH_PREFIX}1-young", tmp_path / f"{SCRATCH_PREFIX}2-old"
+    young.mkdir()
+    old.mkdir()
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    (tmp_path / "unrelated").mkdir()
+    assert abandoned_scratch(str(tmp_path)) == [str(old)]
