@@ -94,9 +94,10 @@ def run(quick: bool, smoke: bool = False) -> list[dict[str, Any]]:
 
     names = list(variants)
     rows = [row(CASE, names[0], "msg/s", samples[names[0]])]
-    for label, _, _ in shapes:
+    for label, _, recipients in shapes:
         off, on = f"{label}: tracking off", f"{label}: tracking on"
         floor = names[0] if off.startswith(shapes[0][0]) else None
         rows.append(row(CASE, off, "msg/s", samples[off], baseline=(floor, samples[floor]) if floor else None))
-        rows.append(row(CASE, on, "msg/s", samples[on], baseline=(off, samples[off]), min_ratio=0.70))
+        # Issue 15: >= 0.70 with one recipient, >= 0.5 with five (each tracked recipient is a copy of its own).
+        rows.append(row(CASE, on, "msg/s", samples[on], baseline=(off, samples[off]), min_ratio=0.70 if recipients == 1 else 0.5))
     return rows
