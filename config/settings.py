@@ -160,6 +160,9 @@ class TrackerSettings:
     metrics_allow: tuple[str, ...] = ("127.0.0.1", "::1")
     # A pixel or a redirect is answered within this, whatever the disk or the store do (README: Spool).
     answer_budget_ms: int = 50
+    # Hits are stored by a process of their own beside each worker, off the answering event loop
+    # (README: Spool); false stores them in the answering process (one process less per worker).
+    store_process: bool = True
 
 
 @dataclass(frozen=True)

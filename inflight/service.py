@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import signal
 import socket
@@ -36,6 +37,7 @@ from store.spool import Spool
 from tracker.app import Tracker, create_app, dashboard_app
 from tracker.edge import MAX_REQUEST_HEAD_BYTES
 from tracker.privacy import RetentionPurge
+from tracker.recorder_process import RecorderProcess
 from tracker.webhooks import WebhookWorker
 from tracking.tokens import TokenKeys
 
@@ -217,6 +219,7 @@ class Service:
         self._pipeline: Pipeline | None = None
         self._upstream: Upstream | None = None
         self._workers: ProcessPoolExecutor | None = None
+        self._recorder: RecorderProcess | None = None
         self.relay_http_address: tuple[str, int] | None = None
         self.dashboard_address: tuple[str, int] | None = None
         self._http_servers: list[tuple[_EmbeddedUvicorn, asyncio.Task[None]]] = []
@@ -238,7 +241,11 @@ class Service:
             raise ConfigError(problems)
         tracker = None
         if self.run_tracker and listeners.tracker is not None:
-            tracker = Tracker(settings=self.settings, store=self.store, keys=self.keys, spool=self.spool)
+            if self.settings.tracker.store_process:
+                self._recorder = RecorderProcess(self.settings)
+                await self._recorder.start()
+            tracker = Tracker(settings=self.settings, store=self.store, keys=self.keys, spool=self.spool,
+                              recorder=self._recorder)
         pipeline = None
         if self.run_relay and listeners.relay is not None:
             give_back_large_buffers()
@@ -315,6 +322,8 @@ class Service:
             http.should_exit = True
             await serving
         await self.spool.close()  # what the store does not take in time is taken over at the next start
+        if self._recorder is not None:
+            await self._recorder.close()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -338,7 +347,12 @@ class Service:
             await asyncio.sleep(LEDGER_PURGE_SECONDS)
 
     async def run_until_signalled(self) -> None:
+        """Serve this process until SIGINT or SIGTERM (the CLI's process: it owns the collector)."""
         await self.start()
+        # What start made (modules, settings, tables, connections) lives as long as the process: kept out
+        # of the collector's sight, a full collection scans only what serving made since, not ~60 k objects
+        # (20–80 ms with the event loop stopped: a tracker's p99 answer time; README: Performance).
+        gc.freeze()
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -105,12 +105,14 @@ class Handler:
 
     `decode` turns a journal body back into what `deliver` takes; it runs before any store call, so
     an error there is the record's (it goes to UNDELIVERABLE), while an error from `deliver` is the
-    store's (the batch is tried again later). `key` indexes pending records for `pending()`. `gather`:
-    records of this kind may wait up to GATHER_SECONDS to go in a bigger batch.
+    store's (the batch is tried again later). Without `decode`, `deliver` takes the records' payloads
+    as written (JSON `[kind, body]`) and reads them itself — in another process, say — handing those
+    it cannot read to `set_aside`. `key` (with `decode` only) indexes pending records for `pending()`.
+    `gather`: records of this kind may wait up to GATHER_SECONDS to go in a bigger batch.
     """
 
-    decode: Callable[[Any], Any]
     deliver: Callable[[list[Any]], Awaitable[None]]
+    decode: Callable[[Any], Any] | None = None
     key: Callable[[Any], str | None] | None = None
     gather: bool = False
 
@@ -295,7 +297,9 @@ class Spool:
     def pending(self, key: str) -> Iterator[Any]:
         """The decoded bodies of records with this key that the store has not confirmed yet."""
         for entry in self._by_key.get(key, ()):
-            yield self.handlers[entry.kind].decode(json.loads(entry.data)[1])
+            decode = self.handlers[entry.kind].decode
+            assert decode is not None, "records are keyed only for handlers that decode them"
+            yield decode(json.loads(entry.data)[1])
 
     async def settled(self, timeout: float) -> bool:
         """Wait until every record this process appended before the call is in the store (read your
@@ -396,22 +400,23 @@ class Spool:
     async def _deliver(self, batch: list[_Entry]) -> None:
         by_kind: dict[str, list[Any]] = {}
         for entry in batch:
-            kind, body = json.loads(entry.data)
-            handler = self.handlers[kind]
+            decode = self.handlers[entry.kind].decode
+            if decode is None:
+                by_kind.setdefault(entry.kind, []).append(entry.data)
+                continue
             try:
-                by_kind.setdefault(kind, []).append(handler.decode(body))
+                by_kind.setdefault(entry.kind, []).append(decode(json.loads(entry.data)[1]))
             except (TypeError, KeyError, ValueError) as exc:
-                self._set_aside(entry, exc)
+                self.set_aside(entry.data, entry.kind, f"{type(exc).__name__}: {exc}")
         for kind, items in by_kind.items():
             await self.handlers[kind].deliver(items)
 
-    def _set_aside(self, entry: _Entry, exc: Exception) -> None:
+    def set_aside(self, payload: bytes, kind: str, reason: str) -> None:
         """A record no handler can read (a format from another version) would block the spool forever:
         keep it in UNDELIVERABLE for the operator and go on."""
-        log.error("spool-record-undeliverable kind=%s error=%s: %s (kept in %s)", entry.kind, type(exc).__name__, exc,
-                  self.directory / UNDELIVERABLE)
+        log.error("spool-record-undeliverable kind=%s error=%s (kept in %s)", kind, reason, self.directory / UNDELIVERABLE)
         with (self.directory / UNDELIVERABLE).open("ab") as rejected:
-            rejected.write(entry.data + b"\n")
+            rejected.write(payload + b"\n")
 
     def _confirm(self, entry: _Entry, *, own: bool) -> None:
         if entry.segment is not None:
@@ -512,7 +517,7 @@ class Spool:
             try:
                 kind, body = json.loads(payload)
             except ValueError as exc:
-                self._set_aside(_Entry(payload, "?", None, at), exc)
+                self.set_aside(payload, "?", f"{type(exc).__name__}: {exc}")
                 continue
             handler = self.handlers.get(kind)
             if handler is None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import smtplib
 import sqlite3
 import statistics
@@ -156,6 +158,35 @@ def test_sigkill_right_after_1000_clicks_answered_loses_none_and_stores_none_twi
         wait_for(lambda: restarted.journal_records() == 0, seconds=60, what="journal emptied", every=0.1)
     print(f"SIGKILL ({workers} worker(s)) after 1000 answered clicks: {stored} stored and {in_journal} journal records at the kill, "
           f"1000 stored once each after restart")
+
+
+def recorder_pids(pid: int) -> list[int]:
+    """The recorder processes (tracker/recorder_process.py) among `pid`'s children: spawned by multiprocessing."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(child) for child in children
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes() and Path(f"/proc/{child}/stat").read_text().split()[2] != "Z"]
+
+
+def test_the_recorder_process_sigkilled_mid_run_loses_no_hit_and_stores_none_twice(tmp_path: Path) -> None:
+    """The tracker's hits are stored by a child process (`store_process`, on by default): killed while
+    clicks come in, the answers go on, the batch it had is retried from the spool by a new child."""
+    with running(tmp_path, "tracker") as tracker:
+        assert tracker.process is not None
+        (first,) = recorder_pids(tracker.process.pid)
+        paths = click_paths(600, tracker.direct_url)
+
+        def answered_so_far(count: int) -> None:
+            if count == 300:
+                os.kill(first, signal.SIGKILL)
+
+        answers = click_all(tracker.http_base, paths, concurrency=10, answered_so_far=answered_so_far)
+        assert [status for status, _ in answers] == [302] * 600
+        wait_for(lambda: sum(tracker.clicks_by_link().values()) >= 600, seconds=60, what="600 clicks stored", every=0.1)
+        time.sleep(0.5)  # a batch stored twice would have arrived by now
+        assert tracker.clicks_by_link() == Counter({f"https://example.com/p/{i}": 1 for i in range(600)})
+        (second,) = recorder_pids(tracker.process.pid)
+        assert second != first
+        assert "recorder-process-lost" in tracker.output()
 
 
 def send_message(port: int, index: int, recipients: list[str], *, message_id: str | None = None) -> tuple[int, bytes]:

@@ -25,24 +25,22 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Scope
 
-from config.settings import ApiAccess, IpMode, ProjectSettings, Settings
+from config.settings import ApiAccess, ProjectSettings, Settings
 from config.tracking import ModeRefused, TrackingSettings
 from monitoring.http import AccessLog, health_response, metrics_response
-from monitoring.metrics import HITS, STORE_SECONDS, timed
-from store.model import EVENT_NAMES, MAX_LIMIT, Decision, EventQuery, EventStore, Judgement, NewEvent, StatsQuery, rfc3339
+from monitoring.metrics import HITS, STORE_SECONDS
+from store.model import EVENT_NAMES, MAX_LIMIT, EventQuery, EventStore, StatsQuery, rfc3339
 from store.spool import Handler, Spool
-from tracker.agents import AgentPolicy, Hit, PriorHit, classify, relabel
+from tracker.agents import Hit
 from tracker.dashboard.app import Dashboard
 from tracker.dead_letters import DeadLetterRoutes
 from tracker.edge import HardenedResponses, HitPath, HitRequest
 from tracker.feedback import FeedbackRoutes
-from tracker.netdata import NetworkLists, network_specs
-from tracker.privacy import ForgottenContacts, stored_ip
-from tracker.sends import SendDirectory
+from tracker.recorder import HitRecorder, Recording
 from tracker.shapes import event_json, stats_json
 from tracker.spooled import SpooledHit
 from tracker.suppressions import SuppressionRoutes
-from tracking.claims import TrackedSend, TrackingClaims
+from tracking.claims import TrackingClaims
 from tracking.legacy import LegacyTokens
 from tracking.tokens import TokenKeys, TokenVerifier
 from tracking.urls import redirect_location
@@ -65,7 +63,6 @@ PIXEL = Response(PIXEL_GIF, media_type="image/gif", headers=NO_CACHE)
 UNAUTHORIZED = JSONResponse({"error": "missing or invalid bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
 SETTLE_SECONDS = 1.0  # the events API waits at most this for hits answered before it to reach the store
 SLOW_LOG_SECONDS = 10.0  # at most one spool-slow line per this many seconds
-SEND_WAIT_SECONDS = 60.0  # how long a hit waits for its copy's row to reach the store
 
 
 class TrustedProxies:
@@ -115,40 +112,28 @@ def host_name(host: str) -> str:
     return (name if colon and port.isdigit() else host).lower().rstrip(".")
 
 
-def prior_hit(row: Mapping[str, Any]) -> PriorHit:
-    """A stored open/click as history for the next verdict. A honeypot click is recognised
-    by its `honeypot` reason token, which classify() always writes for one."""
-    return PriorHit(
-        event_id=row["id"],
-        kind="open" if row["name"] == "email.open" else "click",
-        at=datetime.fromisoformat(row["at"]).timestamp(),
-        ip=row["ip"],
-        user_agent=row["user_agent"],
-        link=row["link"],
-        honeypot="honeypot" in (row["agent_reason"] or "").split(),
-        agent=row["agent"] or "human",
-    )
-
-
 class Tracker:
     """Answers hits from the verified token alone: the hit goes to the spool, the spool to the store.
 
     `spool` must be opened after the Tracker registered its hits with it (the Service does).
+    `recorder` stores what the spool delivers: in this process (the default) or in one of its own
+    (RecorderProcess, `[tracker] store_process`); its owner opens and closes it.
     """
 
     def __init__(
         self, *, settings: Settings, store: EventStore, keys: TokenKeys, spool: Spool,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time, recorder: Recording | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.spool = spool
-        spool.register("hit", Handler(decode=SpooledHit.decode, deliver=self._store_hits, gather=True))
+        self.recorder = recorder or HitRecorder(settings, store)
+        # No decode here: the journal's bytes go to the recorder as they are, which reads them where it stores them.
+        spool.register("hit", Handler(deliver=self._store_hits, gather=True))
         self.budget = settings.tracker.answer_budget_ms / 1000
         self._slow_logged = 0.0
         legacy = LegacyTokens(settings.tracker.secrets) if settings.tracker.legacy_tokens else None
         self.tokens = TokenVerifier(keys, legacy)
-        self.sends = SendDirectory(store)
         # Host -> the projects whose tokens it serves: a project's own domains serve it alone;
         # public_url's host every project (mail minted before a project had a domain of its own).
         self.hosts: dict[str, frozenset[str] | None] = {settings.public_host: None}
@@ -159,11 +144,7 @@ class Tracker:
         # Bearer tokens: each project's secret (full access, as before api_keys) and its API keys.
         self._tokens = {p.secret: (p, ApiAccess.ADMIN) for p in settings.projects}
         self._tokens.update({k.key: (p, k.access) for p in settings.projects for k in p.api_keys})
-        self.networks = NetworkLists(network_specs(settings.tracker.network_lists))
-        self.policy = AgentPolicy(sent_window_seconds=settings.tracker.sent_window_seconds)
         self.clock = clock  # event times; a test replays hours of traffic by setting it
-        self._ip_modes = {p.id: p.ip_mode for p in settings.projects}
-        self.forgotten = ForgottenContacts(store)
         self.feedback = FeedbackRoutes(settings, store)
         self.suppressions = SuppressionRoutes(store)
         self.dead_letters = DeadLetterRoutes(store)
@@ -171,6 +152,25 @@ class Tracker:
         # Every hit counts in these: labelled once, not per hit (labels() takes a lock and checks its arguments).
         self._store_seconds = STORE_SECONDS.labels("record_engagement")
         self._hits: dict[tuple[str, str], Counter] = {}
+
+    async def _store_hits(self, payloads: list[bytes]) -> None:
+        """The spool's delivery of hits: stored by the recorder, then what it left to this process done here."""
+        recorded = await self.recorder.record(payloads)
+        for body in recorded.deferred:
+            self.spool.append("hit", body)
+        for payload, reason in recorded.unreadable:
+            self.spool.set_aside(payload, "hit", reason)
+        for seconds in recorded.store_seconds:
+            self._store_seconds.observe(seconds)
+        for labels, count in recorded.hits.items():
+            counter = self._hits.get(labels)
+            if counter is None:
+                counter = self._hits[labels] = HITS.labels(*labels)
+            counter.inc(count)
+        if recorded.webhooks_queued:
+            self.store.outbox_added.set()
+        if recorded.only_waiting:
+            await asyncio.sleep(1.0)  # only hits waiting for their copy: do not spin on them
 
     async def settled(self) -> None:
         """Wait (at most SETTLE_SECONDS) until the hits this process answered are stored: a reader of
@@ -184,19 +184,6 @@ class Tracker:
             return None
         return self.tokens.verify(token, kind, self.hosts[host])
 
-    def _judgement(self, hit: Hit, agents: list[str]) -> Judgement:
-        """The verdict on `hit` and the earlier events of its message that it exposes, made by the
-        store from the message's recent hits in the transaction that records it (its agent appended to `agents`)."""
-
-        def decide(rows: list[Mapping[str, Any]]) -> Decision:
-            recent = [prior_hit(row) for row in rows]
-            verdict = classify(hit, networks=self.networks, recent=recent, policy=self.policy)
-            agents.append(verdict.agent)
-            exposed = relabel(hit, verdict, recent=recent, policy=self.policy)
-            return verdict.agent, verdict.reason, {event_id: (v.agent, v.reason) for event_id, v in exposed.items()}
-
-        return Judgement(rfc3339(datetime.fromtimestamp(hit.at - self.policy.lookback_seconds, UTC)), decide)
-
     def _hit(self, request: HitRequest, claims: TrackingClaims) -> Hit:
         """What the verdict needs from the request; `sent_at` comes with the send (`_event`)."""
         header = request.header
@@ -209,28 +196,6 @@ class Tracker:
             purpose=header(b"sec-purpose") or header(b"purpose") or header(b"x-moz"),
             link=claims.link,
             honeypot=claims.honeypot,
-        )
-
-    def _event(self, claims: TrackingClaims, send: TrackedSend, hit: Hit, uid: str) -> NewEvent:
-        """The open or click event of a hit on `send`, the copy its token names (`uid`: made at the answer, so replays match)."""
-        return NewEvent(
-            uid=uid,
-            name=f"email.{claims.kind}",
-            project=send.project,
-            contact=send.contact,
-            recipient=send.recipient,
-            message_id=send.message_id,
-            at=rfc3339(datetime.fromtimestamp(hit.at, UTC)),
-            campaign=send.campaign,
-            template=send.template,
-            template_type=send.template_type,
-            campaign_type=send.campaign_type,
-            link=claims.link,
-            # The verdict saw the full address; the store keeps what the project's ip_mode allows, and
-            # a project no longer configured has no ip_mode to honour: keep nothing rather than everything.
-            ip=stored_ip(hit.ip, self._ip_modes.get(send.project, IpMode.NONE)),
-            user_agent=hit.user_agent,
-            tracked=True,
         )
 
     async def _record(self, request: HitRequest, claims: TrackingClaims) -> None:
@@ -248,45 +213,6 @@ class Tracker:
                             self.settings.tracker.answer_budget_ms, self.spool.depth())
         except OSError:
             pass  # the spool logged it; the hit still goes to the store from memory
-
-    async def _store_hits(self, spooled: list[SpooledHit]) -> None:
-        """The spool's delivery: each hit's copy looked up, then the hit recorded with its verdict, made in
-        the store's write transaction from the history stored before it (concurrent calls share commits).
-
-        A copy the store has no row for may still be on its way (a relay's spool, after an outage):
-        the hit is spooled again and retried for SEND_WAIT_SECONDS, then left unrecorded (its copy was
-        purged or forgotten; the person got the pixel or the page all the same).
-        """
-        sends = await self.sends.sends_of([item.claims for item in spooled])  # one store trip for the batch
-        now, writes, waiting = time.time(), [], 0
-        for item, send in zip(spooled, sends, strict=True):
-            if send is None:
-                if item.missing_since is None or now - item.missing_since < SEND_WAIT_SECONDS:
-                    waiting += 1
-                    self.spool.append("hit", item.deferred(now))
-                else:
-                    log.info("hit-unrecorded project=%s kind=%s reason=unknown-send", item.claims.project, item.claims.kind)
-                continue
-            if await self.forgotten.covers(send.project, send.recipient, send.contact):
-                continue  # an erased contact: a legacy token still carries the address; answered, not recorded
-            hit = Hit(**{**vars(item.hit), "sent_at": send.sent_at})  # dataclasses.replace: several times this
-            event = self._event(item.claims, send, hit, item.uid)
-            writes.append(self._record_engagement(event, hit))
-        for result in await asyncio.gather(*writes, return_exceptions=True):
-            if isinstance(result, BaseException):
-                raise result
-        if waiting == len(spooled):
-            await asyncio.sleep(1.0)  # only hits waiting for their copy: do not spin on them
-
-    async def _record_engagement(self, event: NewEvent, hit: Hit) -> None:
-        agents: list[str] = []
-        with timed(self._store_seconds):
-            await self.store.record_engagement(event, self._judgement(hit, agents))
-        labels = (hit.kind, agents[-1] if agents else "none")
-        counter = self._hits.get(labels)
-        if counter is None:
-            counter = self._hits[labels] = HITS.labels(*labels)
-        counter.inc()
 
     async def answer(self, kind: str, token: str, scope: Scope) -> Response:
         """The answer to a `kind` ("open": the pixel, "click": a redirect) hit on `token`: the same from

@@ -1,0 +1,116 @@
+"""Storing hits (tracker/recorder.py) in this process and in a process of its own
+(tracker/recorder_process.py), on a real SQLite store: what is stored, what comes back to the
+answering process, and a recorder process that dies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import AsyncIterator
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from config.settings import Settings
+from store import open_store
+from store.model import EventQuery, EventStore
+from tests.conftest import PROJECT, make_settings
+from tracker.agents import Hit
+from tracker.recorder import HitRecorder
+from tracker.recorder_process import RecorderProcess
+from tracker.spooled import SpooledHit
+from tracking.claims import TrackedSend, TrackingClaims
+from tracking.tokens import new_send_id
+
+
+def hit_payload(send_id: bytes, link: str) -> bytes:
+    """A hit's journal record as the tracker writes it (Spool.append: JSON [kind, body])."""
+    claims = TrackingClaims(kind="click", project=PROJECT, send_id=send_id, link=link)
+    hit = Hit(kind="click", at=1_780_000_100.0, ip="192.0.2.7", user_agent="Mozilla/5.0 (X11; Linux x86_64) Firefox/140.0")
+    return json.dumps(["hit", SpooledHit.body(claims, hit)]).encode()
+
+
+@asynccontextmanager
+async def store_with_copies(settings: Settings, count: int) -> AsyncIterator[tuple[EventStore, list[bytes]]]:
+    """The settings' store, opened, with `count` copies stored as the relay stores them; their send ids."""
+    store = open_store(settings.store.url)
+    await store.open()
+    copies = [(new_send_id(), TrackedSend(project=PROJECT, message_id=f"m{i}@recorder.test", contact=f"c{i}@example.com",
+                                          recipient=f"c{i}@example.com", sent_at=1_780_000_000)) for i in range(count)]
+    await store.record_sends(copies)
+    try:
+        yield store, [send_id for send_id, _ in copies]
+    finally:
+        await store.close()
+
+
+async def stored_links(store: EventStore) -> list[str]:
+    events = await store.events(EventQuery(project=PROJECT, name="email.click", limit=1000))
+    return sorted(str(event["link"]) for event in events)
+
+
+def test_a_batch_is_stored_and_what_is_left_comes_back(tmp_path: Path) -> None:
+    """Readable hits on known copies are stored and counted; a hit on a copy the store does not have
+    yet comes back to be spooled again; a record no hit reads comes back to be set aside."""
+    settings = make_settings(tmp_path, "outbox:///dev/null")
+
+    async def scenario() -> None:
+        async with store_with_copies(settings, 2) as (store, send_ids):
+            recorder = HitRecorder(settings, store)
+            unknown = new_send_id()
+            recorded = await recorder.record([hit_payload(send_ids[0], "https://example.com/a"),
+                                              hit_payload(unknown, "https://example.com/later"),
+                                              b'["hit", {"claims": 1}]',
+                                              hit_payload(send_ids[1], "https://example.com/b")])
+            assert await stored_links(store) == ["https://example.com/a", "https://example.com/b"]
+            assert sum(recorded.hits.values()) == 2 and len(recorded.store_seconds) == 2
+            assert [body["claims"]["send_id"] for body in recorded.deferred] == [unknown.hex()]
+            assert recorded.deferred[0]["missing_since"] is not None
+            assert [payload for payload, _ in recorded.unreadable] == [b'["hit", {"claims": 1}]']
+            assert not recorded.only_waiting
+            waiting = await recorder.record([hit_payload(unknown, "https://example.com/later")])
+            assert waiting.only_waiting and not waiting.hits
+
+    asyncio.run(scenario())
+
+
+def child_pid(recorder: RecorderProcess) -> int:
+    pool = recorder._pool
+    assert pool is not None
+    (pid,) = pool._processes  # the one child
+    return pid
+
+
+def test_the_recorder_process_stores_in_its_own_process_and_a_killed_one_is_replaced(tmp_path: Path) -> None:
+    """The child stores with its own connection (its pid is not ours); SIGKILLed, the batch in hand
+    fails as a store failure does (the spool keeps it and retries) and the next batch goes to a new child.
+    Storing a batch again (the retry of one the dead child may have stored) stores it once."""
+    settings = make_settings(tmp_path, "outbox:///dev/null")
+
+    async def scenario() -> None:
+        async with store_with_copies(settings, 3) as (store, send_ids):
+            recorder = RecorderProcess(settings)
+            await recorder.start()
+            try:
+                first = child_pid(recorder)
+                assert first != os.getpid()
+                batch = [hit_payload(send_ids[0], "https://example.com/a")]
+                recorded = await recorder.record(batch)
+                assert sum(recorded.hits.values()) == 1
+                os.kill(first, signal.SIGKILL)
+                await asyncio.sleep(0.5)  # the pool notices the death
+                with pytest.raises(BrokenProcessPool):
+                    await recorder.record([hit_payload(send_ids[1], "https://example.com/b")])
+                again = await recorder.record([*batch, hit_payload(send_ids[1], "https://example.com/b"),
+                                               hit_payload(send_ids[2], "https://example.com/c")])
+                assert child_pid(recorder) != first
+                assert sum(again.hits.values()) == 3  # recorded again: the store keeps one event per uid
+                assert await stored_links(store) == ["https://example.com/a", "https://example.com/b", "https://example.com/c"]
+            finally:
+                await recorder.close()
+
+    asyncio.run(scenario())
