@@ -42,7 +42,7 @@ class InflightProcess(Inflight):
     otherwise (then `direct_url` is where the test reads it, around any proxy)."""
 
     def __init__(self, tmp_path: Path, verb: str, upstream_url: str, store_url: str = "", direct_url: str = "",
-                 workers: int = 1) -> None:
+                 workers: int = 1, store_process: bool = True) -> None:
         super().__init__(verb, tmp_path / f"{verb}.toml", tmp_path / f"{verb}.log")
         self.tmp_path = tmp_path
         self.smtp_port, self.http_port = free_port(), free_port()
@@ -51,7 +51,8 @@ class InflightProcess(Inflight):
         self.direct_url = direct_url or self.store_url
         write_config(self.config, upstream_url, relay={"listen": f"127.0.0.1:{self.smtp_port}", "workers": workers},
                      tracker={"listen": f"127.0.0.1:{self.http_port}", "public_url": self.http_base, "secrets": [SECRET],
-                              "workers": workers, "answer_budget_ms": BUDGET_MS},
+                              "workers": workers, "answer_budget_ms": BUDGET_MS,
+                              "store_process": store_process},
                      store={"url": self.store_url, "spool_dir": f"{tmp_path}/spool"})
 
     def journal_records(self) -> int:
@@ -78,8 +79,8 @@ class InflightProcess(Inflight):
 
 @contextlib.contextmanager
 def running(tmp_path: Path, verb: str, upstream_url: str = "outbox:///dev/null", *, store_url: str = "",
-            direct_url: str = "", workers: int = 1) -> Iterator[InflightProcess]:
-    process = InflightProcess(tmp_path, verb, upstream_url, store_url, direct_url, workers).start()
+            direct_url: str = "", workers: int = 1, store_process: bool = True) -> Iterator[InflightProcess]:
+    process = InflightProcess(tmp_path, verb, upstream_url, store_url, direct_url, workers, store_process).start()
     try:
         yield process
     finally:
@@ -187,6 +188,23 @@ def test_the_recorder_process_sigkilled_mid_run_loses_no_hit_and_stores_none_twi
         (second,) = recorder_pids(tracker.process.pid)
         assert second != first
         assert "recorder-process-lost" in tracker.output()
+        os.kill(tracker.process.pid, signal.SIGKILL)  # the tracker alone, not its process group
+        wait_for(lambda: not Path(f"/proc/{second}").exists() or Path(f"/proc/{second}/stat").read_text().split()[2] == "Z",
+                 what="the recorder of a killed tracker exits")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_with_store_process_false_the_answering_processes_store_the_hits(tmp_path: Path, workers: int) -> None:
+    with running(tmp_path, "tracker", workers=workers, store_process=False) as tracker:
+        assert tracker.process is not None
+        processes = [tracker.process.pid, *map(int, Path(f"/proc/{tracker.process.pid}/task/{tracker.process.pid}/children")
+                                               .read_text().split())]
+        assert not [pid for pid in processes if recorder_pids(pid)]
+        paths = click_paths(50, tracker.direct_url)
+        answers = click_all(tracker.http_base, paths, concurrency=5, answered_so_far=lambda count: None)
+        assert [status for status, _ in answers] == [302] * 50
+        wait_for(lambda: tracker.clicks_by_link() == Counter({f"https://example.com/p/{i}": 1 for i in range(50)}),
+                 what="50 clicks stored once each")
 
 
 def send_message(port: int, index: int, recipients: list[str], *, message_id: str | None = None) -> tuple[int, bytes]:

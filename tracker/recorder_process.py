@@ -14,7 +14,7 @@ new child is started), and the event uids make a batch stored twice count once.
 The child is spawned (a fresh interpreter: forking a process with threads is unsafe), runs at a
 lower priority (CHILD_NICENESS), ignores SIGINT and SIGTERM (a terminal's Ctrl-C or systemd's stop
 reaches the whole process group; the parent stops it once the spool is drained), and exits when
-its parent is gone (its end of the pool's pipe closes).
+its parent is gone.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import asyncio
 import gc
 import logging
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.util
 import os
 import signal
@@ -126,7 +127,18 @@ def _start_child(settings: Settings) -> None:
     os.nice(CHILD_NICENESS)
     _child = _Child(settings)
     multiprocessing.util.Finalize(_child, _child.close, exitpriority=10)
+    threading.Thread(target=_exit_with_parent, name="inflight-recorder-parent", daemon=True).start()
     gc.freeze()  # as the answering process does (Service.run_until_signalled): full collections scan less
+
+
+def _exit_with_parent() -> None:
+    """The pool's pipes do not close when the parent dies (the child holds both ends): watch the
+    parent's sentinel instead, so a SIGKILLed tracker leaves no recorder behind."""
+    parent = multiprocessing.parent_process()
+    assert parent is not None
+    multiprocessing.connection.wait([parent.sentinel])
+    log.warning("recorder-parent-gone pid=%d (exiting)", os.getpid())
+    os._exit(0)
 
 
 def _ready() -> None:
