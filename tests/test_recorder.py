@@ -22,7 +22,7 @@ from tests.conftest import PROJECT, make_settings
 from tracker.agents import Hit
 from tracker.recorder import HitRecorder
 from tracker.recorder_process import RecorderProcess
-from tracker.spooled import SpooledHit
+from tracker.spooled import SpooledHit, new_uid
 from tracking.claims import TrackedSend, TrackingClaims
 from tracking.tokens import new_send_id
 
@@ -114,3 +114,19 @@ def test_the_recorder_process_stores_in_its_own_process_and_a_killed_one_is_repl
                 await recorder.close()
 
     asyncio.run(scenario())
+
+
+def test_event_uids_of_a_forked_worker_share_no_prefix_with_its_parent() -> None:
+    """Workers are forked from one supervisor: a uid drawn before the fork must not be reused after it."""
+    parent_uid = new_uid()
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(writer, new_uid().encode())
+        os._exit(0)
+    os.close(writer)
+    os.waitpid(pid, 0)
+    child_uid = os.read(reader, 64).decode()
+    os.close(reader)
+    assert len(child_uid) == len(parent_uid) == 32 and child_uid[:16] != parent_uid[:16]
+    assert new_uid()[:16] == parent_uid[:16]  # the parent goes on with its own

@@ -19,17 +19,17 @@ from tracking.claims import TrackedSend, TrackingClaims
 
 class _Uids:
     """Event uids as uuid4().hex spells them (32 hex digits), without a getrandom call per hit: 16 random
-    digits per process (made again in a forked worker), then a counter. Unique while no two processes
-    draw the same 64 random bits."""
+    digits per process (drawn again in a forked worker: no getpid call per hit), then a counter.
+    Unique while no two processes draw the same 64 random bits."""
 
     def __init__(self) -> None:
-        self._pid = -1
-        self._prefix = ""
-        self._counter = itertools.count()
+        self.draw()
+        os.register_at_fork(after_in_child=self.draw)
+
+    def draw(self) -> None:
+        self._prefix, self._counter = secrets.token_hex(8), itertools.count()
 
     def __call__(self) -> str:
-        if self._pid != os.getpid():
-            self._pid, self._prefix, self._counter = os.getpid(), secrets.token_hex(8), itertools.count()
         return f"{self._prefix}{next(self._counter):016x}"
 
 
