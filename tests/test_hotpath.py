@@ -162,10 +162,10 @@ def test_sigkill_right_after_1000_clicks_answered_loses_none_and_stores_none_twi
 
 
 def recorder_pids(pid: int) -> list[int]:
-    """The recorder processes (tracker/recorder_process.py) among `pid`'s children: spawned by multiprocessing."""
+    """The recorder processes (tracker/recorder_process.py) among `pid`'s children, zombies left out."""
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [int(child) for child in children
-            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes() and Path(f"/proc/{child}/stat").read_text().split()[2] != "Z"]
+    return [int(child) for child in children if b"tracker.recorder_process" in Path(f"/proc/{child}/cmdline").read_bytes()
+            and Path(f"/proc/{child}/stat").read_text().split()[2] != "Z"]
 
 
 def test_the_recorder_process_sigkilled_mid_run_loses_no_hit_and_stores_none_twice(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 from collections.abc import AsyncIterator
-from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from store.model import EventQuery, EventStore
 from tests.conftest import PROJECT, make_settings
 from tracker.agents import Hit
 from tracker.recorder import HitRecorder
-from tracker.recorder_process import RecorderProcess
+from tracker.recorder_process import RecorderProcess, RecordingFailed
 from tracker.spooled import SpooledHit, new_uid
 from tracking.claims import TrackedSend, TrackingClaims
 from tracking.tokens import new_send_id
@@ -78,13 +77,6 @@ def test_a_batch_is_stored_and_what_is_left_comes_back(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-def child_pid(recorder: RecorderProcess) -> int:
-    pool = recorder._pool
-    assert pool is not None
-    (pid,) = pool._processes  # the one child
-    return pid
-
-
 def test_the_recorder_process_stores_in_its_own_process_and_a_killed_one_is_replaced(tmp_path: Path) -> None:
     """The child stores with its own connection (its pid is not ours); SIGKILLed, the batch in hand
     fails as a store failure does (the spool keeps it and retries) and the next batch goes to a new child.
@@ -96,22 +88,33 @@ def test_the_recorder_process_stores_in_its_own_process_and_a_killed_one_is_repl
             recorder = RecorderProcess(settings)
             await recorder.start()
             try:
-                first = child_pid(recorder)
-                assert first != os.getpid()
+                first = recorder.pid
+                assert first is not None and first != os.getpid()
                 batch = [hit_payload(send_ids[0], "https://example.com/a")]
                 recorded = await recorder.record(batch)
                 assert sum(recorded.hits.values()) == 1
                 os.kill(first, signal.SIGKILL)
-                await asyncio.sleep(0.5)  # the pool notices the death
-                with pytest.raises(BrokenProcessPool):
+                with pytest.raises(RecordingFailed, match="lost"):
                     await recorder.record([hit_payload(send_ids[1], "https://example.com/b")])
                 again = await recorder.record([*batch, hit_payload(send_ids[1], "https://example.com/b"),
                                                hit_payload(send_ids[2], "https://example.com/c")])
-                assert child_pid(recorder) != first
+                assert recorder.pid not in (None, first)
                 assert sum(again.hits.values()) == 3  # recorded again: the store keeps one event per uid
                 assert await stored_links(store) == ["https://example.com/a", "https://example.com/b", "https://example.com/c"]
             finally:
                 await recorder.close()
+            assert recorder.pid is None
+
+    asyncio.run(scenario())
+
+
+def test_a_store_the_recorder_process_cannot_open_fails_its_start_with_the_reason(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, "outbox:///dev/null", store={"url": f"sqlite:///{tmp_path}/missing/dir/x.db"})
+    (tmp_path / "missing").write_text("a file where the store's folder should be")
+
+    async def scenario() -> None:
+        with pytest.raises(RecordingFailed, match="did not start"):
+            await RecorderProcess(settings).start()
 
     asyncio.run(scenario())
 

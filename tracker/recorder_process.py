@@ -1,20 +1,22 @@
 """Hits stored by a process of their own (`[tracker] store_process`, on by default).
 
-Storing a hit (the copy's row, the message's recent hits, the verdict, the insert) costs more CPU
-than answering it, and in the answering process it shares the event loop and the GIL with the
-answers: at half the load a process answers, a redirect's p99 was 17–20 ms with storing there and
-about 2 ms without (bench case `tracker`, the store locked). Here the answering process journals
-the hit and answers; the spool hands batches of journal records, as bytes, to this child, which
-stores them with its own store connection and gives back what is left to do (`Recorded`).
+Storing a hit (the copy's row, the message's recent hits, the verdict, the insert) costs about as
+much CPU as answering it, and in the answering process it shares the event loop and the GIL with
+the answers. Here the answering process journals the hit and answers; the spool hands batches of
+journal records, as written, to this child, which stores them with its own store connection and
+sends back what is left to do (`Recorded`).
 
 Nothing is lost with the child: a record leaves the journal only once the child's answer came
 back, so a child that fails, hangs up or is killed is a store failure to the spool (it retries; a
 new child is started), and the event uids make a batch stored twice count once.
 
-The child is spawned (a fresh interpreter: forking a process with threads is unsafe), runs at a
-lower priority (CHILD_NICENESS), ignores SIGINT and SIGTERM (a terminal's Ctrl-C or systemd's stop
-reaches the whole process group; the parent stops it once the spool is drained), and exits when
-its parent is gone.
+The child is `python -m tracker.recorder_process`, not a multiprocessing one: a spawned
+multiprocessing child imports the parent's main module again (the whole CLI, relay included:
+~0.4 s and ~60 MB), and its pool adds threads to the answering process. Parent and child speak
+over the child's stdin and stdout: each message a 4-byte length and a pickle (both ends are this
+program). The child runs at a lower priority (CHILD_NICENESS), ignores SIGINT and SIGTERM (a
+terminal's Ctrl-C or systemd's stop reaches the whole process group; the parent stops it once the
+spool is drained), and exits when its stdin closes: when its parent stops it, or dies.
 """
 
 from __future__ import annotations
@@ -22,36 +24,42 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import multiprocessing
-import multiprocessing.connection
-import multiprocessing.util
 import os
+import pickle
 import signal
-import threading
-from collections.abc import Coroutine
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import replace
-from typing import Any, TypeVar
+import struct
+import sys
+from typing import Any, BinaryIO
 
 from config.settings import Settings
 from monitoring.logs import configure_logging
 from store import open_store
-from store.model import EventStore
 from tracker.recorder import HitRecorder, Recorded
 
 log = logging.getLogger("inflight.tracker")
 
-T = TypeVar("T")
-CLOSE_SECONDS = 10.0  # the child's store gets this long to close when the child is stopped
+LENGTH = struct.Struct(">I")
+START_SECONDS = 60.0  # a child that has not opened its store by then is not coming
+CLOSE_SECONDS = 10.0  # the child gets this long to close its store and exit once told to stop
 # Storing can wait (the spool holds the hits), answering cannot: where both want the one free core, the
 # answers get about three quarters of it (CFS weights 1024 against 335).
 CHILD_NICENESS = 5
 
 
 class RecordingFailed(Exception):
-    """Storing a batch failed in the child. Carries the cause as text: a driver's exception may not
-    survive being pickled back, and a result that cannot be unpickled would break the pool."""
+    """Storing a batch failed in the child, or the child is gone. Carries the cause as text: a
+    driver's exception need not survive pickling."""
+
+
+async def _send(writer: asyncio.StreamWriter, message: object) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    writer.write(LENGTH.pack(len(data)) + data)
+    await writer.drain()
+
+
+async def _receive(reader: asyncio.StreamReader) -> Any:
+    (length,) = LENGTH.unpack(await reader.readexactly(LENGTH.size))
+    return pickle.loads(await reader.readexactly(length))
 
 
 class RecorderProcess:
@@ -59,95 +67,132 @@ class RecorderProcess:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._pool: ProcessPoolExecutor | None = None
+        self._child: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()  # one batch at a time on the pipe
+
+    @property
+    def pid(self) -> int | None:
+        return self._child.pid if self._child is not None else None
 
     async def start(self) -> None:
         """Start the child and wait until its store is open: a child that cannot start shows at start."""
-        self._pool = self._new_pool()
-        await asyncio.get_running_loop().run_in_executor(self._pool, _ready)
-
-    def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_start_child, initargs=(self.settings,))
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tracker.recorder_process", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert child.stdin is not None and child.stdout is not None
+        try:
+            await _send(child.stdin, self.settings)
+            async with asyncio.timeout(START_SECONDS):
+                reply = await _receive(child.stdout)
+        except (OSError, EOFError, TimeoutError) as exc:
+            child.kill()
+            await child.wait()
+            raise RecordingFailed(f"the recorder process did not start: {type(exc).__name__}: {exc}") from None
+        if reply != "ready":
+            await child.wait()
+            raise RecordingFailed(f"the recorder process did not start: {reply}")
+        self._child = child
 
     async def record(self, payloads: list[bytes]) -> Recorded:
-        if self._pool is None:
-            raise RuntimeError("the recorder process is not started")
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, _record, payloads)
-        except BrokenProcessPool:
-            log.error("recorder-process-lost (a new one is started; the batch is retried from the spool)")
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = self._new_pool()
-            raise
+        async with self._lock:
+            if self._child is None:
+                await self.start()
+            child = self._child
+            assert child is not None and child.stdin is not None and child.stdout is not None
+            try:
+                await _send(child.stdin, payloads)
+                outcome, result = await _receive(child.stdout)
+            # IncompleteReadError is an EOFError; a write to a pipe closed under it is an OSError with asyncio's
+            # loop and a RuntimeError with uvloop's.
+            except (OSError, EOFError, RuntimeError) as exc:
+                log.error("recorder-process-lost pid=%d error=%s (a new one is started; the batch is retried from the spool)",
+                          child.pid, type(exc).__name__)
+                await self._discard(child)
+                raise RecordingFailed(f"the recorder process was lost: {type(exc).__name__}") from None
+            except asyncio.CancelledError:
+                await self._discard(child)  # its reply to this batch would be read as the next one's
+                raise
+        if outcome != "recorded":
+            raise RecordingFailed(result)
+        assert isinstance(result, Recorded)
+        return result
+
+    async def _discard(self, child: asyncio.subprocess.Process) -> None:
+        self._child = None
+        if child.returncode is None:
+            child.kill()
+        await asyncio.shield(child.wait())
 
     async def close(self) -> None:
         """Stop the child once the spool is closed: it closes its store as it exits."""
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            await asyncio.to_thread(pool.shutdown, True)
+        async with self._lock:
+            child, self._child = self._child, None
+        if child is None:
+            return
+        assert child.stdin is not None
+        child.stdin.close()
+        try:
+            async with asyncio.timeout(CLOSE_SECONDS):
+                await child.wait()
+        except TimeoutError:
+            log.warning("recorder-process-slow-to-stop pid=%d (killed)", child.pid)
+            child.kill()
+            await child.wait()
 
 
 # --- in the child ---------------------------------------------------------------------------
 
 
-class _Child:
-    """The child's store and recorder, on an event loop of its own thread (the pool calls in from its main thread)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, name="inflight-recorder", daemon=True).start()
-        self.store: EventStore = open_store(settings.store.url,
-                                            webhook_projects=[p.id for p in settings.projects if p.webhook_url])
-        self.run(self.store.open())
-        self.recorder = HitRecorder(settings, self.store)
-
-    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
-
-    async def record(self, payloads: list[bytes]) -> Recorded:
-        recorded = await self.recorder.record(payloads)
-        queued = self.store.outbox_added.is_set()  # set by this store only: another process's worker must be woken
-        self.store.outbox_added.clear()
-        return replace(recorded, webhooks_queued=queued)
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.store.close(), self.loop).result(CLOSE_SECONDS)
-        self.loop.call_soon_threadsafe(self.loop.stop)
+def _read(stream: BinaryIO) -> Any:
+    """The next message from the parent; None at the end of the stream (the parent stopped us or died)."""
+    head = stream.read(LENGTH.size)
+    if len(head) < LENGTH.size:
+        return None
+    return pickle.loads(stream.read(LENGTH.unpack(head)[0]))
 
 
-_child: _Child | None = None
+def _write(stream: BinaryIO, message: object) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(LENGTH.pack(len(data)) + data)
+    stream.flush()
 
 
-def _start_child(settings: Settings) -> None:
-    global _child
+async def _serve(settings: Settings, requests: BinaryIO, replies: BinaryIO) -> None:
+    store = open_store(settings.store.url, webhook_projects=[p.id for p in settings.projects if p.webhook_url])
+    try:
+        await store.open()
+    except Exception as exc:
+        _write(replies, f"{type(exc).__name__}: {exc}")
+        return
+    try:
+        recorder = HitRecorder(settings, store)
+        _write(replies, "ready")
+        gc.freeze()  # as the answering process does (Service.run_until_signalled): full collections scan less
+        loop = asyncio.get_running_loop()
+        while (payloads := await loop.run_in_executor(None, _read, requests)) is not None:
+            try:
+                recorded = await recorder.record(payloads)
+            except Exception as exc:
+                _write(replies, ("failed", f"{type(exc).__name__}: {exc}"))
+                continue
+            recorded.webhooks_queued = store.outbox_added.is_set()  # another process's webhook worker must be woken
+            store.outbox_added.clear()
+            _write(replies, ("recorded", recorded))
+    finally:
+        await store.close()
+
+
+def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    requests, replies = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing else may write to the replies' stream
+    settings = _read(requests)
+    if settings is None:
+        return
     configure_logging(settings.log.format)
     os.nice(CHILD_NICENESS)
-    _child = _Child(settings)
-    multiprocessing.util.Finalize(_child, _child.close, exitpriority=10)
-    threading.Thread(target=_exit_with_parent, name="inflight-recorder-parent", daemon=True).start()
-    gc.freeze()  # as the answering process does (Service.run_until_signalled): full collections scan less
+    asyncio.run(_serve(settings, requests, replies))
 
 
-def _exit_with_parent() -> None:
-    """The pool's pipes do not close when the parent dies (the child holds both ends): watch the
-    parent's sentinel instead, so a SIGKILLed tracker leaves no recorder behind."""
-    parent = multiprocessing.parent_process()
-    assert parent is not None
-    multiprocessing.connection.wait([parent.sentinel])
-    log.warning("recorder-parent-gone pid=%d (exiting)", os.getpid())
-    os._exit(0)
-
-
-def _ready() -> None:
-    assert _child is not None
-
-
-def _record(payloads: list[bytes]) -> Recorded:
-    assert _child is not None
-    try:
-        return _child.run(_child.record(payloads))
-    except Exception as exc:
-        raise RecordingFailed(f"{type(exc).__name__}: {exc}") from None
+if __name__ == "__main__":
+    main()
