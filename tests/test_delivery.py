@@ -133,9 +133,9 @@ def test_each_copy_is_ledgered_on_disk_before_the_next_goes_and_a_message_costs_
     that the relay still waits for a copy's ledger row before the next copy, and for all before the 250."""
     real_write = spool_module._write_and_sync
 
-    def slow_disk(fd: int, data: bytes) -> None:
+    def slow_disk(fd: int, data: bytes, offset: int) -> None:
         time.sleep(0.2)
-        real_write(fd, data)
+        real_write(fd, data, offset)
 
     monkeypatch.setattr(spool_module, "_write_and_sync", slow_disk)
     seen: list[list[tuple[str, Any]]] = []  # the journal as each copy's body arrived upstream

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from store.spool import UNDELIVERABLE, Handler, Spool, frame, read_frames, store_key
+from store.spool import END, UNDELIVERABLE, Handler, Spool, frame, read_frames, store_key
 from tests.processes import ROOT
 
 STORE = "sqlite:///somewhere/inflight.db"
@@ -76,19 +76,27 @@ def test_frames_round_trip_and_a_torn_tail_is_dropped() -> None:
     flipped = bytearray(data)
     flipped[-1] ^= 1
     assert read_frames(bytes(flipped)) == ([b"one", b"two"], whole)  # checksum
+    # Records end at an END header; what follows it (records stored before the file started again) is not read.
+    assert read_frames(frame(b"one") + END + frame(b"old")) == ([b"one"], len(frame(b"one")))
 
 
 def test_concurrent_appends_share_fsyncs_and_reach_the_store_in_order(tmp_path: Path) -> None:
     async def scenario() -> None:
         sink = Sink()
         async with opened(tmp_path, sink) as spool:
-            await asyncio.gather(*(spool.append("n", i) for i in range(300)))
+            await asyncio.gather(*(spool.append("n", i) for i in range(1000, 1300)))
             assert spool.fsyncs < 300 / 4, f"{spool.fsyncs} fsyncs for 300 concurrent appends: not grouped"
             assert await spool.settled(10)
-            assert sink.delivered == list(range(300))
+            assert sink.delivered == list(range(1000, 1300))
             assert spool.depth() == 0 and spool.oldest_age() == 0.0
-            # Everything is stored: the live journal is truncated, not left to grow.
-            await until(lambda: all(p.stat().st_size == 0 for p in journals(tmp_path)))
+            # Everything is stored: the live journal starts again from its beginning, not left to grow.
+            await until(lambda: all(read_frames(p.read_bytes())[0] == [] for p in journals(tmp_path)))
+            (journal,) = journals(tmp_path)
+            size = journal.stat().st_size
+            await asyncio.gather(*(spool.append("n", i) for i in range(2000, 2300)))  # as many bytes again
+            assert await spool.settled(10)
+            await until(lambda: read_frames(journal.read_bytes())[0] == [])
+            assert journal.stat().st_size == size, "the second round was written over the first, not after it"
         assert journals(tmp_path) == []  # closed with nothing pending: no file left behind
 
     asyncio.run(scenario())
@@ -126,7 +134,8 @@ def test_a_record_no_handler_can_read_is_set_aside_and_the_rest_go_on(tmp_path: 
     asyncio.run(scenario())
 
 
-def test_files_are_rotated_and_each_deleted_once_all_its_records_are_stored(tmp_path: Path) -> None:
+def test_files_are_rotated_and_once_all_their_records_are_stored_one_is_kept_as_the_next_the_rest_deleted(
+        tmp_path: Path) -> None:
     async def scenario() -> None:
         sink = Sink()
         sink.failing = True
@@ -136,8 +145,19 @@ def test_files_are_rotated_and_each_deleted_once_all_its_records_are_stored(tmp_
             assert len(journals(tmp_path)) > 5
             sink.failing = False
             assert await spool.settled(10)
-            await until(lambda: len(journals(tmp_path)) == 1)  # only the live file stays
+            await until(lambda: len(journals(tmp_path)) == 2)  # the live file and the spare stay
             assert sink.delivered == list(range(40))
+            assert all(read_frames(path.read_bytes())[0] == [] for path in journals(tmp_path))
+            kept = set(journals(tmp_path))
+            for first in (40, 45, 50):  # each round past segment_bytes once: the two files take turns, none is created
+                sink.failing = True
+                for i in range(first, first + 5):
+                    await spool.append("n", i)
+                assert set(journals(tmp_path)) == kept
+                sink.failing = False
+                assert await spool.settled(10)
+                await until(lambda: all(read_frames(path.read_bytes())[0] == [] for path in journals(tmp_path)))
+            assert sink.delivered == list(range(55))
 
     asyncio.run(scenario())
 
@@ -187,7 +207,10 @@ def test_a_killed_process_journal_is_taken_over_once_it_is_dead_never_while_it_l
     finally:
         kill(writer)
     [journal] = journals(tmp_path)
-    with journal.open("ab") as torn:  # the crash cut a last write short: never acknowledged
+    records, end = read_frames(journal.read_bytes())
+    assert len(records) == 200 and journal.read_bytes()[end:end + 8] == END
+    with journal.open("r+b") as torn:  # the crash cut the next write, over the END, short: never acknowledged
+        torn.seek(end)
         torn.write(frame(json.dumps(["n", 999]).encode())[:-2])
 
     async def after_death() -> list[Any]:
@@ -284,3 +307,29 @@ def test_hits_are_gathered_into_batches_and_other_kinds_or_a_reader_do_not_wait(
             await spool.close(timeout=2)
 
     asyncio.run(main())
+
+
+def test_a_handler_without_decode_gets_the_records_as_written_and_sets_aside_what_it_cannot_read(tmp_path: Path) -> None:
+    """The tracker's hits: their journal bytes go to a recorder (another process) that reads them itself."""
+    async def scenario() -> None:
+        payloads: list[bytes] = []
+        spool = Spool(tmp_path, store_url=STORE, retry_seconds=(0.01, 0.05))
+
+        async def deliver(items: list[bytes]) -> None:
+            for item in items:
+                if json.loads(item)[1] == "poison":
+                    spool.set_aside(item, "raw", "ValueError: not a record of ours")
+                else:
+                    payloads.append(item)
+
+        spool.register("raw", Handler(deliver=deliver))
+        await spool.open()
+        try:
+            await asyncio.gather(*(spool.append("raw", body) for body in ({"n": 1}, "poison", {"n": 2})))
+            assert await spool.settled(10)
+        finally:
+            await spool.close(timeout=2)
+        assert payloads == [b'["raw",{"n":1}]', b'["raw",{"n":2}]']
+        assert (tmp_path / UNDELIVERABLE).read_bytes() == b'["raw","poison"]\n'
+
+    asyncio.run(scenario())
