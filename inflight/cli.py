@@ -24,6 +24,7 @@ from store.model import DashboardUser
 from store.sqlite import sqlite_path
 from tracker.dashboard.auth import PASSWORD_MIN_CHARS, hash_password
 from tracker.netdata import missing_lists, network_specs, refresh
+from tracker.recorder_process import RecordingFailed
 
 
 def _fail(exc: ConfigError) -> SystemExit:
@@ -64,6 +65,9 @@ def _serve(settings: Settings, slot: Slot, listeners: Listeners) -> int:
         uvloop.run(service.run_until_signalled())
     except ConfigError as exc:
         raise _fail(exc) from None
+    except RecordingFailed as exc:
+        print(exc, file=sys.stderr)
+        return 1
     return 0
 
 

@@ -37,7 +37,7 @@ from store.spool import Spool
 from tracker.app import Tracker, create_app, dashboard_app
 from tracker.edge import MAX_REQUEST_HEAD_BYTES
 from tracker.privacy import RetentionPurge
-from tracker.recorder_process import RecorderProcess
+from tracker.recorder_process import RecorderProcess, RecordingFailed
 from tracker.webhooks import WebhookWorker
 from tracking.tokens import TokenKeys
 
@@ -227,8 +227,8 @@ class Service:
     async def start(self) -> None:
         """Listen first, then open the store and serve.
 
-        Raises ListenError (nothing opened) when an address is taken, and ConfigError when a mode
-        stored at runtime is no longer available.
+        Raises ListenError (nothing opened) when an address is taken, ConfigError when a mode stored at
+        runtime is no longer available, and RecordingFailed when the tracker's recorder process cannot start.
         """
         if self.listeners is None:
             self.listeners = Listeners.bind(self.settings, relay=self.run_relay, tracker=self.run_tracker)
@@ -243,7 +243,12 @@ class Service:
         if self.run_tracker and listeners.tracker is not None:
             if self.settings.tracker.store_process:
                 self._recorder = RecorderProcess(self.settings)
-                await self._recorder.start()
+                try:
+                    await self._recorder.start()
+                except RecordingFailed:
+                    await self.store.close()
+                    listeners.close()
+                    raise
             tracker = Tracker(settings=self.settings, store=self.store, keys=self.keys, spool=self.spool,
                               recorder=self._recorder)
         pipeline = None

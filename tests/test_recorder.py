@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from config.settings import Settings
+from inflight.service import Service
 from store import open_store
 from store.model import EventQuery, EventStore
-from tests.conftest import PROJECT, make_settings
+from tests.conftest import PROJECT, free_port, make_settings
+from tracker import recorder_process
 from tracker.agents import Hit
 from tracker.recorder import HitRecorder
 from tracker.recorder_process import RecorderProcess, RecordingFailed
@@ -133,3 +136,18 @@ def test_event_uids_of_a_forked_worker_share_no_prefix_with_its_parent() -> None
     os.close(reader)
     assert len(child_uid) == len(parent_uid) == 32 and child_uid[:16] != parent_uid[:16]
     assert new_uid()[:16] == parent_uid[:16]  # the parent goes on with its own
+
+
+def test_a_tracker_whose_recorder_process_cannot_start_does_not_start_and_lets_go_of_its_port(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = free_port()
+    settings = make_settings(tmp_path, "outbox:///dev/null", tracker={"listen": f"127.0.0.1:{port}"})
+    monkeypatch.setattr(recorder_process.sys, "executable", "/bin/false")  # a child that exits at once
+
+    async def scenario() -> None:
+        with pytest.raises(RecordingFailed, match="did not start"):
+            await Service(settings, relay=False).start()
+
+    asyncio.run(scenario())
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))  # the listener was closed

@@ -51,8 +51,6 @@ class Recording(Protocol):
 
     async def record(self, payloads: list[bytes]) -> Recorded: ...
 
-    async def close(self) -> None: ...
-
 
 def prior_hit(row: Mapping[str, Any]) -> PriorHit:
     """A stored open/click as history for the next verdict. A honeypot click is recognised
@@ -111,9 +109,6 @@ class HitRecorder:
                 raise result
         outcome.only_waiting = len(outcome.deferred) == len(payloads)
         return outcome
-
-    async def close(self) -> None:
-        """Nothing of its own to close: the store is its owner's."""
 
     def _event(self, claims: TrackingClaims, send: TrackedSend, hit: Hit, uid: str) -> NewEvent:
         """The open or click event of a hit on `send`, the copy its token names (`uid`: made at the answer, so replays match)."""
