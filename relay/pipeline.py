@@ -100,6 +100,7 @@ class Copy:
     # A pixel went out in it (or the provider adds one): what `tracked` means on events and in stats. A tracked
     # send whose HTML could not be instrumented (none, or it failed) goes without one, and is not counted opened.
     pixel: bool
+    send: tuple[bytes, TrackedSend] | None = None  # the send row its tokens name (a tracked copy)
 
 
 def recipient_fields(project: ProjectSettings, message_id: str, hints: AppHints, recipient: str) -> dict[str, Any]:
@@ -356,8 +357,8 @@ class Pipeline:
     ) -> Results:
         """Every copy upstream, each accepted recipient written to the ledger before the next copy goes.
 
-        A copy's ledger row and provider id are journalled into `writes` as soon as the upstream
-        answered and made durable before the next copy goes; the last copy's wait for the disk is
+        A copy's send row (a tracked copy), ledger row and provider id are journalled into `writes` as
+        soon as the upstream answered and made durable, in one group, before the next copy goes; the last copy's wait for the disk is
         left to the caller, which adds the message's events to the same group.
 
         Raises DkimError when the first copy cannot be signed (nothing was sent).
@@ -373,7 +374,11 @@ class Pipeline:
                     async for copy in copies:
                         # A crash from here on must not resend the copies before: their rows are on disk.
                         await self._durable(writes, message_id)
-                        outcome = await self.upstream.send(mail_from, copy.recipients, copy.data)
+                        try:
+                            outcome = await self.upstream.send(mail_from, copy.recipients, copy.data)
+                        finally:  # also when cut by the send timeout: the upstream may have taken it (RFC 1047)
+                            if copy.send is not None:
+                                self._store_sends([copy.send], writes)
                         results.update(outcome)
                         if copy.pixel:
                             pixels.update(copy.recipients)
@@ -549,8 +554,6 @@ class Pipeline:
                         data = await held.read()
                         yield Copy(recipients[start + offset:], await self._offload(data, self.dkim.sign, data), pixel=False)
                         return
-                    if offset == 0:  # the tokens of this batch's copies name their sends: stored before any goes
-                        await self._store_sends(message_id, sends[start:start + len(rendered)])
                     if start + offset == 0:
                         notes.append("instrumented")
                         for why in result.untrackable:
@@ -561,17 +564,16 @@ class Pipeline:
                                         message_id, domain)
                     # Read from its file in a thread: 30 MB from the page cache would hold the event loop.
                     yield Copy([recipients[start + offset]], copy.read() if copy.path is None else await asyncio.to_thread(copy.read),
-                               pixel=True)
+                               pixel=True, send=sends[start + offset])
             finally:
                 discard(rendered)  # the files of copies not sent (a failure or time-out cut the batch short)
 
-    async def _store_sends(self, message_id: str, sends: list[tuple[bytes, TrackedSend]]) -> None:
-        """Journal the send rows the copies' tokens name (the tracker reads them when it records their hits),
-        without waiting for the disk: the spool writes in append order, so the ledger row awaited after
-        a copy is accepted, before the next copy and before the reply, is on disk only with them
-        (README: Spool)."""
-        done = self.spool.append("sends", [[send_id.hex(), vars(send)] for send_id, send in sends])
-        done.add_done_callback(lambda written: self._durable_or_logged("sends", written, message_id))
+    def _store_sends(self, sends: list[tuple[bytes, TrackedSend]], writes: Writes) -> None:
+        """Journal the send rows the copies' tokens name (the tracker reads them when it records their hits)
+        once the upstream answered, into `writes`: on disk in the group of the copy's ledger row, not in a
+        group (and fsync) of their own. A crash that loses them loses that ledger row too, so the app's
+        retry sends the copy again with new tokens (README: Spool)."""
+        writes.append(("sends", self.spool.append("sends", [[send_id.hex(), vars(send)] for send_id, send in sends])))
 
     @staticmethod
     def _durable_or_logged(kind: str, done: asyncio.Future[None], message_id: str) -> None:
