@@ -184,35 +184,31 @@ class DataBody:
     into a block at once, in the CPU pool when large (see smtp_data_block).
     """
 
-    def __init__(self, data: bytes, *, stuffed: bool = False, dots: int | None = None) -> None:
-        """`dots`: how many line starts of `data` are dots, when already counted (see `scan`)."""
+    def __init__(self, data: bytes, *, stuffed: bool = False) -> None:
         self._data = data
         self._stuffed = stuffed
-        if stuffed:
-            self.size = len(data)
-        else:
-            ends = 0 if data.endswith(b"\r\n") else 2
-            dots = data.count(b"\n.") if dots is None else dots
-            self.size = len(data) + dots + data.startswith(b".") + ends + len(b".\r\n")
+        # What MAIL declares as SIZE= (RFC 1870 §3): the message's octets, CRLF-ended, without the dots
+        # doubled for transparency or the final dot; so no count of dots per copy (a two-byte count over
+        # a 50 KB copy costs ~45 µs). A block already stuffed declares its whole length: a few octets over.
+        self.size = len(data) if stuffed or data.endswith(b"\r\n") else len(data) + 2
 
     @staticmethod
-    async def scan(data: bytes, step: int = SCAN_BYTES) -> tuple[bool, int]:
-        """Whether `data` is CRLF throughout (then it streams), and how many CRLF-dots it holds.
+    async def scan(data: bytes, step: int = SCAN_BYTES) -> bool:
+        """Whether `data` is CRLF throughout (then it streams, dot-stuffed as it goes).
 
-        Counted `step` bytes at a time with the event loop let run in between: at once, the four
-        counts held it ~100 ms for a 26 MB message (bench case isolation). A pair of bytes across
-        a cut is counted in the step where it starts.
+        Counted `step` bytes at a time with the event loop let run in between: at once, the counts
+        held it ~100 ms for a 26 MB message (bench case isolation). A pair of bytes across a cut is
+        counted in the step where it starts.
         """
-        crlf = newlines = returns = dots = 0
+        crlf = newlines = returns = 0
         for start in range(0, len(data), step):
             stop = start + step
             crlf += data.count(b"\r\n", start, stop + 1)
-            dots += data.count(b"\n.", start, stop + 1)
             newlines += data.count(b"\n", start, stop)
             returns += data.count(b"\r", start, stop)
             if stop < len(data):
                 await asyncio.sleep(0)
-        return newlines == crlf and returns == crlf, dots
+        return newlines == crlf and returns == crlf
 
     def pieces(self, size: int = PIECE_BYTES) -> Iterator[bytes]:
         data = self._data
@@ -390,8 +386,7 @@ class SmtpUpstream:
         self._reaper: asyncio.Task[None] | None = None
 
     async def send(self, mail_from: str, recipients: list[str], data: bytes) -> Results:
-        streamable, dots = await DataBody.scan(data)
-        body = DataBody(data, dots=dots) if streamable else DataBody(await self._data_block(data), stuffed=True)
+        body = DataBody(data) if await DataBody.scan(data) else DataBody(await self._data_block(data), stuffed=True)
         with timed(UPSTREAM_SECONDS, self.endpoint.host):
             return await self._send(mail_from, recipients, body)
 
