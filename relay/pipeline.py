@@ -355,11 +355,13 @@ class Pipeline:
         pixels: set[str],
         writes: Writes,
     ) -> Results:
-        """Every copy upstream, each accepted recipient written to the ledger before the next copy goes.
+        """Every copy upstream, each accepted recipient written to the ledger before the next copy can be taken.
 
         A copy's send row (a tracked copy), ledger row and provider id are journalled into `writes` as
-        soon as the upstream answered and made durable, in one group, before the next copy goes; the last copy's wait for the disk is
-        left to the caller, which adds the message's events to the same group.
+        soon as the upstream answered, and are on disk, in one group, before the upstream can take the
+        next copy: its envelope and body go while the disk writes, its final dot waits (README: Spool).
+        The last copy's wait for the disk is left to the caller, which adds the message's events to
+        the same group.
 
         Raises DkimError when the first copy cannot be signed (nothing was sent).
         """
@@ -372,10 +374,10 @@ class Pipeline:
                 copies = self._copies(message, data, pending, hints, project, message_id, decision, notes)
                 async with contextlib.aclosing(copies):
                     async for copy in copies:
-                        # A crash from here on must not resend the copies before: their rows are on disk.
-                        await self._durable(writes, message_id)
+                        # A crash after the upstream took this copy must not resend the copies before: their
+                        # rows are on disk before it can (its final dot); its envelope and body go meanwhile.
                         try:
-                            outcome = await self.upstream.send(mail_from, copy.recipients, copy.data)
+                            outcome = await self.upstream.send(mail_from, copy.recipients, copy.data, ready=self._written(writes))
                         finally:  # also when cut by the send timeout: the upstream may have taken it (RFC 1047)
                             if copy.send is not None:
                                 self._store_sends([copy.send], writes)
@@ -406,6 +408,13 @@ class Pipeline:
         expires_at = time.time() + self.settings.upstream.ledger_ttl_hours * 3600
         rows = LedgerRows(project, message_id, [r.lower() for r in recipients], expires_at)
         writes.append(("ledger", self.spool.append("ledger", vars(rows))))
+
+    @staticmethod
+    def _written(writes: Writes) -> asyncio.Future[object] | None:
+        """A future done once every record in `writes` is on disk (or failed), None when they all are.
+        Waiting on it is not cancelling them: the caller's `_durable` still waits for them before the reply."""
+        waiting = [done for _, done in writes if not done.done()]
+        return asyncio.ensure_future(asyncio.wait(waiting)) if waiting else None
 
     @staticmethod
     async def _durable(writes: Writes, message_id: str) -> None:

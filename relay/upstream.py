@@ -17,7 +17,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
@@ -64,8 +64,13 @@ Results = dict[str, RecipientResult]
 
 
 class Upstream(Protocol):
-    async def send(self, mail_from: str, recipients: list[str], data: bytes) -> Results:
-        """Deliver; one result per recipient. Delivery failures are results, never exceptions."""
+    async def send(self, mail_from: str, recipients: list[str], data: bytes, *, ready: Awaitable[object] | None = None) -> Results:
+        """Deliver; one result per recipient. Delivery failures are results, never exceptions.
+
+        `ready` (a future: a fallback awaits it again) is awaited before the upstream can take the
+        message (its final dot; the outbox file): what must be on disk first (the ledger rows of the
+        copies before) is written while the envelope and the body go.
+        """
 
     async def close(self) -> None: ...
 
@@ -86,7 +91,9 @@ class OutboxUpstream:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
-    async def send(self, mail_from: str, recipients: list[str], data: bytes) -> Results:
+    async def send(self, mail_from: str, recipients: list[str], data: bytes, *, ready: Awaitable[object] | None = None) -> Results:
+        if ready is not None:
+            await ready
         try:
             await asyncio.to_thread(self._write, mail_from, recipients, data)
         except OSError as exc:
@@ -174,6 +181,7 @@ def smtp_data_block(data: bytes) -> bytes:
 PIECE_BYTES = 256 * 1024
 # A body is checked for line endings in steps of this size, the event loop let run between them.
 SCAN_BYTES = 1 << 20
+END = b".\r\n"  # after the body's last CRLF: the upstream takes the message (RFC 5321 §4.1.1.4)
 
 
 class DataBody:
@@ -210,17 +218,21 @@ class DataBody:
                 await asyncio.sleep(0)
         return newlines == crlf and returns == crlf
 
-    def pieces(self, size: int = PIECE_BYTES) -> Iterator[bytes]:
+    def pieces(self, size: int = PIECE_BYTES, *, final_dot: bool = True) -> Iterator[bytes]:
+        """The DATA payload in pieces; without its closing dot (END) unless `final_dot`."""
         data = self._data
         if self._stuffed:
-            for start in range(0, len(data), size):
-                yield data[start:start + size]
+            end = len(data) if final_dot else len(data) - len(END)  # a stuffed block ends with END
+            for start in range(0, end, size):
+                yield data[start:min(start + size, end)]
             return
         for start in range(0, len(data), size):
             piece = data[start:start + size].replace(b"\n.", b"\n..")
             # A line starting right at the cut: its CRLF ended the previous piece (or it is the first line).
             yield b"." + piece if piece.startswith(b".") and (start == 0 or data[start - 1] == 0x0A) else piece
-        yield (b"" if data.endswith(b"\r\n") else b"\r\n") + b".\r\n"
+        ending = (b"" if data.endswith(b"\r\n") else b"\r\n") + (END if final_dot else b"")
+        if ending:
+            yield ending
 
 
 class _StaleConnection(Exception):
@@ -302,11 +314,16 @@ class _Replies(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._writable.set()
 
-    async def send_body(self, writer: asyncio.WriteTransport, body: DataBody, timeout: float) -> aiosmtplib.SMTPResponse:
-        """Write the body piece by piece as the upstream takes it, then read the final reply; all within `timeout`."""
+    async def send_body(self, writer: asyncio.WriteTransport, body: DataBody, timeout: float,
+                        ready: Awaitable[object] | None = None) -> aiosmtplib.SMTPResponse:
+        """Write the body piece by piece as the upstream takes it, then read the final reply; all within `timeout`.
+
+        With `ready`, the final dot waits for it: until then the upstream holds an unfinished message,
+        which it drops if the connection goes (a crash), so nothing is delivered before `ready`.
+        """
         try:
             async with asyncio.timeout(timeout):
-                for piece in body.pieces():
+                for piece in body.pieces(final_dot=ready is None):
                     if self._lost is not None:
                         raise _ConnectionClosed(self._lost)
                     writer.write(piece)
@@ -315,6 +332,11 @@ class _Replies(asyncio.Protocol):
                         # stuffed and written in one go, ~100 ms of other sessions waiting (bench case isolation).
                         await asyncio.sleep(0)
                     await self._writable.wait()
+                if ready is not None:
+                    await ready
+                    if self._lost is not None:
+                        raise _ConnectionClosed(self._lost)
+                    writer.write(END)
                 return await self.read(timeout)
         except TimeoutError:
             raise _ConnectionClosed(f"no reply to the body within {timeout:g} s") from None
@@ -385,16 +407,16 @@ class SmtpUpstream:
         self._idle: list[_Connection] = []
         self._reaper: asyncio.Task[None] | None = None
 
-    async def send(self, mail_from: str, recipients: list[str], data: bytes) -> Results:
+    async def send(self, mail_from: str, recipients: list[str], data: bytes, *, ready: Awaitable[object] | None = None) -> Results:
         body = DataBody(data) if await DataBody.scan(data) else DataBody(await self._data_block(data), stuffed=True)
         with timed(UPSTREAM_SECONDS, self.endpoint.host):
-            return await self._send(mail_from, recipients, body)
+            return await self._send(mail_from, recipients, body, ready)
 
-    async def _send(self, mail_from: str, recipients: list[str], body: DataBody) -> Results:
+    async def _send(self, mail_from: str, recipients: list[str], body: DataBody, ready: Awaitable[object] | None) -> Results:
         for _ in range(2):
             try:
                 async with self._connection() as connection:
-                    return await self._transaction(connection, mail_from, recipients, body)
+                    return await self._transaction(connection, mail_from, recipients, body, ready)
             except _StaleConnection:
                 continue  # the second round always opens a fresh connection, which is never stale
             except _Unreachable as exc:
@@ -479,9 +501,10 @@ class SmtpUpstream:
         client.timeout = self.timeouts.command
         return _Connection(client, time.monotonic())
 
-    async def _transaction(self, connection: _Connection, mail_from: str, recipients: list[str], body: DataBody) -> Results:
+    async def _transaction(self, connection: _Connection, mail_from: str, recipients: list[str], body: DataBody,
+                           ready: Awaitable[object] | None) -> Results:
         if connection.client.supports_extension("pipelining"):
-            return await self._pipelined(connection, mail_from, recipients, body)
+            return await self._pipelined(connection, mail_from, recipients, body, ready)
         client = connection.client
         results: Results = {}
         try:
@@ -502,7 +525,7 @@ class SmtpUpstream:
                 except ValueError:  # not encodable without SMTPUTF8
                     results[recipient] = RecipientResult(553, "5.6.7 address cannot be sent without SMTPUTF8")
             if accepted:
-                reply = await self._data(client, body)
+                reply = await self._data(client, body, ready)
                 results.update(dict.fromkeys(accepted, RecipientResult(reply.code, reply.message)))
             if any(not r.accepted for r in results.values()):
                 await self._reset(client)
@@ -520,7 +543,8 @@ class SmtpUpstream:
                 results.setdefault(recipient, RecipientResult(451, f"4.4.2 upstream connection lost: {exc}"))
         return results
 
-    async def _pipelined(self, connection: _Connection, mail_from: str, recipients: list[str], body: DataBody) -> Results:
+    async def _pipelined(self, connection: _Connection, mail_from: str, recipients: list[str], body: DataBody,
+                         ready: Awaitable[object] | None) -> Results:
         """MAIL, every RCPT and DATA in one write, their replies read in order (RFC 2920), then the body.
 
         Two round trips per transaction instead of 3 + recipients. aiosmtplib reads one reply per
@@ -561,8 +585,8 @@ class SmtpUpstream:
                 start = await replies.read(self.timeouts.command)
                 if start.code == 354:
                     # With no recipient accepted a conforming server refuses DATA; one that does not gets an empty message.
-                    final = await replies.send_body(writer, body if accepted else DataBody(b".\r\n", stuffed=True),
-                                                    self.timeouts.data)
+                    final = await replies.send_body(writer, body if accepted else DataBody(END, stuffed=True),
+                                                    self.timeouts.data, ready if accepted else None)
                 else:
                     final = start
                 if accepted:
@@ -581,14 +605,14 @@ class SmtpUpstream:
             await self._reset(client)
         return results
 
-    async def _data(self, client: aiosmtplib.SMTP, body: DataBody) -> aiosmtplib.SMTPResponse:
+    async def _data(self, client: aiosmtplib.SMTP, body: DataBody, ready: Awaitable[object] | None) -> aiosmtplib.SMTPResponse:
         """DATA, the body, and the final reply, whatever its code (the body's pieces are read by `_Replies`)."""
         start = await client.execute_command(b"DATA")
         if start.code != 354:
             return start
         try:
             with _lent(client) as (replies, writer):
-                return await replies.send_body(writer, body, self.timeouts.data)
+                return await replies.send_body(writer, body, self.timeouts.data, ready)
         except _ConnectionClosed as exc:
             raise aiosmtplib.SMTPServerDisconnected(str(exc)) from exc
 
@@ -627,13 +651,13 @@ class FailoverUpstream:
         self.upstreams = upstreams
         self._down_until = [0.0] * len(upstreams)
 
-    async def send(self, mail_from: str, recipients: list[str], data: bytes) -> Results:
+    async def send(self, mail_from: str, recipients: list[str], data: bytes, *, ready: Awaitable[object] | None = None) -> Results:
         now = time.monotonic()
         order = sorted(range(len(self.upstreams)), key=lambda i: self._down_until[i] > now)  # stable: up ones first
         results: Results = {}
         for index in order:
             name, upstream = self.upstreams[index]
-            results = await upstream.send(mail_from, recipients, data)
+            results = await upstream.send(mail_from, recipients, data, ready=ready)
             if not all(r.unreachable for r in results.values()):
                 self._down_until[index] = 0.0
                 if index:

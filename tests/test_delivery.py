@@ -130,7 +130,8 @@ def journal_records(directory: Path) -> list[tuple[str, Any]]:
 def test_each_copy_is_ledgered_on_disk_before_the_next_goes_and_a_message_costs_one_fsync(
         tmp_path: Path, faulty: FaultySink, monkeypatch: pytest.MonkeyPatch) -> None:
     """Records of a message are appended without waiting and made durable together; a slow disk shows
-    that the relay still waits for a copy's ledger row before the next copy, and for all before the 250."""
+    that the relay still waits for a copy's ledger row before the upstream can take the next copy (its
+    final dot), and for all before the 250, while the next copy's envelope goes during the write."""
     real_write = spool_module._write_and_sync
 
     def slow_disk(fd: int, data: bytes, offset: int) -> None:
@@ -138,15 +139,21 @@ def test_each_copy_is_ledgered_on_disk_before_the_next_goes_and_a_message_costs_
         real_write(fd, data, offset)
 
     monkeypatch.setattr(spool_module, "_write_and_sync", slow_disk)
-    seen: list[list[tuple[str, Any]]] = []  # the journal as each copy's body arrived upstream
+    seen: list[list[tuple[str, Any]]] = []  # the journal as each copy's body arrived upstream (its final dot)
+    at_envelope: list[list[tuple[str, Any]]] = []  # the journal as each copy's RCPT arrived
     settings = make_settings(tmp_path, faulty.url, upstream={"url": faulty.url})
-    handle_data = faulty.handler.handle_DATA
+    handle_data, handle_rcpt = faulty.handler.handle_DATA, faulty.handler.handle_RCPT
 
     async def journal_at_data(server: Any, session: Any, envelope: Any) -> str:
         seen.append(journal_records(settings.store.spool_path))
         return await handle_data(server, session, envelope)
 
+    async def journal_at_rcpt(server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+        at_envelope.append(journal_records(settings.store.spool_path))
+        return await handle_rcpt(server, session, envelope, address, options)
+
     faulty.handler.handle_DATA = journal_at_data  # type: ignore[method-assign]
+    faulty.handler.handle_RCPT = journal_at_rcpt  # type: ignore[method-assign]
     recipients = ["a@example.com", "b@example.com", "c@example.com"]
     with RunningService(settings) as service:
         spool = service.service.spool
@@ -172,6 +179,9 @@ def test_each_copy_is_ledgered_on_disk_before_the_next_goes_and_a_message_costs_
         assert ledgered == set(recipients[:copy]), (copy, seen[copy])
         sent = [fields["recipient"] for kind, body in seen[copy] if kind == "sends" for _, fields in body]
         assert sent == recipients[:copy], (copy, seen[copy])
+        # Its envelope went while the previous copy's rows were still being written (0.2 s): not waited for.
+        ledgered = {r for kind, body in at_envelope[copy] if kind == "ledger" for r in body["recipients"]}
+        assert ledgered == set(recipients[:max(copy - 1, 0)]), (copy, at_envelope[copy])
     # Tracked: per copy its send row and ledger row, then the events; untracked: one ledger row and the events.
     assert kinds == ["sends", "ledger"] * len(recipients) + ["events", "ledger", "events"]
 

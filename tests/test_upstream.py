@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
@@ -76,6 +77,37 @@ def test_connections_are_reused_across_messages(faulty: FaultySink) -> None:
     assert len(faulty.handler.messages) == 5
     assert faulty.handler.messages[0].data.endswith(b"body\r\n.leading dot\r\n")  # dot-stuffing undone by the server
     assert faulty.handler.commands[-1] == "QUIT"
+
+
+def test_the_final_dot_waits_for_ready_while_the_envelope_and_body_go(faulty: FaultySink) -> None:
+    """What must be on disk before the upstream may take a copy (`ready`) holds back its final dot only:
+    until then the upstream has the envelope and an unfinished body, and has delivered nothing."""
+    rcpts: list[str] = []
+    handle_rcpt = faulty.handler.handle_RCPT
+
+    async def seen_rcpt(server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+        rcpts.append(address)
+        return await handle_rcpt(server, session, envelope, address, options)
+
+    faulty.handler.handle_RCPT = seen_rcpt  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        upstream = smtp(faulty.port)
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        sending = asyncio.create_task(upstream.send("app@example.com", ["a@example.com"], BIG_BODY, ready=ready))
+        for _ in range(100):
+            if rcpts:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)  # the body has all gone by now: only the final dot is held back
+        assert rcpts == ["a@example.com"] and not sending.done() and faulty.handler.messages == []
+        ready.set_result(None)
+        assert codes(await sending) == {"a@example.com": 250}
+        await upstream.close()
+
+    asyncio.run(scenario())
+    [delivered] = faulty.handler.messages
+    assert delivered.data == BIG_BODY
 
 
 def test_pool_is_bounded_and_shared_by_concurrent_sends(faulty: FaultySink) -> None:

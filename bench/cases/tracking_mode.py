@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,9 @@ MESSAGE = (b"From: app@example.com\r\nTo: a@example.com\r\nSubject: bench\r\nMIM
 
 
 class AcceptingUpstream:
-    async def send(self, mail_from: str, recipients: list[str], data: bytes) -> Results:
+    async def send(self, mail_from: str, recipients: list[str], data: bytes, *, ready: Awaitable[object] | None = None) -> Results:
+        if ready is not None:
+            await ready
         return dict.fromkeys(recipients, RecipientResult(250, "2.0.0 ok"))
 
     async def close(self) -> None:
