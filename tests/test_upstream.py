@@ -13,16 +13,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay import upstream as upstream_module
 from relay.upstream import (
+    _PLAIN_ADDRESS,
+    END,
     DataBody,
     FailoverUpstream,
     OutboxUpstream,
     SmtpEndpoint,
     SmtpUpstream,
     Timeouts,
+    _command,
     smtp_data_block,
     upstream_from_url,
 )
@@ -77,6 +83,22 @@ def test_connections_are_reused_across_messages(faulty: FaultySink) -> None:
     assert len(faulty.handler.messages) == 5
     assert faulty.handler.messages[0].data.endswith(b"body\r\n.leading dot\r\n")  # dot-stuffing undone by the server
     assert faulty.handler.commands[-1] == "QUIT"
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.one_of(st.from_regex(_PLAIN_ADDRESS, fullmatch=True), st.text(max_size=40)))
+def test_commands_quote_addresses_as_aiosmtplib_does(address: str) -> None:
+    """The fast path for plain addresses writes what aiosmtplib's quote_address (its address parser) gives,
+    and what cannot be sent in ASCII is refused as before."""
+    try:
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in address):
+            raise ValueError("control character")
+        expected = b"RCPT TO:" + quote_address(address).encode("ascii") + b"\r\n"
+    except ValueError:
+        with pytest.raises(ValueError):
+            _command(b"RCPT TO:", address)
+        return
+    assert _command(b"RCPT TO:", address) == expected
 
 
 def test_the_final_dot_waits_for_ready_while_the_envelope_and_body_go(faulty: FaultySink) -> None:
@@ -335,7 +357,7 @@ def test_a_body_streamed_in_pieces_equals_the_whole_block(data: bytes, piece: in
     """Dot-stuffing piece by piece, with cuts anywhere (even between CRLF and a dot), gives smtp_data_block;
     SIZE= is the message as RFC 1870 counts it: CRLF-ended, neither the doubled dots nor the final one."""
     body = DataBody(data)
-    streamed = b"".join(body.pieces(piece))
+    streamed = b"".join(body.pieces(piece)) + END
     assert streamed == smtp_data_block(data)
     ended = data if data.endswith(b"\r\n") else data + b"\r\n"
     doubled = ended.count(b"\r\n.") + ended.startswith(b".")

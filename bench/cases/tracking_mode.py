@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
-from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ MESSAGE = (b"From: app@example.com\r\nTo: a@example.com\r\nSubject: bench\r\nMIM
 
 
 class AcceptingUpstream:
-    async def send(self, mail_from: str, recipients: list[str], data: bytes, *, ready: Awaitable[object] | None = None) -> Results:
+    async def send(self, mail_from: str, recipients: list[str], data: bytes, *, ready: asyncio.Future[Any] | None = None) -> Results:
         if ready is not None:
             await ready
         return dict.fromkeys(recipients, RecipientResult(250, "2.0.0 ok"))
