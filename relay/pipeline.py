@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from config.dkim_keys import DkimError, load_key
@@ -100,7 +100,8 @@ class Copy:
     # A pixel went out in it (or the provider adds one): what `tracked` means on events and in stats. A tracked
     # send whose HTML could not be instrumented (none, or it failed) goes without one, and is not counted opened.
     pixel: bool
-    send: tuple[bytes, TrackedSend] | None = None  # the send row its tokens name (a tracked copy)
+    # Send rows to journal with this copy's ledger row: those its batch's tokens name, with the batch's first copy.
+    sends: list[tuple[bytes, TrackedSend]] = field(default_factory=list)
 
 
 def recipient_fields(project: ProjectSettings, message_id: str, hints: AppHints, recipient: str) -> dict[str, Any]:
@@ -379,8 +380,8 @@ class Pipeline:
                         try:
                             outcome = await self.upstream.send(mail_from, copy.recipients, copy.data, ready=self._written(writes))
                         finally:  # also when cut by the send timeout: the upstream may have taken it (RFC 1047)
-                            if copy.send is not None:
-                                self._store_sends([copy.send], writes)
+                            if copy.sends:
+                                self._store_sends(copy.sends, writes)
                         results.update(outcome)
                         if copy.pixel:
                             pixels.update(copy.recipients)
@@ -573,15 +574,16 @@ class Pipeline:
                                         message_id, domain)
                     # Read from its file in a thread: 30 MB from the page cache would hold the event loop.
                     yield Copy([recipients[start + offset]], copy.read() if copy.path is None else await asyncio.to_thread(copy.read),
-                               pixel=True, send=sends[start + offset])
+                               pixel=True, sends=sends[start:start + len(rendered)] if offset == 0 else [])
             finally:
                 discard(rendered)  # the files of copies not sent (a failure or time-out cut the batch short)
 
     def _store_sends(self, sends: list[tuple[bytes, TrackedSend]], writes: Writes) -> None:
-        """Journal the send rows the copies' tokens name (the tracker reads them when it records their hits)
-        once the upstream answered, into `writes`: on disk in the group of the copy's ledger row, not in a
-        group (and fsync) of their own. A crash that loses them loses that ledger row too, so the app's
-        retry sends the copy again with new tokens (README: Spool)."""
+        """Journal the send rows a batch's tokens name (the tracker reads them when it records their hits)
+        once the upstream answered its first copy, into `writes`: on disk in the group of that copy's ledger
+        row, not in a group (and fsync) of their own, and before the next copy can be taken. A crash that
+        loses them loses that ledger row too, so the app's retry sends the copy again with new tokens
+        (README: Spool)."""
         writes.append(("sends", self.spool.append("sends", [[send_id.hex(), vars(send)] for send_id, send in sends])))
 
     @staticmethod
