@@ -30,7 +30,7 @@ from relay.hints import AppHints, Refusal, read_hints, strip_hints
 from relay.links import TrackingLinks
 from relay.policy import Decision, decide
 from relay.senders import from_allowed
-from relay.upstream import INLINE_BYTES, RecipientResult, Results, Upstream
+from relay.upstream import INLINE_BYTES, DataBody, RecipientResult, Results, Upstream
 from store.model import Delivered, DeliveryClaim, EventStore, NewEvent, now_rfc3339
 from store.spool import Handler, Spool, event_body, event_from_body
 from tracking.claims import TrackedSend
@@ -102,6 +102,9 @@ class Copy:
     pixel: bool
     # Send rows to journal with this copy's ledger row: those its batch's tokens name, with the batch's first copy.
     sends: list[tuple[bytes, TrackedSend]] = field(default_factory=list)
+    # Known to be CRLF throughout, so the upstream need not scan it: a copy rendered from a message that is
+    # (rendering inserts no other line ending), counted once per message instead of once per copy.
+    crlf: bool = False
 
 
 def recipient_fields(project: ProjectSettings, message_id: str, hints: AppHints, recipient: str) -> dict[str, Any]:
@@ -378,7 +381,8 @@ class Pipeline:
                         # A crash after the upstream took this copy must not resend the copies before: their
                         # rows are on disk before it can (its final dot); its envelope and body go meanwhile.
                         try:
-                            outcome = await self.upstream.send(mail_from, copy.recipients, copy.data, ready=self._written(writes))
+                            outcome = await self.upstream.send(mail_from, copy.recipients, copy.data, ready=self._written(writes),
+                                                               crlf=copy.crlf)
                         finally:  # also when cut by the send timeout: the upstream may have taken it (RFC 1047)
                             if copy.sends:
                                 self._store_sends(copy.sends, writes)
@@ -528,9 +532,10 @@ class Pipeline:
         if pooled:
             assert self.scratch is not None  # made with the pool
             await held.spill(self.scratch.path)  # the pool reads it there; the relay holds it no more
+        crlf = held.path is None and await DataBody.scan(await held.read())
         try:
             async with contextlib.aclosing(self._tracked(held, recipients, minters, batch, sends, message, message_id, project,
-                                                         notes)) as copies:
+                                                         notes, crlf)) as copies:
                 async for copy in copies:
                     yield copy
                     del copy  # sent: not held while the next batch renders
@@ -548,6 +553,7 @@ class Pipeline:
         message_id: str,
         project: ProjectSettings,
         notes: list[str],
+        crlf: bool,
     ) -> AsyncGenerator[Copy, None]:
         """The tracked copies, a batch rendered at a time; the message untouched when it has nothing to track."""
         for start in range(0, len(recipients), batch):
@@ -562,7 +568,8 @@ class Pipeline:
                             log.warning("instrument-failed message_id=%s reason=%s", message_id, result.reason)
                         notes.append(f"instrument={result.outcome} ({result.reason})")
                         data = await held.read()
-                        yield Copy(recipients[start + offset:], await self._offload(data, self.dkim.sign, data), pixel=False)
+                        yield Copy(recipients[start + offset:], await self._offload(data, self.dkim.sign, data), pixel=False,
+                                   crlf=crlf)
                         return
                     if start + offset == 0:
                         notes.append("instrumented")
@@ -574,7 +581,7 @@ class Pipeline:
                                         message_id, domain)
                     # Read from its file in a thread: 30 MB from the page cache would hold the event loop.
                     yield Copy([recipients[start + offset]], copy.read() if copy.path is None else await asyncio.to_thread(copy.read),
-                               pixel=True, sends=sends[start:start + len(rendered)] if offset == 0 else [])
+                               pixel=True, sends=sends[start:start + len(rendered)] if offset == 0 else [], crlf=crlf)
             finally:
                 discard(rendered)  # the files of copies not sent (a failure or time-out cut the batch short)
 

@@ -64,8 +64,11 @@ Results = dict[str, RecipientResult]
 
 
 class Upstream(Protocol):
-    async def send(self, mail_from: str, recipients: list[str], data: bytes, *, ready: asyncio.Future[Any] | None = None) -> Results:
+    async def send(self, mail_from: str, recipients: list[str], data: bytes, *, ready: asyncio.Future[Any] | None = None,
+                   crlf: bool = False) -> Results:
         """Deliver; one result per recipient. Delivery failures are results, never exceptions.
+
+        `crlf`: the caller knows `data` is CRLF throughout (see DataBody.scan), so it need not be scanned.
 
         `ready` (a future: a fallback awaits it again) is awaited before the upstream can take the
         message (its final dot; the outbox file): what must be on disk first (the ledger rows of the
@@ -91,7 +94,8 @@ class OutboxUpstream:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
-    async def send(self, mail_from: str, recipients: list[str], data: bytes, *, ready: asyncio.Future[Any] | None = None) -> Results:
+    async def send(self, mail_from: str, recipients: list[str], data: bytes, *, ready: asyncio.Future[Any] | None = None,
+                   crlf: bool = False) -> Results:
         if ready is not None:
             await ready
         try:
@@ -430,8 +434,9 @@ class SmtpUpstream:
         self._idle: list[_Connection] = []
         self._reaper: asyncio.Task[None] | None = None
 
-    async def send(self, mail_from: str, recipients: list[str], data: bytes, *, ready: asyncio.Future[Any] | None = None) -> Results:
-        body = DataBody(data) if await DataBody.scan(data) else DataBody(await self._data_block(data), stuffed=True)
+    async def send(self, mail_from: str, recipients: list[str], data: bytes, *, ready: asyncio.Future[Any] | None = None,
+                   crlf: bool = False) -> Results:
+        body = DataBody(data) if crlf or await DataBody.scan(data) else DataBody(await self._data_block(data), stuffed=True)
         with timed(UPSTREAM_SECONDS, self.endpoint.host):
             return await self._send(mail_from, recipients, body, ready)
 
@@ -674,13 +679,14 @@ class FailoverUpstream:
         self.upstreams = upstreams
         self._down_until = [0.0] * len(upstreams)
 
-    async def send(self, mail_from: str, recipients: list[str], data: bytes, *, ready: asyncio.Future[Any] | None = None) -> Results:
+    async def send(self, mail_from: str, recipients: list[str], data: bytes, *, ready: asyncio.Future[Any] | None = None,
+                   crlf: bool = False) -> Results:
         now = time.monotonic()
         order = sorted(range(len(self.upstreams)), key=lambda i: self._down_until[i] > now)  # stable: up ones first
         results: Results = {}
         for index in order:
             name, upstream = self.upstreams[index]
-            results = await upstream.send(mail_from, recipients, data, ready=ready)
+            results = await upstream.send(mail_from, recipients, data, ready=ready, crlf=crlf)
             if not all(r.unreachable for r in results.values()):
                 self._down_until[index] = 0.0
                 if index:

@@ -244,3 +244,20 @@ def test_corpus_file(path: Path | None, make_minter) -> None:
         assert result.outcome == "instrumented", result.reason
         unsubscribe = {re.sub(r"\s+", "", u) for u in re.findall(r"<([^>]*)>", str(message.get("List-Unsubscribe", "")))}
         check_message(data, result, minter, unsubscribe)
+
+
+def crlf_throughout(data: bytes) -> bool:
+    return data.count(b"\r\n") == data.count(b"\n") == data.count(b"\r")
+
+
+@pytest.mark.parametrize("path", FILES or [None], ids=lambda p: p.name if p else "absent")
+def test_copies_of_mail_crlf_throughout_are_crlf_throughout(path: Path | None, make_minter) -> None:
+    """The relay counts a message's line endings once and sends its copies unscanned (relay/pipeline.py): so
+    rendering must add no line ending but the message's own (soft breaks, long-line breaks, base64 lines)."""
+    if path is None:
+        pytest.skip(f"corpus not found at {CORPUS} (set INFLIGHT_CORPUS)")
+    data = path.read_bytes()
+    inputs = [wrap(data, encoding, None) for encoding in ("8bit", "quoted-printable", "base64")] if path.suffix == ".html" else [data]
+    for raw in (re.sub(rb"\r\n|\r|\n", b"\r\n", message) for message in inputs):
+        result = instrument_message(raw, make_minter(exclude=EXCLUDED_HOSTS))
+        assert crlf_throughout(raw) and crlf_throughout(result.data), result.reason

@@ -27,7 +27,8 @@ MESSAGE = (b"From: app@example.com\r\nTo: a@example.com\r\nSubject: bench\r\nMIM
 
 
 class AcceptingUpstream:
-    async def send(self, mail_from: str, recipients: list[str], data: bytes, *, ready: asyncio.Future[Any] | None = None) -> Results:
+    async def send(self, mail_from: str, recipients: list[str], data: bytes, *, ready: asyncio.Future[Any] | None = None,
+                   crlf: bool = False) -> Results:
         if ready is not None:
             await ready
         return dict.fromkeys(recipients, RecipientResult(250, "2.0.0 ok"))
