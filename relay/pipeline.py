@@ -415,11 +415,22 @@ class Pipeline:
         writes.append(("ledger", self.spool.append("ledger", vars(rows))))
 
     @staticmethod
-    def _written(writes: Writes) -> asyncio.Future[object] | None:
+    def _written(writes: Writes) -> asyncio.Future[None] | None:
         """A future done once every record in `writes` is on disk (or failed), None when they all are.
-        Waiting on it is not cancelling them: the caller's `_durable` still waits for them before the reply."""
+        Cancelling it cancels none of them: the caller's `_durable` still waits for them before the reply."""
         waiting = [done for _, done in writes if not done.done()]
-        return asyncio.ensure_future(asyncio.wait(waiting)) if waiting else None
+        if not waiting:
+            return None
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def one_done(_: asyncio.Future[None]) -> None:
+            waiting.pop()
+            if not waiting and not written.done():
+                written.set_result(None)
+
+        for done in list(waiting):
+            done.add_done_callback(one_done)
+        return written
 
     @staticmethod
     async def _durable(writes: Writes, message_id: str) -> None:

@@ -433,11 +433,15 @@ class SmtpUpstream:
         self._slots = asyncio.Semaphore(pool_size)
         self._idle: list[_Connection] = []
         self._reaper: asyncio.Task[None] | None = None
+        # Labelled once: a child's lookup takes a lock and a dict, three times per transaction.
+        self._seconds = UPSTREAM_SECONDS.labels(endpoint.host)
+        self._busy = POOL_CONNECTIONS.labels(endpoint.host, "busy")
+        self._idle_count = POOL_CONNECTIONS.labels(endpoint.host, "idle")
 
     async def send(self, mail_from: str, recipients: list[str], data: bytes, *, ready: asyncio.Future[Any] | None = None,
                    crlf: bool = False) -> Results:
         body = DataBody(data) if crlf or await DataBody.scan(data) else DataBody(await self._data_block(data), stuffed=True)
-        with timed(UPSTREAM_SECONDS, self.endpoint.host):
+        with timed(self._seconds):
             return await self._send(mail_from, recipients, body, ready)
 
     async def _send(self, mail_from: str, recipients: list[str], body: DataBody, ready: asyncio.Future[Any] | None) -> Results:
@@ -467,7 +471,7 @@ class SmtpUpstream:
     async def _connection(self) -> AsyncIterator[_Connection]:
         async with self._slots:
             connection = await self._take_idle() or await self._connect()
-            busy = POOL_CONNECTIONS.labels(self.endpoint.host, "busy")
+            busy = self._busy
             busy.inc()
             try:
                 yield connection
@@ -484,7 +488,7 @@ class SmtpUpstream:
             self._count_idle()
 
     def _count_idle(self) -> None:
-        POOL_CONNECTIONS.labels(self.endpoint.host, "idle").set(len(self._idle))
+        self._idle_count.set(len(self._idle))
 
     async def _take_idle(self) -> _Connection | None:
         while self._idle:
