@@ -26,8 +26,11 @@ CASE = "workers"
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time of a process and its children that have exited or still run (its workers)."""
-    pids = [pid, *(int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split())]
+    """CPU time of a process and its descendants that have exited or still run (its workers and their recorders)."""
+    pids, index = [pid], 0
+    while index < len(pids):
+        pids += [int(p) for p in subprocess.run(["pgrep", "-P", str(pids[index])], capture_output=True, text=True).stdout.split()]
+        index += 1
     total = 0.0
     for each in pids:
         try:
