@@ -14,10 +14,11 @@ from store.model import EventStore
 POSTGRESQL_SCHEMES = ("postgresql", "postgres")
 
 
-def open_store(url: str, *, webhook_projects: Collection[str] = ()) -> EventStore:
+def open_store(url: str, *, webhook_projects: Collection[str] = (), pool_size: int | None = None) -> EventStore:
     """The store named by `url`: `sqlite:///path` (the embedded default) or `postgresql://…` (several nodes).
 
     Opening it (`await store.open()`) brings its schema up to date; the URL is never logged.
+    `pool_size`: PostgreSQL connections at most (its default when None), for a process that needs few.
     """
     if url.startswith("sqlite:///"):
         from store.sqlite import SqliteEventStore
@@ -26,7 +27,9 @@ def open_store(url: str, *, webhook_projects: Collection[str] = ()) -> EventStor
     if urlsplit(url).scheme in POSTGRESQL_SCHEMES:
         from store.postgresql import PostgresEventStore  # asyncpg is loaded only when used
 
-        return PostgresEventStore(url, webhook_projects=webhook_projects)
+        if pool_size is None:
+            return PostgresEventStore(url, webhook_projects=webhook_projects)
+        return PostgresEventStore(url, webhook_projects=webhook_projects, pool_size=pool_size)
     scheme = urlsplit(url).scheme
     raise ValueError(f"store.url: unsupported scheme {scheme or 'none'!r}; use sqlite:///path or postgresql://user@host/db")
 

@@ -80,11 +80,11 @@ def test_a_batch_is_stored_and_what_is_left_comes_back(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_the_recorder_process_stores_in_its_own_process_and_a_killed_one_is_replaced(tmp_path: Path) -> None:
+def test_the_recorder_process_stores_in_its_own_process_and_a_killed_one_is_replaced(tmp_path: Path, store_url: str) -> None:
     """The child stores with its own connection (its pid is not ours); SIGKILLed, the batch in hand
     fails as a store failure does (the spool keeps it and retries) and the next batch goes to a new child.
     Storing a batch again (the retry of one the dead child may have stored) stores it once."""
-    settings = make_settings(tmp_path, "outbox:///dev/null")
+    settings = make_settings(tmp_path, "outbox:///dev/null", store={"url": store_url})
 
     async def scenario() -> None:
         async with store_with_copies(settings, 3) as (store, send_ids):

@@ -44,6 +44,9 @@ CLOSE_SECONDS = 10.0  # the child gets this long to close its store and exit onc
 # Storing can wait (the spool holds the hits), answering cannot: where both want the one free core, the
 # answers get about three quarters of it (CFS weights 1024 against 335).
 CHILD_NICENESS = 5
+# PostgreSQL connections of a recorder: it stores one batch at a time (the copies' lookup, then the hits'
+# group commit, in at most two transactions), so a few do; every tracker worker has one (README: Capacity).
+POOL_SIZE = 3
 
 
 class RecordingFailed(Exception):
@@ -157,7 +160,8 @@ def _write(stream: BinaryIO, message: object) -> None:
 
 
 async def _serve(settings: Settings, requests: BinaryIO, replies: BinaryIO) -> None:
-    store = open_store(settings.store.url, webhook_projects=[p.id for p in settings.projects if p.webhook_url])
+    store = open_store(settings.store.url, webhook_projects=[p.id for p in settings.projects if p.webhook_url],
+                       pool_size=POOL_SIZE)
     try:
         await store.open()
     except Exception as exc:
