@@ -363,7 +363,7 @@ class Pipeline:
 
         A copy's send row (a tracked copy), ledger row and provider id are journalled into `writes` as
         soon as the upstream answered, and are on disk, in one group, before the upstream can take the
-        next copy: its envelope and body go while the disk writes, its final dot waits (README: Spool).
+        next copy: its envelope goes while the disk writes, the end of its body waits (README: Spool).
         The last copy's wait for the disk is left to the caller, which adds the message's events to
         the same group.
 
@@ -379,7 +379,7 @@ class Pipeline:
                 async with contextlib.aclosing(copies):
                     async for copy in copies:
                         # A crash after the upstream took this copy must not resend the copies before: their
-                        # rows are on disk before it can (its final dot); its envelope and body go meanwhile.
+                        # rows are on disk before it can (its final dot); its envelope goes meanwhile.
                         try:
                             outcome = await self.upstream.send(mail_from, copy.recipients, copy.data, ready=self._written(writes),
                                                                crlf=copy.crlf)

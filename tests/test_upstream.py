@@ -101,9 +101,9 @@ def test_commands_quote_addresses_as_aiosmtplib_does(address: str) -> None:
     assert _command(b"RCPT TO:", address) == expected
 
 
-def test_the_final_dot_waits_for_ready_while_the_envelope_and_body_go(faulty: FaultySink) -> None:
-    """What must be on disk before the upstream may take a copy (`ready`) holds back its final dot only:
-    until then the upstream has the envelope and an unfinished body, and has delivered nothing."""
+def test_the_final_dot_waits_for_ready_while_the_envelope_goes(faulty: FaultySink) -> None:
+    """What must be on disk before the upstream may take a copy (`ready`) holds back its last piece and final
+    dot: until then the upstream has the envelope and the body's other pieces, and has delivered nothing."""
     rcpts: list[str] = []
     handle_rcpt = faulty.handler.handle_RCPT
 
@@ -121,7 +121,7 @@ def test_the_final_dot_waits_for_ready_while_the_envelope_and_body_go(faulty: Fa
             if rcpts:
                 break
             await asyncio.sleep(0.02)
-        await asyncio.sleep(0.2)  # the body has all gone by now: only the final dot is held back
+        await asyncio.sleep(0.2)  # all but the body's last piece has gone by now
         assert rcpts == ["a@example.com"] and not sending.done() and faulty.handler.messages == []
         ready.set_result(None)
         assert codes(await sending) == {"a@example.com": 250}
