@@ -22,6 +22,7 @@ spool is drained), and exits when its stdin closes: when its parent stops it, or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -60,6 +61,13 @@ async def _send(writer: asyncio.StreamWriter, message: object) -> None:
     await writer.drain()
 
 
+async def _kill(child: asyncio.subprocess.Process) -> None:
+    """Kill and reap `child`; one that exited already (asyncio may have reaped it: ProcessLookupError) is only waited for."""
+    with contextlib.suppress(ProcessLookupError):
+        child.kill()
+    await child.wait()
+
+
 async def _receive(reader: asyncio.StreamReader) -> Any:
     (length,) = LENGTH.unpack(await reader.readexactly(LENGTH.size))
     return pickle.loads(await reader.readexactly(length))
@@ -87,8 +95,7 @@ class RecorderProcess:
             async with asyncio.timeout(START_SECONDS):
                 reply = await _receive(child.stdout)
         except (OSError, EOFError, TimeoutError) as exc:
-            child.kill()
-            await child.wait()
+            await _kill(child)
             raise RecordingFailed(f"the recorder process did not start: {type(exc).__name__}: {exc}") from None
         if reply != "ready":
             await child.wait()
@@ -121,9 +128,7 @@ class RecorderProcess:
 
     async def _discard(self, child: asyncio.subprocess.Process) -> None:
         self._child = None
-        if child.returncode is None:
-            child.kill()
-        await asyncio.shield(child.wait())
+        await asyncio.shield(_kill(child))
 
     async def close(self) -> None:
         """Stop the child once the spool is closed: it closes its store as it exits."""
@@ -138,8 +143,7 @@ class RecorderProcess:
                 await child.wait()
         except TimeoutError:
             log.warning("recorder-process-slow-to-stop pid=%d (killed)", child.pid)
-            child.kill()
-            await child.wait()
+            await _kill(child)
 
 
 # --- in the child ---------------------------------------------------------------------------
