@@ -352,6 +352,11 @@ class Settings:
         return self.tracker.public_url.rstrip("/")
 
     @property
+    def webhook_projects(self) -> list[str]:
+        """The projects whose events queue webhook deliveries (those with a webhook_url)."""
+        return [p.id for p in self.projects if p.webhook_url]
+
+    @property
     def public_host(self) -> str:
         """tracker.public_url's host: tokens of every project are accepted there."""
         return (urlsplit(self.tracker.public_url).hostname or "").lower()

@@ -203,7 +203,7 @@ class Service:
         self.primary = primary
         projects = {p.id: p for p in settings.projects}
         self.store = open_store(settings.store.url,
-                                               webhook_projects=[p.id for p in settings.projects if p.webhook_url])
+                                               webhook_projects=settings.webhook_projects)
         self.spool = Spool(settings.store.spool_path, store_url=settings.store.url)  # one per process (README: Spool)
         self.webhooks = WebhookWorker(self.store, projects, settings.webhooks)
         self.purge = RetentionPurge(self.store, {p.id: p.retention_days for p in settings.projects},

@@ -27,8 +27,6 @@ def open_store(url: str, *, webhook_projects: Collection[str] = (), pool_size: i
     if urlsplit(url).scheme in POSTGRESQL_SCHEMES:
         from store.postgresql import PostgresEventStore  # asyncpg is loaded only when used
 
-        if pool_size is None:
-            return PostgresEventStore(url, webhook_projects=webhook_projects)
         return PostgresEventStore(url, webhook_projects=webhook_projects, pool_size=pool_size)
     scheme = urlsplit(url).scheme
     raise ValueError(f"store.url: unsupported scheme {scheme or 'none'!r}; use sqlite:///path or postgresql://user@host/db")

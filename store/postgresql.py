@@ -158,10 +158,10 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
 
     PAIR = _PAIR  # for the dashboard queries
 
-    def __init__(self, url: str, *, webhook_projects: Collection[str] = (), pool_size: int = POOL_SIZE) -> None:
+    def __init__(self, url: str, *, webhook_projects: Collection[str] = (), pool_size: int | None = None) -> None:
         self.url = url
         self.webhook_projects = sorted(set(webhook_projects))
-        self.pool_size = pool_size
+        self.pool_size = pool_size or POOL_SIZE  # None: a relay's or tracker's own
         self.outbox_added = asyncio.Event()  # set on NOTIFY from any node, and when this process queued rows
         self._pool: asyncpg.Pool | None = None
         self._months: set[str] = set()  # partitions known to exist

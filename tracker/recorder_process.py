@@ -55,9 +55,14 @@ class RecordingFailed(Exception):
     driver's exception need not survive pickling."""
 
 
-async def _send(writer: asyncio.StreamWriter, message: object) -> None:
+def _framed(message: object) -> bytes:
+    """A message on the pipe either way: its pickle's length, then the pickle."""
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    writer.write(LENGTH.pack(len(data)) + data)
+    return LENGTH.pack(len(data)) + data
+
+
+async def _send(writer: asyncio.StreamWriter, message: object) -> None:
+    writer.write(_framed(message))
     await writer.drain()
 
 
@@ -158,14 +163,12 @@ def _read(stream: BinaryIO) -> Any:
 
 
 def _write(stream: BinaryIO, message: object) -> None:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(LENGTH.pack(len(data)) + data)
+    stream.write(_framed(message))
     stream.flush()
 
 
 async def _serve(settings: Settings, requests: BinaryIO, replies: BinaryIO) -> None:
-    store = open_store(settings.store.url, webhook_projects=[p.id for p in settings.projects if p.webhook_url],
-                       pool_size=POOL_SIZE)
+    store = open_store(settings.store.url, webhook_projects=settings.webhook_projects, pool_size=POOL_SIZE)
     try:
         await store.open()
     except Exception as exc:
