@@ -15,13 +15,12 @@ import gc
 import logging
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import uvicorn
 from starlette.types import ASGIApp
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from config.settings import ConfigError, Settings, parse_listen
 from config.tracking import TrackingSettings
@@ -35,8 +34,8 @@ from relay.workers import cpu_pool, give_back_large_buffers
 from store import open_store
 from store.spool import Spool
 from tracker.app import Tracker, create_app, dashboard_app
-from tracker.edge import MAX_REQUEST_HEAD_BYTES
 from tracker.privacy import RetentionPurge
+from tracker.protocol import BoundedHttpToolsProtocol, Hits, hit_protocol
 from tracker.recorder_process import RecorderProcess, RecordingFailed
 from tracker.webhooks import WebhookWorker
 from tracking.tokens import TokenKeys
@@ -55,41 +54,17 @@ class _EmbeddedUvicorn(uvicorn.Server):
         yield
 
 
-class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, refusing a request head larger than MAX_REQUEST_HEAD_BYTES as it arrives.
-
-    httptools (C) answers the tracker's hits several times faster than h11 (bench/, `make bench`),
-    but unlike h11's max_incomplete_event_size it bounds neither the URL nor a header while they
-    stream in; counting the bytes received while the head is incomplete restores that bound
-    (one read beyond it at most): 400 and close, as uvicorn answers any request it cannot parse.
-    """
-
-    _reading_head = False
-    _head_bytes = 0
-
-    def on_message_begin(self) -> None:
-        self._reading_head, self._head_bytes = True, 0
-        super().on_message_begin()
-
-    def on_headers_complete(self) -> None:
-        self._reading_head = False
-        super().on_headers_complete()
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self._reading_head and not self.transport.is_closing():
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
-                self.send_400_response("Request head too large.")
-
-
-def http_config(app: ASGIApp) -> uvicorn.Config:
+def http_config(app: ASGIApp, *, hits: Hits | None = None, trusted_proxies: Sequence[str] | None = None) -> uvicorn.Config:
     """The tracker's uvicorn settings; the bench serves its bare baseline endpoint with the same ones.
 
-    No access log: the tracker's events are the record of every hit.
+    No access log: the tracker's events are the record of every hit. With `hits`, the protocol
+    answers them itself (HitProtocol). `trusted_proxies`: the peers whose X-Forwarded-For uvicorn
+    believes for the app's requests, as the tracker does for the hits it answers (uvicorn's default:
+    loopback).
     """
-    return uvicorn.Config(app, http=BoundedHttpToolsProtocol, log_config=None, access_log=False, lifespan="on",
-                          server_header=False)
+    return uvicorn.Config(app, http=hit_protocol(hits) if hits is not None else BoundedHttpToolsProtocol, log_config=None,
+                          access_log=False, lifespan="on", server_header=False,
+                          forwarded_allow_ips=list(trusted_proxies) if trusted_proxies is not None else None)
 
 
 class ListenError(Exception):
@@ -290,17 +265,18 @@ class Service:
             dashboard = self.settings.dashboard
             app = create_app(tracker, dashboard=dashboard.enabled and not dashboard.listen)
             self.tracker_address = listeners.tracker.getsockname()[:2]
-            await self._serve_http(app, listeners.tracker)
+            await self._serve_http(app, listeners.tracker, hits=tracker, trusted_proxies=self.settings.tracker.trusted_proxies)
             log.info("tracker listening on %s:%d (public_url=%s)", *self.tracker_address, self.settings.tracker.public_url)
 
         if tracker is not None and listeners.dashboard is not None:  # bound with the tracker's listener
             self.dashboard_address = listeners.dashboard.getsockname()[:2]
-            await self._serve_http(dashboard_app(tracker), listeners.dashboard)
+            await self._serve_http(dashboard_app(tracker), listeners.dashboard, trusted_proxies=self.settings.tracker.trusted_proxies)
             log.info("dashboard on http://%s:%d/dashboard/", *self.dashboard_address)
 
-    async def _serve_http(self, app: ASGIApp, sock: socket.socket) -> None:
-        """Serve `app` on `sock` with uvicorn, returning once it accepts connections."""
-        server = _EmbeddedUvicorn(http_config(app))
+    async def _serve_http(self, app: ASGIApp, sock: socket.socket, *, hits: Hits | None = None,
+                          trusted_proxies: Sequence[str] | None = None) -> None:
+        """Serve `app` on `sock` with uvicorn (see http_config), returning once it accepts connections."""
+        server = _EmbeddedUvicorn(http_config(app, hits=hits, trusted_proxies=trusted_proxies))
         task = asyncio.create_task(server.serve(sockets=[sock]))
         self._http_servers.append((server, task))
         while not server.started:

@@ -10,9 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from inflight.service import BoundedHttpToolsProtocol, http_config
+from inflight.service import http_config
 from tests.conftest import RunningService, Sink, make_settings
 from tracker.edge import MAX_REQUEST_HEAD_BYTES
+from tracker.protocol import BoundedHttpToolsProtocol
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from store.spool import Handler, Spool
 from tracker.agents import Hit
 from tracker.dashboard.app import Dashboard
 from tracker.dead_letters import DeadLetterRoutes
-from tracker.edge import HardenedResponses, HitPath, HitRequest
+from tracker.edge import HardenedResponses, HitRequest
 from tracker.feedback import FeedbackRoutes
 from tracker.recorder import HitRecorder, Recording
 from tracker.shapes import event_json, stats_json
@@ -60,6 +60,7 @@ NO_CACHE = {
 NOT_FOUND = Response("Not Found", status_code=404, media_type="text/plain")
 # Built once: a Response holds no per-request state, and the pixel's bytes and headers never change.
 PIXEL = Response(PIXEL_GIF, media_type="image/gif", headers=NO_CACHE)
+HONEYPOT = Response(b"", media_type="text/html", headers={**NO_CACHE, "X-Robots-Tag": "noindex"})
 UNAUTHORIZED = JSONResponse({"error": "missing or invalid bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
 SETTLE_SECONDS = 1.0  # the events API waits at most this for hits answered before it to reach the store
 SLOW_LOG_SECONDS = 10.0  # at most one spool-slow line per this many seconds
@@ -198,56 +199,56 @@ class Tracker:
             honeypot=claims.honeypot,
         )
 
-    async def _record(self, request: HitRequest, claims: TrackingClaims) -> None:
-        """Spool the hit; return once it is durable, or after the answer budget when the disk is slower.
-        Who the copy went to (the send its token names) is read from the store when the spool delivers it."""
-        durable = self.spool.append("hit", SpooledHit.body(claims, self._hit(request, claims)))
-        try:
-            async with asyncio.timeout(self.budget):
-                await durable
-        except TimeoutError:
-            # The disk is slower than the budget: answer anyway; the hit is written and stored all the same.
-            if time.monotonic() - self._slow_logged > SLOW_LOG_SECONDS:
-                self._slow_logged = time.monotonic()
-                log.warning("spool-slow answered before the hit was durable budget_ms=%d depth=%d",
-                            self.settings.tracker.answer_budget_ms, self.spool.depth())
-        except OSError:
-            pass  # the spool logged it; the hit still goes to the store from memory
+    def _spool(self, request: HitRequest, claims: TrackingClaims) -> asyncio.Future[None]:
+        """Spool the hit; the future resolves once it is durable. Who the copy went to (the send its token
+        names) is read from the store when the spool delivers it, so the answer never waits on the store."""
+        return self.spool.append("hit", SpooledHit.body(claims, self._hit(request, claims)))
+
+    def answered_late(self) -> None:
+        """The disk is slower than the budget: the answer went out first; the hit is written and stored all the same."""
+        if time.monotonic() - self._slow_logged > SLOW_LOG_SECONDS:
+            self._slow_logged = time.monotonic()
+            log.warning("spool-slow answered before the hit was durable budget_ms=%d depth=%d",
+                        self.settings.tracker.answer_budget_ms, self.spool.depth())
+
+    def respond(self, kind: str, token: str, request: HitRequest) -> tuple[Response, asyncio.Future[None] | None]:
+        """The answer to a `kind` ("open": the pixel, "click": a redirect) hit on `token`, and the future of
+        its record in the spool (None when nothing is recorded): the answer goes out once the record is
+        durable or after the answer budget. Called by HitProtocol, and by the Starlette routes (`answer`)."""
+        if kind == "open":
+            claims = self._claims(request, token.removesuffix(".gif"), "open")
+            if claims is None:
+                return NOT_FOUND, None
+            return PIXEL, self._spool(request, claims)
+        claims = self._claims(request, token, "click")
+        if claims is not None and claims.honeypot:
+            # The invisible trap link goes nowhere; only machines follow it.
+            return HONEYPOT, self._spool(request, claims)
+        location = redirect_location(claims.link) if claims is not None and claims.link is not None else None
+        if claims is None or location is None:
+            return NOT_FOUND, None  # only signed http(s) destinations are ever redirected to: no open redirect
+        # The signed link as a browser requests it: byte for byte when it is visible ASCII, else its WHATWG
+        # serialisation (the event keeps the link as written). RedirectResponse would re-quote it.
+        return Response(status_code=302, headers={**NO_CACHE, "Location": location}), self._spool(request, claims)
 
     async def answer(self, kind: str, token: str, scope: Scope) -> Response:
-        """The answer to a `kind` ("open": the pixel, "click": a redirect) hit on `token`: the same from
-        the Starlette routes and from HitPath, which answers GET and HEAD hits before them."""
-        request = HitRequest(scope)
-        if kind == "open":
-            return await self._pixel(request, token.removesuffix(".gif"))
-        return await self._click(request, token)
+        """`respond` for the Starlette routes: the hits HitProtocol leaves to the app."""
+        response, durable = self.respond(kind, token, HitRequest(scope))
+        if durable is not None:
+            try:
+                async with asyncio.timeout(self.budget):
+                    await durable
+            except TimeoutError:
+                self.answered_late()
+            except OSError:
+                pass  # the spool logged it; the hit still goes to the store from memory
+        return response
 
     async def pixel(self, request: Request) -> Response:
         return await self.answer("open", request.path_params["token"], request.scope)
 
     async def click(self, request: Request) -> Response:
         return await self.answer("click", request.path_params["token"], request.scope)
-
-    async def _pixel(self, request: HitRequest, token: str) -> Response:
-        claims = self._claims(request, token, "open")
-        if claims is None:
-            return NOT_FOUND
-        await self._record(request, claims)
-        return PIXEL
-
-    async def _click(self, request: HitRequest, token: str) -> Response:
-        claims = self._claims(request, token, "click")
-        if claims is not None and claims.honeypot:
-            # The invisible trap link goes nowhere; only machines follow it.
-            await self._record(request, claims)
-            return Response(b"", media_type="text/html", headers={**NO_CACHE, "X-Robots-Tag": "noindex"})
-        location = redirect_location(claims.link) if claims is not None and claims.link is not None else None
-        if claims is None or location is None:
-            return NOT_FOUND  # only signed http(s) destinations are ever redirected to: no open redirect
-        await self._record(request, claims)
-        # The signed link as a browser requests it: byte for byte when it is visible ASCII, else its WHATWG
-        # serialisation (the event keeps the link as written). RedirectResponse would re-quote it.
-        return Response(status_code=302, headers={**NO_CACHE, "Location": location})
 
     def _project(self, request: Request, *, admin: bool = False) -> ProjectSettings | Response:
         """The project the bearer token belongs to, or the 401/403 answer to give instead."""
@@ -434,7 +435,7 @@ def create_app(tracker: Tracker, *, manage_store: bool = False, dashboard: bool 
     # Starlette answers `/c/<token>/` with a 307 to an absolute URL built from the Host header:
     # a redirect we did not sign. Every path is exact; anything else is 404.
     app.router.redirect_slashes = False
-    return HitPath(tracker.answer, app)
+    return app
 
 
 def dashboard_app(tracker: Tracker) -> Starlette:

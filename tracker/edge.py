@@ -1,21 +1,12 @@
-"""What every tracker request meets first: the size limits, the security headers, and the hits' own path.
-
-Pixels and redirects are nearly all the tracker's traffic, and Starlette's middleware and routing
-cost several times what answering one takes once its hit is spooled (bench case `tracker`). So
-`HitPath` answers GET and HEAD on `/o/<token>` and `/c/<token>` itself, with the same answer the
-Starlette routes give (`Tracker.answer`), the same limits and the same headers; every other
-request, and every request while the access log is on, goes through the Starlette app.
+"""What every tracker request meets first: the size limits and the security headers, and what a hit reads
+of its request — the same whether HitProtocol (tracker/protocol.py) or the Starlette routes answer it.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Awaitable, Callable
-
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from monitoring.http import access_log
 from tracking.tokens import MAX_TOKEN_CHARS
 
 # On every answer: no MIME sniffing, and a redirect never tells the destination which token
@@ -85,29 +76,3 @@ class HitRequest:
         """The value of header `name` (lower case), or None."""
         value = self._headers.get(name)
         return value.decode("latin-1") if value is not None else None
-
-
-Answer = Callable[[str, str, Scope], Awaitable[Response]]  # (kind, token, scope) -> the hit's answer
-
-
-class HitPath:
-    """ASGI app in front of the tracker's Starlette app: answers hits without its middleware and routing."""
-
-    def __init__(self, answer: Answer, app: ASGIApp) -> None:
-        self.answer = answer
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and not scope.get("root_path"):
-            path: str = scope["path"]
-            kind = HIT_KINDS.get(path[:3])
-            token = path[3:]
-            # As the routes `/o/{token}` and `/c/{token}` match: one non-empty path segment.
-            if (kind is not None and token and "/" not in token and request_refusal(scope) is None
-                    and not access_log.isEnabledFor(logging.INFO)):
-                response = await self.answer(kind, token, scope)
-                await send({"type": "http.response.start", "status": response.status_code,
-                            "headers": [*response.raw_headers, *HARDENING]})
-                await send({"type": "http.response.body", "body": response.body})
-                return
-        await self.app(scope, receive, send)
