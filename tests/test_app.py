@@ -58,7 +58,7 @@ def test_every_answer_carries_the_security_headers(tracker: tuple[RunningService
 
 
 def test_hits_answered_before_starlette_match_its_routes(tracker: tuple[RunningService, httpx.Client]) -> None:
-    """HitPath (tracker/edge.py) answers GET/HEAD hits without Starlette; with the access log on, every
+    """HitProtocol (tracker/protocol.py) answers GET/HEAD hits without ASGI; with the access log on, every
     request goes through Starlette's routes instead. Both must give the same status, headers and body."""
     _, client = tracker
     requests = [("GET", f"/o/{open_token()}.gif"), ("HEAD", f"/o/{open_token()}.gif"), ("GET", f"/o/{open_token()}.gif?x=1"),
@@ -341,3 +341,23 @@ def test_ip_mode_decides_what_is_stored(tmp_path: Path, sink: Sink, ip_mode: str
         fetch(service, pixel_url, headers={"X-Forwarded-For": forwarded})
         fetch(service, click_url, headers={"X-Forwarded-For": forwarded})
         assert [e["ip"] for e in events(service) if e["name"] != "email.sent"] == [stored, stored]
+
+
+def test_x_forwarded_for_is_believed_only_from_trusted_proxies_whoever_answers(tmp_path: Path, sink: Sink) -> None:
+    """The hit protocol and the Starlette routes (access log on) see the same client: with loopback not
+    a trusted proxy, a forged X-Forwarded-For from it is ignored by both (uvicorn's own default trusts loopback)."""
+    settings = make_settings(tmp_path, sink.url, tracker={"trusted_proxies": ["192.0.2.1"]},
+                             projects=[{"id": PROJECT, "secret": PROJECT_SECRET, "ip_mode": "full"}])
+    with RunningService(settings) as service:
+        send(service.smtp_port, html_message())
+        click_url, pixel_url = tracked_urls(sink.messages[0].data)
+        forged = {"X-Forwarded-For": "203.0.113.77"}
+        fetch(service, pixel_url, headers=forged)
+        access = logging.getLogger("inflight.access")
+        level = access.level
+        access.setLevel(logging.INFO)
+        try:
+            fetch(service, click_url, headers=forged)
+        finally:
+            access.setLevel(level)
+        assert [e["ip"] for e in events(service) if e["name"] != "email.sent"] == ["127.0.0.1", "127.0.0.1"]
