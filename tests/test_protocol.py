@@ -73,6 +73,21 @@ async def read_answer(reader: asyncio.StreamReader, *, head_only: bool = False) 
     return int(lines[0].split()[1]), headers, await reader.readexactly(length)
 
 
+async def pending(hits: Hits, count: int) -> None:
+    """Until the protocol has asked for `count` hits in all."""
+    while len(hits.pending) < count:
+        await asyncio.sleep(0.01)
+
+
+async def durable_hit(hits: Hits, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes,
+                      *, head_only: bool = False) -> tuple[int, dict[str, str], bytes]:
+    """Send a hit, make it durable as soon as the protocol asks for it, and read its answer."""
+    writer.write(request)
+    await pending(hits, len(hits.pending) + 1)
+    hits.pending[-1].set_result(None)
+    return await read_answer(reader, head_only=head_only)
+
+
 def run(scenario: Callable[[], object]) -> None:
     asyncio.run(asyncio.wait_for(scenario(), 20))  # type: ignore[arg-type]
 
@@ -83,23 +98,19 @@ def test_a_hit_is_answered_by_the_protocol_once_durable_and_not_before() -> None
         async with serving(hits) as port:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"GET /c/tok1?x=1 HTTP/1.1\r\nHost: t\r\nUser-Agent: Mail/1\r\n\r\n")
-            while not hits.pending:
-                await asyncio.sleep(0.01)
-            pending = asyncio.ensure_future(read_answer(reader))
+            await pending(hits, 1)
+            answer = asyncio.ensure_future(read_answer(reader))
             await asyncio.sleep(0.2)
-            assert not pending.done()  # the hit is not durable yet
+            assert not answer.done()  # the hit is not durable yet
             hits.pending[0].set_result(None)
-            status, headers, body = await pending
+            status, headers, body = await answer
             assert (status, headers["location"], body) == (302, "https://example.com/tok1", b"")
             assert headers["x-content-type-options"] == "nosniff" and headers["referrer-policy"] == "no-referrer"
             assert "date" in headers and "connection" not in headers
             assert hits.seen == [("click", "tok1", "Mail/1", "GET")]
             # Kept alive: the next hit on the same connection, a HEAD on the pixel path.
-            writer.write(b"HEAD /o/tok2.gif HTTP/1.1\r\nHost: t\r\n\r\n")
-            while len(hits.pending) < 2:
-                await asyncio.sleep(0.01)
-            hits.pending[1].set_result(None)
-            status, headers, body = await read_answer(reader, head_only=True)
+            status, headers, body = await durable_hit(hits, reader, writer, b"HEAD /o/tok2.gif HTTP/1.1\r\nHost: t\r\n\r\n",
+                                                      head_only=True)
             assert (status, body) == (302, b"") and hits.seen[1] == ("open", "tok2.gif", None, "HEAD")
             writer.close()
 
@@ -115,11 +126,8 @@ def test_past_the_budget_the_answer_goes_out_and_is_counted_late() -> None:
             status, _, _ = await read_answer(reader)
             assert status == 302 and hits.late == 1
             hits.pending[0].set_exception(OSError("disk full"))  # written later, or not at all: answered once
-            writer.write(b"GET /c/next HTTP/1.1\r\nHost: t\r\n\r\n")
-            while len(hits.pending) < 2:
-                await asyncio.sleep(0.01)
-            hits.pending[1].set_result(None)
-            assert (await read_answer(reader))[0] == 302 and hits.late == 1
+            assert (await durable_hit(hits, reader, writer, b"GET /c/next HTTP/1.1\r\nHost: t\r\n\r\n"))[0] == 302
+            assert hits.late == 1
             writer.close()
 
     run(scenario)
@@ -159,8 +167,7 @@ def test_a_request_pipelined_behind_a_waiting_hit_is_answered_after_it() -> None
         async with serving(hits) as port:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"GET /c/first HTTP/1.1\r\nHost: t\r\n\r\nGET /c/second HTTP/1.1\r\nHost: t\r\n\r\n")
-            while not hits.pending:
-                await asyncio.sleep(0.01)
+            await pending(hits, 1)
             await asyncio.sleep(0.1)
             hits.pending[0].set_result(None)
             first, second = await read_answer(reader), await read_answer(reader)
@@ -197,11 +204,7 @@ def test_a_failing_answer_is_a_500_and_a_closed_connection_and_the_server_goes_o
             assert await reader.read() == b""
             hits.fail = False
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET /c/tok HTTP/1.1\r\nHost: t\r\n\r\n")
-            while not hits.pending:
-                await asyncio.sleep(0.01)
-            hits.pending[0].set_result(None)
-            assert (await read_answer(reader))[0] == 302
+            assert (await durable_hit(hits, reader, writer, b"GET /c/tok HTTP/1.1\r\nHost: t\r\n\r\n"))[0] == 302
             writer.close()
 
     run(scenario)
@@ -213,17 +216,12 @@ def test_a_client_gone_before_its_answer_costs_nothing() -> None:
         async with serving(hits) as port:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"GET /c/gone HTTP/1.1\r\nHost: t\r\n\r\n")
-            while not hits.pending:
-                await asyncio.sleep(0.01)
+            await pending(hits, 1)
             writer.close()
             await asyncio.sleep(0.1)
             hits.pending[0].set_result(None)  # answered to nobody
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET /c/here HTTP/1.1\r\nHost: t\r\n\r\n")
-            while len(hits.pending) < 2:
-                await asyncio.sleep(0.01)
-            hits.pending[1].set_result(None)
-            assert (await read_answer(reader))[0] == 302
+            assert (await durable_hit(hits, reader, writer, b"GET /c/here HTTP/1.1\r\nHost: t\r\n\r\n"))[0] == 302
             writer.close()
 
     run(scenario)
