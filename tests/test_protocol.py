@@ -7,6 +7,7 @@ answer is the same as the Starlette routes' is tests/test_app.py's concern.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -31,9 +32,10 @@ async def teapot(scope: Scope, receive: Receive, send: Send) -> None:
 class Hits:
     """Answers every hit with a redirect once the test resolves its future (or the budget passes)."""
 
-    def __init__(self, budget: float = 5.0, *, fail: bool = False) -> None:
+    def __init__(self, budget: float = 5.0, *, fail: bool = False, forged: bool = False) -> None:
         self.budget = budget
         self.fail = fail
+        self.forged = forged  # every token forged: 404 at once, nothing recorded
         self.pending: list[asyncio.Future[None]] = []
         self.seen: list[tuple[str, str, str | None, str]] = []  # kind, token, user agent, method
         self.late = 0
@@ -41,6 +43,8 @@ class Hits:
     def respond(self, kind: str, token: str, request: HitRequest) -> tuple[Response, asyncio.Future[None] | None]:
         if self.fail:
             raise RuntimeError("a bug")
+        if self.forged:
+            return Response("Not Found", status_code=404), None
         self.seen.append((kind, token, request.header(b"user-agent"), request.method))
         durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.pending.append(durable)
@@ -51,9 +55,11 @@ class Hits:
 
 
 @asynccontextmanager
-async def serving(hits: Hits) -> AsyncIterator[int]:
+async def serving(hits: Hits, servers: list[uvicorn.Server] | None = None) -> AsyncIterator[int]:
     sock = bind("127.0.0.1:0")
     server = uvicorn.Server(http_config(teapot, hits=hits))
+    if servers is not None:
+        servers.append(server)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
@@ -223,5 +229,24 @@ def test_a_client_gone_before_its_answer_costs_nothing() -> None:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             assert (await durable_hit(hits, reader, writer, b"GET /c/here HTTP/1.1\r\nHost: t\r\n\r\n"))[0] == 302
             writer.close()
+
+    run(scenario)
+
+
+def test_small_requests_pipelined_by_the_thousand_are_all_served_and_their_answers_not_piled_up() -> None:
+    """Many requests in one read are not one overlong request head (no 400), and answers the client does
+    not read wait in the socket, not in the server's memory: once the transport's buffer is full, the
+    protocol leaves requests to uvicorn, which waits for the client and stops reading."""
+    async def scenario() -> None:
+        servers: list[uvicorn.Server] = []
+        async with serving(Hits(forged=True), servers) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /c/forged HTTP/1.1\r\nHost: t\r\n\r\n" * 100_000)  # 4 MB; their answers ~15 MB
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(writer.drain(), 2)
+            (connection,) = servers[0].server_state.connections  # still open
+            assert connection.transport.get_write_buffer_size() < 1024 * 1024  # type: ignore[attr-defined]
+            assert {(await read_answer(reader))[0] for _ in range(5_000)} == {404}
+            writer.transport.abort()
 
     run(scenario)

@@ -2,13 +2,14 @@
 
 Pixels and redirects are nearly all the tracker's traffic. Through ASGI each one costs a request
 scope, a response cycle, a task and two `send` messages — more CPU than verifying, spooling and
-answering the hit together (bench case `tracker`: uvicorn and Starlette alone answered ~24 k/s, the
-raw protocol several times that). So `HitProtocol` answers a GET or HEAD on `/o/<token>` or
+answering the hit together (bench case `tracker`: bare Starlette answers ~24 k/s on 2 cores; a bare
+httptools protocol answered the same bytes ~4× as fast on the same machine). So `HitProtocol` answers a GET or HEAD on `/o/<token>` or
 `/c/<token>` from the parser's callbacks: it asks the tracker for the answer (`Hits.respond`), and
 writes it once the hit is durable in the spool or the answer budget has passed, whichever comes
 first. Every other request — and a hit pipelined behind an answer still waiting, one with a body,
-a percent-encoded token, or any request while the access log is on — goes to uvicorn and the app,
-whose routes give the same answer (tests/test_app.py compares them).
+a percent-encoded token, one on a connection whose client is not reading its answers, or any
+request while the access log is on — goes to uvicorn and the app, whose routes give the same
+answer (tests/test_app.py compares them).
 """
 
 from __future__ import annotations
@@ -50,14 +51,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     httptools (C) answers the tracker's hits several times faster than h11 (bench/, `make bench`),
     but unlike h11's max_incomplete_event_size it bounds neither the URL nor a header while they
     stream in; counting the bytes received while the head is incomplete restores that bound
-    (one read beyond it at most): 400 and close, as uvicorn answers any request it cannot parse.
+    (two reads beyond it at most): 400 and close, as uvicorn answers any request it cannot parse.
     """
 
     _reading_head = False
     _head_bytes = 0
+    _began = False  # a request began in the data being parsed: what came before it in that read is not its head
 
     def on_message_begin(self) -> None:
-        self._reading_head, self._head_bytes = True, 0
+        self._reading_head, self._head_bytes, self._began = True, 0, True
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
@@ -65,8 +67,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def data_received(self, data: bytes) -> None:
+        self._began = False
         super().data_received(data)
-        if self._reading_head and not self.transport.is_closing():
+        # A read in which the head began is not counted: it may hold pipelined requests before it.
+        if self._reading_head and not self._began and not self.transport.is_closing():
             self._head_bytes += len(data)
             if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
                 self.send_400_response("Request head too large.")
@@ -90,9 +94,9 @@ class HitProtocol(BoundedHttpToolsProtocol):
     hits: Hits
 
     def on_headers_complete(self) -> None:
-        self._reading_head = False
+        self._reading_head = False  # answered here or not, the head is complete
         if not self._answer_hit():
-            HttpToolsProtocol.on_headers_complete(self)
+            super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
         if not isinstance(self.cycle, HitCycle):
@@ -115,6 +119,7 @@ class HitProtocol(BoundedHttpToolsProtocol):
         method = parser.get_method()
         if (method not in (b"GET", b"HEAD") or self.root_path or parser.should_upgrade()
                 or (self.cycle is not None and not self.cycle.response_complete)
+                or self.flow.write_paused  # a client not reading: uvicorn's task waits for it, and stops reading
                 or access_log.isEnabledFor(logging.INFO)):
             return False
         url = httptools.parse_url(self.url)
