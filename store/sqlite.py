@@ -286,7 +286,7 @@ class SqliteEventStore(SqliteFeedback, SqliteDashboardQueries):
         self._writes = GroupCommit(self._commit, limit=WRITE_BATCH, whole=(sqlite3.OperationalError,))
         self._commits = 0  # write transactions since the last checkpoint started
         self._checkpointer: ThreadPoolExecutor | None = None
-        self._checkpoint: asyncio.Future[None] | None = None
+        self._checkpoint_job: asyncio.Future[None] | None = None  # what the checkpointer runs: a checkpoint or a write-back
         self._checkpoint_db: sqlite3.Connection | None = None  # used in the checkpointer's thread only
         self._wal_fd: int | None = None  # the same
         self.node = int.from_bytes(os.urandom(7), "big")  # this store's name among the throttle events' writers
@@ -319,8 +319,8 @@ class SqliteEventStore(SqliteFeedback, SqliteDashboardQueries):
 
     async def close(self) -> None:
         await self._writes.drained()  # events already handed to record() are committed before the connection goes
-        if self._checkpoint is not None:
-            await asyncio.wait([self._checkpoint])
+        if self._checkpoint_job is not None:
+            await asyncio.wait([self._checkpoint_job])
         if self._checkpointer is not None:
             await asyncio.get_running_loop().run_in_executor(self._checkpointer, self._close_checkpoint_db)
             self._checkpointer.shutdown()
@@ -352,15 +352,15 @@ class SqliteEventStore(SqliteFeedback, SqliteDashboardQueries):
         """Count a write transaction; in the checkpointer's thread, unless it is busy, start a checkpoint every
         CHECKPOINT_COMMITS, and the write-back of the WAL's new pages after the others."""
         self._commits += 1
-        if self._checkpoint is not None and not self._checkpoint.done():
+        if self._checkpoint_job is not None and not self._checkpoint_job.done():
             return
         loop = asyncio.get_running_loop()
         if self._commits < CHECKPOINT_COMMITS:
-            self._checkpoint = loop.run_in_executor(self._checkpointer, self._write_back_wal)
+            self._checkpoint_job = loop.run_in_executor(self._checkpointer, self._write_back_wal)
             return
         self._commits = 0
-        self._checkpoint = loop.run_in_executor(self._checkpointer, self._run_checkpoint)
-        self._checkpoint.add_done_callback(_log_checkpoint_failure)
+        self._checkpoint_job = loop.run_in_executor(self._checkpointer, self._run_checkpoint)
+        self._checkpoint_job.add_done_callback(_log_checkpoint_failure)
 
     def _write_back_wal(self) -> None:
         try:

@@ -143,7 +143,7 @@ class HitProtocol(BoundedHttpToolsProtocol):
         except Exception:
             log.exception("hit-answer-failed kind=%s", kind)
             response, durable, cycle.keep_alive = SERVER_ERROR, None, False
-        if durable is None or durable.done():
+        if durable is None:
             self._write(cycle, response)
         else:
             late = self.loop.call_later(self.hits.budget, self._answer_late, cycle, response)
