@@ -176,10 +176,12 @@ _ENGAGEMENT_STATE = """SELECT
     (SELECT count(*) FROM events WHERE project = ? AND message_id = ? AND contact = ? AND name = 'email.open'),
     (SELECT count(*) FROM events WHERE project = ? AND message_id = ? AND contact = ? AND name = 'email.click')"""
 _values = attrgetter(*COLUMNS)  # an event's values in COLUMNS order
-# Write transactions between two checkpoints (SQLite's own: every 1000 WAL pages). About a second under
-# load: each checkpoint's writing to the database file is then small enough not to hold up others'
-# fsyncs for long (redirect p99 at half load, 5 s runs: 21-38 ms with 100 and no write-back, 8-17 with 20).
-CHECKPOINT_COMMITS = 20
+# A checkpoint at most this often, after a commit: its writing to the database file then stays small
+# enough not to hold up others' fsyncs for long (redirect p99 at half load, 5 s runs: 21-38 ms with a
+# checkpoint every 100 commits, ~5 s, and no write-back; 7-15 ms with one a second). SQLite's own
+# would wait for 1000 WAL pages, in the commit that fills them.
+CHECKPOINT_SECONDS = 1.0
+WRITEBACK_SECONDS = 0.05  # between checkpoints, the WAL's new pages are sent to disk at most this often
 WRITE_BATCH = 1000  # queued writes per transaction: bounds one transaction's time under a flood
 _PROJECT = COLUMN["project"]
 _UID = COLUMN["uid"]
@@ -267,10 +269,10 @@ class SqliteEventStore(SqliteFeedback, SqliteDashboardQueries):
     transactions).
 
     The WAL is copied back into the database file (checkpointed) by a connection of its own in
-    a thread of its own, every CHECKPOINT_COMMITS write transactions, not by the commit that
+    a thread of its own, every CHECKPOINT_SECONDS while there are writes, not by the commit that
     happens to fill it: that commit, and every hit waiting on it, paid for the whole copy
     (bench tracker: p99 about 11 -> 6 ms). Between checkpoints that thread starts writing the
-    WAL's new pages back after each commit (store/writeback.py), so a checkpoint finds little
+    WAL's new pages back (store/writeback.py) every WRITEBACK_SECONDS, so a checkpoint finds little
     left to write.
     """
 
@@ -284,7 +286,7 @@ class SqliteEventStore(SqliteFeedback, SqliteDashboardQueries):
         self._write_lock = asyncio.Lock()
         # Locked, busy, disk full: the same for every write of a batch (see GroupCommit).
         self._writes = GroupCommit(self._commit, limit=WRITE_BATCH, whole=(sqlite3.OperationalError,))
-        self._commits = 0  # write transactions since the last checkpoint started
+        self._checkpointed = self._written_back = 0.0  # monotonic times the last checkpoint and write-back started
         self._checkpointer: ThreadPoolExecutor | None = None
         self._checkpoint_job: asyncio.Future[None] | None = None  # what the checkpointer runs: a checkpoint or a write-back
         self._checkpoint_db: sqlite3.Connection | None = None  # used in the checkpointer's thread only
@@ -349,18 +351,19 @@ class SqliteEventStore(SqliteFeedback, SqliteDashboardQueries):
             self._committed()
 
     def _committed(self) -> None:
-        """Count a write transaction; in the checkpointer's thread, unless it is busy, start a checkpoint every
-        CHECKPOINT_COMMITS, and the write-back of the WAL's new pages after the others."""
-        self._commits += 1
+        """After a write transaction, in the checkpointer's thread unless it is busy: a checkpoint every
+        CHECKPOINT_SECONDS, and the write-back of the WAL's new pages at most every WRITEBACK_SECONDS."""
         if self._checkpoint_job is not None and not self._checkpoint_job.done():
             return
+        now = time.monotonic()
         loop = asyncio.get_running_loop()
-        if self._commits < CHECKPOINT_COMMITS:
+        if now - self._checkpointed >= CHECKPOINT_SECONDS:
+            self._checkpointed = self._written_back = now
+            self._checkpoint_job = loop.run_in_executor(self._checkpointer, self._run_checkpoint)
+            self._checkpoint_job.add_done_callback(_log_checkpoint_failure)
+        elif now - self._written_back >= WRITEBACK_SECONDS:
+            self._written_back = now
             self._checkpoint_job = loop.run_in_executor(self._checkpointer, self._write_back_wal)
-            return
-        self._commits = 0
-        self._checkpoint_job = loop.run_in_executor(self._checkpointer, self._run_checkpoint)
-        self._checkpoint_job.add_done_callback(_log_checkpoint_failure)
 
     def _write_back_wal(self) -> None:
         try:

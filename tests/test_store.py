@@ -17,7 +17,7 @@ import pytest
 from relay.throttle import AuthThrottle, RateLimiter, ThrottleSync
 from store import open_store
 from store.model import Decision, Delivered, EventQuery, EventStore, Judgement, NewEvent, StatsQuery, now_rfc3339, rfc3339
-from store.sqlite import CHECKPOINT_COMMITS, SqliteEventStore
+from store.sqlite import CHECKPOINT_SECONDS, SqliteEventStore
 from tracker.shapes import event_json, stats_json
 
 AT = "2026-03-01T10:00:00.000000Z"
@@ -330,16 +330,21 @@ def stored(path: Path) -> list[tuple[int, str]]:
 
 
 def test_the_wal_is_copied_back_by_the_background_checkpointer(tmp_path: Path) -> None:
-    """The writer never checkpoints (autocheckpoint is off): after CHECKPOINT_COMMITS transactions,
-    far fewer than the 1000 WAL pages SQLite would wait for, the store's own checkpointer has copied
-    the WAL into the database file, while the store stays open."""
+    """The writer never checkpoints (autocheckpoint is off): a commit CHECKPOINT_SECONDS after the last
+    checkpoint, with far fewer than the 1000 WAL pages SQLite would wait for, has the store's own
+    checkpointer copy the WAL into the database file, while the store stays open."""
     path = tmp_path / "e.db"
 
     async def scenario() -> tuple[int, int]:
         async with opened(path) as store:
+            await store.record([sent("m0", "a@x.test")])  # the first commit checkpoints what opening wrote
+            await asyncio.sleep(0.2)
             before = path.stat().st_size
-            for index in range(CHECKPOINT_COMMITS):
-                await store.record([sent(f"m{index}", "a@x.test")])
+            await store.record([sent(f"m1-{n}", "a@x.test") for n in range(100)])  # pages the file does not have
+            await asyncio.sleep(0.2)
+            assert path.stat().st_size == before  # within CHECKPOINT_SECONDS: still only in the WAL
+            await asyncio.sleep(CHECKPOINT_SECONDS)
+            await store.record([sent("m2", "a@x.test")])
             for _ in range(100):  # bounded: 5 s
                 if path.stat().st_size > before:
                     break
@@ -349,7 +354,7 @@ def test_the_wal_is_copied_back_by_the_background_checkpointer(tmp_path: Path) -
     before, after = run(scenario())
     assert after > before
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT count(*) FROM events").fetchone() == (CHECKPOINT_COMMITS,)
+        assert db.execute("SELECT count(*) FROM events").fetchone() == (102,)
 
 
 def test_concurrent_records_are_grouped_and_each_caller_gets_its_own_ids(tmp_path: Path) -> None:
