@@ -139,6 +139,8 @@ def test_a_tracker_killed_with_webhooks_pending_leaves_every_event_delivered_onc
         paths = [pixel_path(copy.data) for copy in sink.handler.messages]
         for index, path in enumerate(paths * 3):
             assert httpx.get(nodes.trackers[index % 2].http_base + path).status_code == 200
+        # Each tracker's events API waits for its own spool; the other's hits follow within moments.
+        wait_for(lambda: len(events(nodes.trackers[1], limit="1000")) >= 4 + 12)
         stored = events(nodes.trackers[1], limit="1000")
         assert len(stored) == 4 + 12
         wait_for(lambda: len(receiver.attempts) >= 8)  # the nodes' workers are holding POSTs
