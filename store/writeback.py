@@ -4,7 +4,7 @@ SQLite in WAL mode with `synchronous=NORMAL` never syncs the WAL at a commit, so
 every committed page dirty (up to 30 s, or a tenth of RAM) until the checkpoint's fsync writes them
 all at once. At 4,700 hits/s that was 84 MB every 5 s: an 80 ms checkpoint whose writing held up the
 tracker spool's fdatasync, and every answer waiting on it, for up to 50 ms (bench case `tracker`,
-redirect p99 at half load). Starting the write-back after each commit spreads that writing out, as
+redirect p99 at half load). Starting the write-back every few commits spreads that writing out, as
 PostgreSQL does for its own files (`checkpoint_flush_after`, `wal_writer_flush_after`, with the same
 call). Durability is unchanged: it is still the checkpoint's fsync that makes the pages safe.
 """

@@ -13,7 +13,7 @@ from tracking.tokens import MAX_TOKEN_CHARS
 # (so which contact) sent the reader there.
 HARDENING = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
 MAX_TARGET_CHARS = MAX_TOKEN_CHARS + 64  # path + query of the longest URL we mint, with room
-MAX_REQUEST_HEAD_BYTES = 16 * 1024  # request line + headers; bounded while arriving too (inflight.service)
+MAX_REQUEST_HEAD_BYTES = 16 * 1024  # request line + headers; bounded while arriving too (tracker.protocol)
 MAX_BODY_BYTES = 64 * 1024  # the only bodies are small JSON API requests
 
 

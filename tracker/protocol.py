@@ -2,11 +2,11 @@
 
 Pixels and redirects are nearly all the tracker's traffic. Through ASGI each one costs a request
 scope, a response cycle, a task and two `send` messages — more CPU than verifying, spooling and
-answering the hit together (bench case `tracker`: bare Starlette answers ~24 k/s on 2 cores; a bare
-httptools protocol answered the same bytes ~4× as fast on the same machine). So `HitProtocol` answers a GET or HEAD on `/o/<token>` or
-`/c/<token>` from the parser's callbacks: it asks the tracker for the answer (`Hits.respond`), and
-writes it once the hit is durable in the spool or the answer budget has passed, whichever comes
-first. Every other request — and a hit pipelined behind an answer still waiting, one with a body,
+answering the hit together (bench case `tracker`: bare Starlette answers ~24 k/s on 2 cores; a
+bare httptools protocol answered the same bytes ~4× as fast on the same machine). So `HitProtocol`
+answers a GET or HEAD on `/o/<token>` or `/c/<token>` from the parser's callbacks: it asks the
+tracker for the answer (`Hits.respond`), and writes it once the hit is durable in the spool or the
+answer budget has passed, whichever comes first. Every other request — and a hit pipelined behind an answer still waiting, one with a body,
 a percent-encoded token, one on a connection whose client is not reading its answers, or any
 request while the access log is on — goes to uvicorn and the app, whose routes give the same
 answer (tests/test_app.py compares them).
