@@ -61,10 +61,10 @@ END = HEADER.pack(0, 0)  # where the records of a file end (a record is never em
 MAX_RECORD_BYTES = 16 * 1024 * 1024  # a length beyond this is a torn or foreign header, not a record
 SEGMENT_BYTES = 4 * 1024 * 1024  # a journal file is sealed past this size; deleted once all its records are stored
 BATCH = 500  # records per delivery to the store
-# Under load, deliveries of the kinds registered with `gather` (the tracker's hits) start at most this
-# often, so each carries what came meanwhile: a hit stored in a batch of 100 costs a quarter of one
-# stored alone (bench case `tracker`). A record after a quiet spell, a full batch, a reader waiting
-# for its writes and any record of another kind (the relay's: another node reads its ledger rows) go at once.
+# Under load, deliveries of the kinds registered with `gather` (the tracker's hits, the relay's ledger
+# rows, events and send rows) start at most this often, so each carries what came meanwhile: a hit
+# stored in a batch of 100 costs a quarter of one stored alone (bench case `tracker`). A record after a
+# quiet spell, a full batch, a reader waiting for its writes and any record of another kind go at once.
 GATHER_SECONDS = 0.05
 TAKEOVER_SECONDS = 30.0  # how often files left by dead processes are looked for
 REPORT_SECONDS = 10.0  # how often a non-empty spool logs its depth and age
