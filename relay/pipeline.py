@@ -180,26 +180,32 @@ class Pipeline:
             self._log("refused", project.id, None, recipients, None, size, started, refusal.reply)
             return refusal.reply
 
-        try:
-            mode = await self._mode(project)
-        except Exception:
-            # Guessing a mode could track a project that turned tracking off: defer instead.
-            log.exception("tracking-settings-unreadable project=%s", project.id)
-            self._log("deferred", project.id, None, recipients, None, size, started, replies.SETTINGS_UNAVAILABLE)
-            return replies.SETTINGS_UNAVAILABLE
-        decision = decide(mode, hints.send, allow_override=project.allow_tracking_override)
-        if self.settings.upstream.tracking_engine is TrackingEngine.PROVIDER:
-            decision = replace(decision, reason=f"{decision.reason} engine=provider")
-        message, message_id = self._prepare_headers(strip_hints(message), decision)
-        data = HeldMessage(message.to_bytes())  # held, not bound: the CPU pool may take it to a file (README "Memory")
-        message = replace(message, body=b"")  # events and checks read its header fields; the bytes to send are `data`
+        message, message_id = self._with_message_id(strip_hints(message))
         notes: list[str] = []
         pixels: set[str] = set()  # recipients whose copy carried a pixel
         # What this attempt journals after the upstream answered (ledger rows, provider ids, events),
         # appended without waiting and made durable together: one group fsync per message (README: Spool).
         writes: Writes = []
         async with self._one_attempt_at_a_time(project.id, message_id):
-            claim = await self._claim(project.id, message_id, recipients)
+            # The project's mode and the ledger's claim are independent reads of the store: asked
+            # together, a message waits for one trip to the store's thread instead of two in a row.
+            claiming = asyncio.ensure_future(self._claim(project.id, message_id, recipients))
+            try:
+                mode = await self._mode(project)
+            except Exception:
+                # Guessing a mode could track a project that turned tracking off: defer instead.
+                log.exception("tracking-settings-unreadable project=%s", project.id)
+                with contextlib.suppress(Exception):  # a claim not given back (the store is away) expires by itself
+                    await self._release(project.id, message_id, sorted((await claiming).claimed))
+                self._log("deferred", project.id, message_id, recipients, None, size, started, replies.SETTINGS_UNAVAILABLE)
+                return replies.SETTINGS_UNAVAILABLE
+            decision = decide(mode, hints.send, allow_override=project.allow_tracking_override)
+            if self.settings.upstream.tracking_engine is TrackingEngine.PROVIDER:
+                decision = replace(decision, reason=f"{decision.reason} engine=provider")
+            message = self._with_configuration_set(message, decision)
+            data = HeldMessage(message.to_bytes())  # held, not bound: the CPU pool may take it to a file (README "Memory")
+            message = replace(message, body=b"")  # events and checks read its header fields; the bytes to send are `data`
+            claim = await claiming
             sent_before = claim.delivered
             pending = [r for r in recipients if r.lower() in claim.claimed]
             try:
@@ -294,6 +300,8 @@ class Pipeline:
         task = asyncio.ensure_future(call())
         try:
             return await asyncio.wait_for(asyncio.shield(task), STORE_WAIT_SECONDS)
+        except ValueError:
+            raise  # the store answered, with something unusable (a mode edited by hand): it is not away
         except Exception as exc:
             task.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: no warning
             self._store_away_until = time.monotonic() + STORE_AWAY_SECONDS
@@ -490,11 +498,15 @@ class Pipeline:
             writes.append(("provider_ids", self.spool.append("provider_ids",
                                                              {"project": project, "message_id": message_id, "ids": by_id})))
 
-    def _prepare_headers(self, message: SplitMessage, decision: Decision) -> tuple[SplitMessage, str]:
+    def _with_message_id(self, message: SplitMessage) -> tuple[SplitMessage, str]:
+        """The message with a Message-ID (one is made when the app sent none), and that id."""
         message_id = (message.get("Message-ID") or "").strip().strip("<>")
         if not message_id:
             message_id = f"{uuid.uuid4().hex}@{self.settings.relay.hostname}"
             message = message.with_field("Message-ID", f"<{message_id}>")
+        return message, message_id
+
+    def _with_configuration_set(self, message: SplitMessage, decision: Decision) -> SplitMessage:
         upstream = self.settings.upstream
         if upstream.owns_configuration_set:
             # The relay alone chooses the set: an app's own header could name a set that tracks.
@@ -503,7 +515,7 @@ class Pipeline:
             configuration_set = upstream.configuration_set if decision.tracked else upstream.no_tracking_configuration_set
             if configuration_set:
                 message = message.with_field(upstream.configuration_set_header, configuration_set)
-        return message, message_id
+        return message
 
     async def _copies(
         self,

@@ -82,13 +82,20 @@ def test_a_stored_mode_the_upstream_no_longer_allows_stops_start(tmp_path: Path,
 
 
 def test_an_unreadable_stored_mode_defers_instead_of_guessing(tmp_path: Path, sink: Sink) -> None:
+    message = html_message({**MARKETING, "Message-ID": "<deferred@app.example>"})
     with RunningService(project_settings(tmp_path, sink.url)) as service:
         with sqlite3.connect(tmp_path / "inflight.db") as db:  # e.g. a hand edit while running
             db.execute("INSERT INTO tracking_settings VALUES (?, 'SOMETIMES', '')", (PROJECT,))
         with pytest.raises(smtplib.SMTPDataError) as deferred:
-            send(service.smtp_port, html_message(MARKETING))
+            send(service.smtp_port, message)
         assert deferred.value.smtp_code == 451 and b"4.3.0" in deferred.value.smtp_error
         assert sink.messages == []
+        # The ledger claim made while the mode was read was given back: the app's retry goes at once,
+        # not after "another attempt is being sent" until the claim expired.
+        with sqlite3.connect(tmp_path / "inflight.db") as db:
+            db.execute("UPDATE tracking_settings SET mode = 'DISABLED' WHERE project = ?", (PROJECT,))
+        assert send(service.smtp_port, message) == {}
+        assert len(sink.messages) == 1 and not tracked_urls(sink.messages[0].data)
 
 
 # The HTTP API, with the relay in the same process.
