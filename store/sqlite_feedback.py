@@ -6,9 +6,11 @@ the relay (provider ids), the tracker (feedback, suppressions, dead letters) and
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiosqlite
 
@@ -70,6 +72,7 @@ class _Store(Protocol):
     @property
     def db(self) -> aiosqlite.Connection: ...
     def _transaction(self) -> AbstractAsyncContextManager[aiosqlite.Connection]: ...
+    async def point_read(self, sql: str, args: Sequence[Any]) -> list[sqlite3.Row]: ...
 
 
 class SqliteFeedback:
@@ -101,8 +104,7 @@ class SqliteFeedback:
         if not keys:
             return {}
         sql = f"SELECT * FROM suppressions WHERE project = ? AND address IN ({', '.join('?' for _ in keys)})"
-        async with self.db.execute(sql, [project, *keys]) as cursor:
-            return {row["address"]: Suppression(**dict(row)) for row in await cursor.fetchall()}
+        return {row["address"]: Suppression(**dict(row)) for row in await self.point_read(sql, [project, *keys])}
 
     # --- the upstream's ids ---------------------------------------------------------------
 

@@ -3,6 +3,7 @@ per-project sender domains, recipient limits and rates, and the Received trace f
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import smtplib
@@ -16,7 +17,7 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.server import RelaySMTP
+from relay.server import RelayHandler, RelaySMTP
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, TlsFiles, make_settings
 
 
@@ -191,3 +192,19 @@ def test_mail_and_rcpt_paths_are_read_as_aiosmtpd_reads_them(local: list[str], d
     assert _outcome(server._getaddr, arg) == _outcome(lambda path: SMTP._getaddr(server, path), arg)
     server.local_part_limit = 0
     assert server._getaddr("<user.name+tag@mail.example.com> SIZE=1000") == ("user.name+tag@mail.example.com", "SIZE=1000")
+
+
+def test_aiosmtpd_finds_every_command_auth_method_and_hook_through_the_narrowed_dir() -> None:
+    """RelaySMTP and RelayHandler list only their commands, AUTH methods and hooks to dir() (aiosmtpd's
+    per-connection lookup): it must still find every one the classes have."""
+    handler = RelayHandler.__new__(RelayHandler)  # the lookups read methods, not state
+    loop = asyncio.new_event_loop()
+    try:
+        server = RelaySMTP(handler, require_tls=False, auth_required=True, auth_require_tls=False, loop=loop)
+    finally:
+        loop.close()
+    every = {name for cls in RelaySMTP.__mro__ for name in vars(cls)}
+    assert set(server._smtp_methods) == {n.removeprefix("smtp_") for n in every if n.startswith("smtp_")}
+    assert set(server._auth_methods) == {"LOGIN", "PLAIN"}
+    hooks = {name for cls in RelayHandler.__mro__ for name in vars(cls) if name.startswith("handle_")}
+    assert set(server._handle_hooks) == {n.removeprefix("handle_") for n in hooks} and len(hooks) >= 4

@@ -357,6 +357,34 @@ def test_the_wal_is_copied_back_by_the_background_checkpointer(tmp_path: Path) -
         assert db.execute("SELECT count(*) FROM events").fetchone() == (102,)
 
 
+def test_point_reads_answer_at_once_while_another_process_writes_and_see_each_commit(tmp_path: Path) -> None:
+    """The mode and suppression reads run in place on the event loop's thread: another connection
+    holding the write lock (BEGIN EXCLUSIVE, as `inflight settings` or a second relay may) must
+    neither block them nor leave them reading an old snapshot once it committed."""
+    path = tmp_path / "e.db"
+
+    async def scenario() -> None:
+        async with opened(path) as store:
+            await store.set_tracking_mode("p", "DISABLED")
+            other = sqlite3.connect(path, isolation_level=None)
+            try:
+                other.execute("BEGIN EXCLUSIVE")
+                other.execute("UPDATE tracking_settings SET mode = 'ENABLED' WHERE project = 'p'")
+                other.execute("INSERT INTO suppressions (project, address, reason, detail, at) "
+                              "VALUES ('p', 'b@x.test', 'manual', '', '2026-01-01T00:00:00Z')")
+                started = time.monotonic()
+                assert await store.tracking_mode("p") == "DISABLED"  # the last commit, not the pending write
+                assert await store.suppressed("p", ["b@x.test"]) == {}
+                assert time.monotonic() - started < 0.5  # SQLite's busy wait would have taken 5 s
+                other.execute("COMMIT")
+                assert await store.tracking_mode("p") == "ENABLED"
+                assert set(await store.suppressed("p", ["B@x.test", "c@x.test"])) == {"b@x.test"}
+            finally:
+                other.close()
+
+    run(scenario())
+
+
 def test_concurrent_records_are_grouped_and_each_caller_gets_its_own_ids(tmp_path: Path) -> None:
     path = tmp_path / "events.db"
 
