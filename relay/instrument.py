@@ -152,10 +152,11 @@ def instrument_message(raw: bytes, minter: LinkMinter) -> Instrumented:
 
 
 def _plan(raw: bytes) -> InstrumentationPlan:
-    fields = header_block(raw, 0, len(raw))[0]
+    head = header_block(raw, 0, len(raw))
+    fields = head[0]
     # A DKIM-Signature does not stop us: the relay re-signs for its own domains and warns for
     # others (issue 5's trade-off, documented in README), so signed senders still get tracking.
-    entities = walk(raw, opaque=frozenset(_PROTECTED))
+    entities = walk(raw, opaque=frozenset(_PROTECTED), head=head)
     for entity in entities:
         if entity.content_type in _PROTECTED:
             return InstrumentationPlan(raw, (), "untouched", _PROTECTED[entity.content_type])

@@ -108,8 +108,10 @@ def _content_type(value: str, default_type: str) -> tuple[str, str | None, str |
     return probe.get_content_type(), (probe.get_content_charset() or "").strip() or None, probe.get_boundary()
 
 
-def _entity(raw: bytes, start: int, end: int, depth: int, default_type: str) -> Entity:
-    fields, body_start = header_block(raw, start, end)
+def _entity(raw: bytes, start: int, end: int, depth: int, default_type: str,
+            head: tuple[Fields, int] | None = None) -> Entity:
+    """The entity at `start`; `head` is its header block when the caller parsed it already."""
+    fields, body_start = head if head is not None else header_block(raw, start, end)
     content_type = _first(fields, "content-type")
     if content_type is None:
         ctype, charset, boundary = default_type, None, None
@@ -158,15 +160,16 @@ def _delimiters(raw: bytes, entity: Entity) -> list[tuple[int, int]]:
     raise MalformedMessage(f"{entity.content_type} without a closing delimiter")
 
 
-def walk(raw: bytes, *, opaque: frozenset[str] = frozenset()) -> list[Entity]:
-    """Every entity of the message in document order (pre-order).
+def walk(raw: bytes, *, opaque: frozenset[str] = frozenset(), head: tuple[Fields, int] | None = None) -> list[Entity]:
+    """Every entity of the message in document order (pre-order); `head` is the message's header block
+    (header_block(raw, 0, len(raw))) when the caller parsed it already: it is the longest of them.
 
     message/* bodies are never entered: a forwarded or bounced message is someone else's mail, and its links are
     not ours to track. Multiparts whose type is in `opaque` are listed but not entered either (their structure
     is not ours to judge, e.g. a signed part).
     """
     entities: list[Entity] = []
-    stack = [_entity(raw, 0, len(raw), 0, "text/plain")]
+    stack = [_entity(raw, 0, len(raw), 0, "text/plain", head)]
     while stack:
         entity = stack.pop()
         entities.append(entity)
