@@ -31,7 +31,7 @@ from relay.links import TrackingLinks
 from relay.policy import Decision, decide
 from relay.senders import from_allowed
 from relay.upstream import INLINE_BYTES, DataBody, RecipientResult, Results, Upstream
-from store.model import Delivered, DeliveryClaim, EventStore, NewEvent, now_rfc3339
+from store.model import Delivered, DeliveryClaim, EventStore, NewEvent, ProviderCopy, now_rfc3339
 from store.spool import Handler, Spool, event_body, event_from_body
 from tracking.claims import TrackedSend
 from tracking.tokens import TokenKeys, new_send_id
@@ -467,9 +467,9 @@ class Pipeline:
         await self.store.record_sends([send for sends in batches for send in sends])
 
     async def _store_provider_ids(self, copies: list[dict[str, Any]]) -> None:
-        for copy in copies:
-            for found, recipients in copy["ids"].items():
-                await self.store.record_provider_id(copy["project"], copy["message_id"], found, recipients)
+        await self.store.record_provider_ids([(found, ProviderCopy(copy["project"], copy["message_id"], recipient))
+                                              for copy in copies for found, recipients in copy["ids"].items()
+                                              for recipient in recipients])
 
     async def _store_suppressions(self, batches: list[list[BouncedAddress]]) -> None:
         for address in (address for addresses in batches for address in addresses):

@@ -397,7 +397,8 @@ class Suppressions(Protocol):
 class ProviderIds(Protocol):
     """The upstream's own id of each accepted copy, so its later feedback finds the message."""
 
-    async def record_provider_id(self, project: str, message_id: str, provider_id: str, recipients: list[str]) -> None: ...
+    async def record_provider_ids(self, copies: list[tuple[str, ProviderCopy]]) -> None:
+        """Each (provider id, recipient's copy) the upstream accepted, in one write however many."""
     async def provider_copies(self, provider_id: str) -> list[ProviderCopy]: ...
 
 

@@ -62,14 +62,17 @@ class PostgresFeedback:
         return {row["address"]: Suppression(**dict(row)) for row in rows}
 
     @retrying
-    async def record_provider_id(self: _Store, project: str, message_id: str, provider_id: str, recipients: list[str]) -> None:
+    async def record_provider_ids(self: _Store, copies: list[tuple[str, ProviderCopy]]) -> None:
+        if not copies:
+            return
         now = int(time.time())
         async with self.pool.acquire() as connection, connection.transaction():
             await connection.execute("DELETE FROM provider_ids WHERE expires_at <= $1", now)
             await connection.executemany(
                 "INSERT INTO provider_ids VALUES ($1, $2, $3, $4, $5) ON CONFLICT (provider_id, recipient) "
                 "DO UPDATE SET project = EXCLUDED.project, message_id = EXCLUDED.message_id, expires_at = EXCLUDED.expires_at",
-                [(provider_id, address_key(r), project, message_id, now + PROVIDER_ID_TTL_SECONDS) for r in recipients],
+                [(provider_id, address_key(copy.recipient), copy.project, copy.message_id, now + PROVIDER_ID_TTL_SECONDS)
+                 for provider_id, copy in copies],
             )
 
     @retrying

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aiosqlite
 
@@ -23,6 +23,8 @@ from store.model import (
     forgotten_key,
     now_rfc3339,
 )
+
+T = TypeVar("T")
 
 FEEDBACK_SCHEMA = """
 CREATE TABLE IF NOT EXISTS suppressions (
@@ -73,6 +75,7 @@ class _Store(Protocol):
     def db(self) -> aiosqlite.Connection: ...
     def _transaction(self) -> AbstractAsyncContextManager[aiosqlite.Connection]: ...
     async def point_read(self, sql: str, args: Sequence[Any]) -> list[sqlite3.Row]: ...
+    async def _in_one_trip(self, write: Callable[[sqlite3.Connection], T]) -> T: ...
 
 
 class SqliteFeedback:
@@ -108,12 +111,20 @@ class SqliteFeedback:
 
     # --- the upstream's ids ---------------------------------------------------------------
 
-    async def record_provider_id(self: _Store, project: str, message_id: str, provider_id: str, recipients: list[str]) -> None:
+    async def record_provider_ids(self: _Store, copies: list[tuple[str, ProviderCopy]]) -> None:
+        """One transaction in one trip to the store's thread for a whole spool delivery: a transaction per
+        copy (every copy sent through SES has an id) took four trips each and the write lock as often."""
+        if not copies:
+            return
         now = int(time.time())
-        rows = [(provider_id, address_key(r), project, message_id, now + PROVIDER_ID_TTL_SECONDS) for r in recipients]
-        async with self._transaction() as db:
-            await db.execute("DELETE FROM provider_ids WHERE expires_at <= ?", (now,))  # bounded by the index
-            await db.executemany("INSERT OR REPLACE INTO provider_ids VALUES (?, ?, ?, ?, ?)", rows)
+        rows = [(provider_id, address_key(copy.recipient), copy.project, copy.message_id, now + PROVIDER_ID_TTL_SECONDS)
+                for provider_id, copy in copies]
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM provider_ids WHERE expires_at <= ?", (now,))  # bounded by the index
+            db.executemany("INSERT OR REPLACE INTO provider_ids VALUES (?, ?, ?, ?, ?)", rows)
+
+        await self._in_one_trip(write)
 
     async def provider_copies(self: _Store, provider_id: str) -> list[ProviderCopy]:
         sql = "SELECT project, message_id, recipient FROM provider_ids WHERE provider_id = ? AND expires_at > ?"

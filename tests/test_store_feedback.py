@@ -55,10 +55,15 @@ def test_suppressions_are_per_project_case_insensitive_and_keep_the_first_reason
 
 def test_provider_ids_find_every_recipient_of_a_copy(store_url: str) -> None:
     async def scenario(store: EventStore) -> None:
-        await store.record_provider_id("p", "m1@x", "ses-1", ["A@example.com", "b@example.com"])
-        await store.record_provider_id("p", "m2@x", "ses-2", ["c@example.com"])
+        await store.record_provider_ids([("ses-1", ProviderCopy("p", "m1@x", "A@example.com")),
+                                         ("ses-1", ProviderCopy("p", "m1@x", "b@example.com")),
+                                         ("ses-2", ProviderCopy("q", "m2@x", "c@example.com"))])
+        await store.record_provider_ids([("ses-3", ProviderCopy("p", "m3@x", "d@example.com"))])
+        await store.record_provider_ids([])
         assert sorted(await store.provider_copies("ses-1"), key=lambda c: c.recipient) == [
             ProviderCopy("p", "m1@x", "a@example.com"), ProviderCopy("p", "m1@x", "b@example.com")]
+        assert await store.provider_copies("ses-2") == [ProviderCopy("q", "m2@x", "c@example.com")]
+        assert await store.provider_copies("ses-3") == [ProviderCopy("p", "m3@x", "d@example.com")]
         assert await store.provider_copies("unknown") == []
 
     run(store_url, scenario)
@@ -66,7 +71,8 @@ def test_provider_ids_find_every_recipient_of_a_copy(store_url: str) -> None:
 
 def test_forgotten_contacts_are_kept_as_hashes_only(store_url: str) -> None:
     async def scenario(store: EventStore) -> set[tuple[str, str]]:
-        await store.record_provider_id("p", "m1@x", "ses-1", ["gone@example.com", "kept@example.com"])
+        await store.record_provider_ids([("ses-1", ProviderCopy("p", "m1@x", "gone@example.com")),
+                                         ("ses-1", ProviderCopy("p", "m1@x", "kept@example.com"))])
         await store.remember_forgotten("Gone@Example.com", project=None)
         await store.remember_forgotten("other@example.com", project="p")
         assert [c.recipient for c in await store.provider_copies("ses-1")] == ["kept@example.com"]
