@@ -30,13 +30,15 @@ from pathlib import Path
 
 from relay.dkim import DkimSigner
 from relay.instrument import InstrumentationPlan, Instrumented, LinkMinter, plan_instrumentation
+from relay.template import CopyTemplate, SplicingMinter, copy_template
 
 log = logging.getLogger("inflight.relay")
 
 FILE_PREFIX = "inflight-copy-"
 SCRATCH_PREFIX = "inflight-scratch-"
 OWNER_FILE = "owner.lock"  # flock'd by the live process that owns the directory
-UNOWNED_GRACE_SECONDS = 60.0  # a directory without its owner file yet may be one another process is creating
+UNOWNED_GRACE_SECONDS = 60.0
+SPLICED_FROM = 3  # copies of one message in one batch  # a directory without its owner file yet may be one another process is creating
 
 
 class ScratchDirectory:
@@ -163,26 +165,30 @@ def discard_when_done(job: Future[list[Rendered]]) -> None:
 
 
 def render_copies(
-    message: bytes | str, minters: Sequence[LinkMinter], dkim: DkimSigner, *, directory: str | None = None
+    message: bytes | str, minters: Sequence[SplicingMinter], dkim: DkimSigner, *, directory: str | None = None
 ) -> list[Rendered]:
     """Plan once, render and sign once per recipient. Module-level and pure so a worker process can run it;
     there with the message as a file's name (HeldMessage.path) and a `directory`, so copies come back as
     names of files in it instead of pickled bytes."""
     plan = plan_instrumentation(message if isinstance(message, bytes) else Path(message).read_bytes())
+    # Copies in memory are spliced into one template (relay/template.py) from the third on (making it costs
+    # about what two copies save); not into files: a 100 k-link template would be held beside each copy.
+    template = copy_template(plan, minters[0]) if directory is None and len(minters) >= SPLICED_FROM else None
     rendered: list[Rendered] = []
     try:
         for minter in minters:
-            rendered.append(_render(plan, minter, dkim, directory))
+            rendered.append(_render(plan, template, minter, dkim, directory))
     except BaseException:
         discard(rendered)
         raise
     return rendered
 
 
-def _render(plan: InstrumentationPlan, minter: LinkMinter, dkim: DkimSigner, directory: str | None) -> Rendered:
+def _render(plan: InstrumentationPlan, template: CopyTemplate | None, minter: LinkMinter, dkim: DkimSigner,
+            directory: str | None) -> Rendered:
     if directory is not None and not dkim.configured:
         return _render_into_file(plan, minter, directory)
-    result = plan.render(minter)
+    result = (template.render(minter) if template is not None else None) or plan.render(minter)
     if result.outcome != "instrumented":
         return Rendered(result)
     signed = replace(result, data=dkim.sign(result.data))  # over the whole copy: signing needs all of it

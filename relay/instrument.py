@@ -91,6 +91,21 @@ class InstrumentationPlan:
     def reason(self) -> str:
         return self._reason
 
+    @property
+    def raw(self) -> bytes:
+        return self._raw
+
+    @property
+    def splices(self) -> bool:
+        """Whether copies that differ only in their tokens can be spliced into one render (relay/template.py):
+        every part's encoding passes an edit's bytes on as they are, in a charset that writes ASCII as ASCII."""
+        return self._outcome == "instrumented" and all(p.body.splices and p.charset.ascii_compatible for p in self._parts)
+
+    def destinations(self) -> Iterator[str | None]:
+        """Each slot's destination in the order a copy holds them (None: where the tracking markup goes)."""
+        for part in self._parts:
+            yield from part.html.slots.destinations
+
     def render(self, minter: LinkMinter, writelines: Writelines | None = None) -> Instrumented:
         """The copy for `minter`. With `writelines` (a file's), an instrumented copy's bytes go through it part
         by part as they are made and are never joined (`data` is then empty): a 100 k-link copy is not held

@@ -79,6 +79,12 @@ class TrackingLinks:
             return None
         return f"{self._base}{CLICK_PATH}{self._tokens.click(self._send_id, None)}"
 
+    def varying(self, url: str) -> tuple[int, int]:
+        """Where the token is in one of this minter's URLs: after the base and the path's first segment, before
+        the pixel's `.gif`. The rest is the same in every copy of a message (relay/template.py)."""
+        start = len(self._base) + len(CLICK_PATH)  # OPEN_PATH is as long
+        return start, len(url) - len(".gif") if url.endswith(".gif") else len(url)
+
     def is_tracking_url(self, url: str) -> bool:
         """A URL this project minted (any of its keys): its message was instrumented already.
 

@@ -73,6 +73,9 @@ class Edit(NamedTuple):
 class Body(Protocol):
     decoded: bytes
     breaks_lines: bool  # whether render may use an edit's break positions (then they must be given)
+    # Whether an edit's QP-safe bytes reach the output as they are (wrapped at most) and where they go depends
+    # only on their length: copies differing only in such bytes can be spliced into one render (relay/template.py).
+    splices: bool
 
     def positions(self, offsets: Sequence[int]) -> Sequence[int]:
         """Edit positions for sorted offsets into `decoded`."""
@@ -109,6 +112,8 @@ def _line_ending(data: bytes, default: bytes) -> bytes:
 
 class IdentityBody:
     """7bit, 8bit and binary: the encoded bytes are the decoded bytes."""
+
+    splices = True
 
     _MAX_LINE = 998  # RFC 5322 §2.1.1, excluding CRLF
 
@@ -196,6 +201,7 @@ class QuotedPrintableBody:
     """quoted-printable, decoded exactly as binascii.a2b_qp (what the stdlib email package uses) does."""
 
     breaks_lines = False
+    splices = True
 
     def __init__(self, data: bytes, eol: bytes) -> None:
         self._data = data
@@ -376,6 +382,7 @@ class Base64Body:
     """base64 (RFC 2045 §6.8): re-encoded whole in the original line length and line ending."""
 
     breaks_lines = False
+    splices = False  # an edit's bytes are re-encoded with their neighbours
 
     def __init__(self, data: bytes, eol: bytes) -> None:
         if data.translate(None, _BASE64_TEXT):
