@@ -1,9 +1,9 @@
 """Copies of one message that differ only in their tokens, spliced into one rendered template.
 
 Every tracked copy of a message is the same bytes but for the tokens in its URLs: the same links, the
-same markup, the same encodings, and a token of the same length for the same destination (its length
-follows from the destination's; README "Tokens"). Rendering each copy again (escaping, charset encoding,
-quoted-printable wrapping) cost more than minting its tokens. Here the message is rendered once with
+same markup, the same encodings, and a token of the same length for the same destination (a sealed send
+id and the destination: README "Tracking links and domains"). Rendering each copy again (escaping, charset
+encoding, quoted-printable wrapping) cost more than minting its tokens. Here the message is rendered once with
 placeholder tokens, and each copy is that template with its own tokens' bytes where the placeholders are:
 per copy, only the tokens are made.
 
