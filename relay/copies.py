@@ -164,20 +164,36 @@ def discard_when_done(job: Future[list[Rendered]]) -> None:
         discard(job.result())
 
 
+class InlineCopies:
+    """A message's copies rendered in this process, batch after batch: planned once, and its template made
+    once (relay/template.py) when it has SPLICED_FROM recipients or more (the template costs about what two
+    spliced copies save). For messages below the CPU pool's threshold: the plan and the template are held
+    until the last batch, a copy's size or so."""
+
+    def __init__(self, message: bytes, minters: Sequence[SplicingMinter], dkim: DkimSigner) -> None:
+        self._plan = plan_instrumentation(message)
+        self._template = copy_template(self._plan, minters[0]) if len(minters) >= SPLICED_FROM else None
+        self._dkim = dkim
+
+    def render(self, minters: Sequence[LinkMinter]) -> list[Rendered]:
+        return [_render(self._plan, self._template, minter, self._dkim, None) for minter in minters]
+
+
 def render_copies(
     message: bytes | str, minters: Sequence[SplicingMinter], dkim: DkimSigner, *, directory: str | None = None
 ) -> list[Rendered]:
     """Plan once, render and sign once per recipient. Module-level and pure so a worker process can run it;
     there with the message as a file's name (HeldMessage.path) and a `directory`, so copies come back as
-    names of files in it instead of pickled bytes."""
-    plan = plan_instrumentation(message if isinstance(message, bytes) else Path(message).read_bytes())
-    # Copies in memory are spliced into one template (relay/template.py) from the third on (making it costs
-    # about what two copies save); not into files: a 100 k-link template would be held beside each copy.
-    template = copy_template(plan, minters[0]) if directory is None and len(minters) >= SPLICED_FROM else None
+    names of files in it instead of pickled bytes (never spliced: a 100 k-link template would be held
+    beside each copy)."""
+    data = message if isinstance(message, bytes) else Path(message).read_bytes()
+    if directory is None:
+        return InlineCopies(data, minters, dkim).render(minters)
+    plan = plan_instrumentation(data)
     rendered: list[Rendered] = []
     try:
         for minter in minters:
-            rendered.append(_render(plan, template, minter, dkim, directory))
+            rendered.append(_render(plan, None, minter, dkim, directory))
     except BaseException:
         discard(rendered)
         raise

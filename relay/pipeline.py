@@ -23,7 +23,7 @@ from config.settings import ProjectSettings, Settings, TrackingEngine, TrackingM
 from config.tracking import TrackingSettings
 from monitoring.metrics import FAIL_OPENS, MESSAGES, STORE_SECONDS, TRACKED, timed
 from relay import replies
-from relay.copies import HeldMessage, Rendered, ScratchDirectory, discard, discard_when_done, render_copies
+from relay.copies import HeldMessage, InlineCopies, Rendered, ScratchDirectory, discard, discard_when_done, render_copies
 from relay.dkim import DkimSigner
 from relay.headers import SplitMessage, decoded_header, split_message
 from relay.hints import AppHints, Refusal, read_hints, strip_hints
@@ -584,8 +584,10 @@ class Pipeline:
         crlf: bool,
     ) -> AsyncGenerator[Copy, None]:
         """The tracked copies, a batch rendered at a time; the message untouched when it has nothing to track."""
+        inline = InlineCopies(await held.read(), minters, self.dkim) if self.executor is None or held.size < INLINE_BYTES else None
         for start in range(0, len(recipients), batch):
-            rendered = await self._render(held, minters[start:start + batch])
+            batch_minters = minters[start:start + batch]
+            rendered = inline.render(batch_minters) if inline is not None else await self._pooled(held, batch_minters)
             try:
                 for offset, copy in enumerate(rendered):
                     result = copy.result
@@ -633,12 +635,10 @@ class Pipeline:
             return work(*args)
         return await asyncio.get_running_loop().run_in_executor(self.executor, work, *args)
 
-    async def _render(self, held: HeldMessage, minters: list[TrackingLinks]) -> list[Rendered]:
-        """A batch's copies; from the CPU pool as files (relay/copies.py), removed even when nobody waits for them any more."""
-        if self.executor is None or held.size < INLINE_BYTES:
-            return render_copies(await held.read(), minters, self.dkim)
+    async def _pooled(self, held: HeldMessage, minters: list[TrackingLinks]) -> list[Rendered]:
+        """A batch's copies from the CPU pool as files (relay/copies.py), removed even when nobody waits for them any more."""
         message = held.path or await held.read()  # the file's name when it was spilled, else the bytes (pickled)
-        assert self.scratch is not None  # made with the pool
+        assert self.executor is not None and self.scratch is not None  # made with the pool
         job = self.executor.submit(render_copies, message, minters, self.dkim, directory=self.scratch.path)
         del message
         try:

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 
-from relay.copies import render_copies
+from relay import copies
+from relay.copies import InlineCopies, render_copies
 from relay.dkim import DkimSigner
 from relay.instrument import plan_instrumentation
 from relay.links import TrackingLinks
@@ -138,3 +139,18 @@ def test_generated_mail_splices_as_it_renders(generated: tuple[bytes, Tree]) -> 
     copies = minters(3)
     expected = [plan.render(minter) for minter in copies]
     assert [copy.result for copy in render_copies(raw, copies, DkimSigner())] == expected
+
+
+def test_a_message_is_planned_and_templated_once_for_all_its_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relay renders a 50 KB message's copies five at a time (relay/pipeline.py): the later batches reuse
+    the plan and the template of the first."""
+    made: list[str] = []
+    monkeypatch.setattr(copies, "plan_instrumentation", lambda raw: made.append("plan") or plan_instrumentation(raw))
+    monkeypatch.setattr(copies, "copy_template", lambda plan, minter: made.append("template") or copy_template(plan, minter))
+    raw = message(qp(HTML), cte="quoted-printable")
+    recipients = minters(12)
+    inline = InlineCopies(raw, recipients, DkimSigner())
+    batches = [inline.render(recipients[start:start + 5]) for start in range(0, 12, 5)]
+    plan = plan_instrumentation(raw)
+    assert [copy.result for batch in batches for copy in batch] == [plan.render(minter) for minter in recipients]
+    assert made == ["plan", "template"]
