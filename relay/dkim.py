@@ -71,8 +71,9 @@ class DkimSigner:
         key = self.key_for(message)
         if key is None:
             return data
-        message = split_message(_BARE_LINE_END.sub(b"\r\n", data))
+        if not data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n"):  # counting: the pattern scans slowly
+            message = split_message(_BARE_LINE_END.sub(b"\r\n", data))
         kept = tuple(f for f in message.fields
                      if f.name.lower() != "dkim-signature" or signature_domain(f) != key.domain)
         unsigned = SplitMessage(kept, message.body, message.newline).to_bytes()
-        return signature(key, unsigned, message.newline) + unsigned
+        return signature(key, unsigned) + unsigned
