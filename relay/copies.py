@@ -37,8 +37,8 @@ log = logging.getLogger("inflight.relay")
 FILE_PREFIX = "inflight-copy-"
 SCRATCH_PREFIX = "inflight-scratch-"
 OWNER_FILE = "owner.lock"  # flock'd by the live process that owns the directory
-UNOWNED_GRACE_SECONDS = 60.0
-SPLICED_FROM = 3  # copies of one message in one batch  # a directory without its owner file yet may be one another process is creating
+UNOWNED_GRACE_SECONDS = 60.0  # a directory without its owner file yet may be one another process is creating
+SPLICED_FROM = 3  # recipients of a message from which its copies are spliced into one template
 
 
 class ScratchDirectory:
