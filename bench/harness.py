@@ -8,6 +8,7 @@ interpreter. Messages are generated, not read from the corpus, so a run is repro
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import statistics
@@ -100,6 +101,23 @@ def free_port() -> int:
 def python(module: str, *args: object) -> list[str]:
     """argv running `python -m module args` with this interpreter (the project's venv)."""
     return [sys.executable, "-m", module, *map(str, args)]
+
+
+def cpu_seconds(pid: int, *, descendants: bool = True) -> float:
+    """CPU time of a process, with its descendants (its workers and their recorders, running or exited)
+    unless `descendants` is False."""
+    pids, index = [pid], 0
+    while descendants and index < len(pids):
+        pids += [int(p) for p in subprocess.run(["pgrep", "-P", str(pids[index])], capture_output=True, text=True).stdout.split()]
+        index += 1
+    total = 0.0
+    for each in pids:
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rpartition(")")[2].split()
+        except FileNotFoundError:
+            continue
+        total += sum(int(f) for f in fields[11:15 if descendants else 13]) / os.sysconf("SC_CLK_TCK")  # utime stime [cutime cstime]
+    return total
 
 
 class Child:

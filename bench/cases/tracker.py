@@ -9,7 +9,9 @@ moment each request was due), with bare Starlette at the same rate beside it, an
 another connection holds the SQLite store's write lock (the store "stopped": the answers must not
 wait for it). Afterwards, with the tracker still running, the store must hold exactly one event per
 request answered 200 (pixel) or 302 (redirect) once its spool has drained: an answered hit is
-durable in the spool when answered, and a stored hit soon after (README: Spool).
+durable in the spool when answered, and a stored hit soon after (README: Spool). Beside the rates, the
+CPU a hit costs each process at full load (from /proc): bare Starlette's, the tracker's answering process's
+(the budget says "per process"), and apart from it its recorder's.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from bench.harness import (
     TRACKER_SECRET,
     Child,
     Mode,
+    cpu_seconds,
     free_port,
     python,
     row,
@@ -116,15 +119,25 @@ def run(quick: bool, smoke: bool = False) -> list[dict[str, Any]]:
             "redirect: inflight": (tracker_port, "click.txt", 302),
         }
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+        # variant → per full-load round: CPU µs a hit of the answering process, and of its descendants (the recorder)
+        cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
         with Child("tracker", python("inflight.cli", "tracker", "--config", config), tracker_port, work) as tracker, \
-                Child("bare", python("bench.bare", "--port", bare_port, "--link", LINK), bare_port, work):
+                Child("bare", python("bench.bare", "--port", bare_port, "--link", LINK), bare_port, work) as starlette:
+            assert tracker.process is not None and starlette.process is not None  # started
+            pids = {tracker_port: tracker.process.pid, bare_port: starlette.process.pid}
+
             def load(name: str, *rate: object) -> dict[str, Any]:
                 port, paths, expected = variants[name]
+                own, everything = cpu_seconds(pids[port], descendants=False), cpu_seconds(pids[port])
                 result = run_json(python("bench.httpload", "--port", port, "--paths", work / paths, "--connections",
                                          CONNECTIONS, "--seconds", seconds, "--warmup", warmup, *rate),
                                   timeout=seconds + warmup + 60)
                 if set(result["status"]) != {str(expected)}:
                     raise AssertionError(f"{name}: answers {result['status']}, expected only {expected}\n{tracker.log_tail()}")
+                if not rate:
+                    own, everything = cpu_seconds(pids[port], descendants=False) - own, cpu_seconds(pids[port]) - everything
+                    answers = sum(result["status"].values()) / 1e6
+                    cpu[name].append((own / answers, (everything - own) / answers))
                 return result
 
             for _ in range(rounds):
@@ -154,6 +167,13 @@ def run(quick: bool, smoke: bool = False) -> list[dict[str, Any]]:
         rows.append(row(CASE, base_name, "req/s", [r["rate"] for r in bare]))
         rows.append(row(CASE, f"{endpoint}: inflight", "req/s", [r["rate"] for r in ours],
                         baseline=(base_name, [r["rate"] for r in bare]), min_ratio=0.80, note=note))
+        # Per process (the budget's words): the answering process's CPU a hit against bare Starlette's, its recorder apart.
+        base_cpu = (f"{endpoint}: CPU per hit, bare Starlette", [own for own, _ in cpu[base_name]])
+        recorder = statistics.median(other for _, other in cpu[f"{endpoint}: inflight"])
+        rows.append(row(CASE, base_cpu[0], "µs", base_cpu[1]))
+        rows.append(row(CASE, f"{endpoint}: CPU per hit, inflight answering process", "µs",
+                        [own for own, _ in cpu[f"{endpoint}: inflight"]], baseline=base_cpu,
+                        note=f"its recorder process: {recorder:.0f} µs a hit more"))
         for quantile in ("p50", "p99"):
             base_samples = [r[f"{quantile}_ms"] for r in bare]
             rows.append(row(CASE, f"{base_name} {quantile}", "ms", base_samples))

@@ -11,34 +11,16 @@ Afterwards each store must hold one click per answered redirect.
 
 from __future__ import annotations
 
-import os
 import resource
-import subprocess
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from bench.cases.tracker import CONNECTIONS, mint_paths, stored_once_drained
-from bench.harness import Child, Mode, free_port, python, row, run_json, write_config
+from bench.harness import Child, Mode, cpu_seconds, free_port, python, row, run_json, write_config
 
 CASE = "workers"
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time of a process and its descendants that have exited or still run (its workers and their recorders)."""
-    pids, index = [pid], 0
-    while index < len(pids):
-        pids += [int(p) for p in subprocess.run(["pgrep", "-P", str(pids[index])], capture_output=True, text=True).stdout.split()]
-        index += 1
-    total = 0.0
-    for each in pids:
-        try:
-            fields = Path(f"/proc/{each}/stat").read_text().rpartition(")")[2].split()
-        except FileNotFoundError:
-            continue
-        total += sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
-    return total
 
 
 def children_cpu() -> float:
