@@ -46,12 +46,12 @@ import struct
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from store.io_thread import IoThread
 from store.model import NewEvent
 
 log = logging.getLogger("inflight.spool")
@@ -192,7 +192,7 @@ class Spool:
         self.fsyncs = 0  # group commits done: appends / fsyncs is the group size (bench case spool)
         self.store_failing_since: float | None = None  # monotonic time of the first failed delivery, while failing
         self._name = ""  # set by open(): in the process that writes (a worker forked after construction has its own)
-        self._io: ThreadPoolExecutor | None = None  # one thread: writes, truncations and deletions stay in order
+        self._io: IoThread | None = None  # one thread: writes, truncations and deletions stay in order
         self._unwritten: list[tuple[_Entry, asyncio.Future[None]]] = []
         self._own: collections.deque[_Entry] = collections.deque()  # durable, not yet stored, in append order
         self._taken: collections.deque[_Entry] = collections.deque()  # read from dead processes' files
@@ -241,7 +241,8 @@ class Spool:
 
     async def _write_groups(self) -> None:
         """The single writer: everything appended while the previous fsync ran goes in one write and one fsync."""
-        loop = asyncio.get_running_loop()
+        io = self._io
+        assert io is not None  # append() checked it: the spool is open
         try:
             while self._unwritten:
                 group, self._unwritten = self._unwritten, []
@@ -249,14 +250,14 @@ class Spool:
                 data = b"".join(frame(entry.data) for entry, _ in group)
                 segment.writing = True
                 try:
-                    await loop.run_in_executor(self._io, _write_and_sync, segment.fd, data, segment.size)
+                    await io.run(_write_and_sync, segment.fd, data, segment.size)
                     error: OSError | None = None
                 except OSError as exc:
                     error = exc
                     log.error("spool-write-failed path=%s records=%d error=%s (kept in memory until stored)",
                               segment.path, len(group), exc)
                     with contextlib.suppress(OSError):  # drop a partial write: the file ends where it did
-                        await loop.run_in_executor(self._io, _write_at, segment.fd, END, segment.size)
+                        await io.run(_write_at, segment.fd, END, segment.size)
                 finally:
                     segment.writing = False
                 self.fsyncs += 1
@@ -289,7 +290,8 @@ class Spool:
             return self._segment
         self._segments += 1
         path = self.directory / f"{self._name}.{self._segments}.journal"
-        fd = await asyncio.get_running_loop().run_in_executor(self._io, self._create, path)
+        assert self._io is not None  # open
+        fd = await self._io.run(self._create, path)
         self._segment = _Segment(path, fd)
         return self._segment
 
@@ -343,7 +345,8 @@ class Spool:
     async def open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._name = f"{self.prefix}-{os.getpid()}-{secrets.token_hex(4)}"
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inflight-spool")
+        self._io = IoThread("inflight-spool")
+        self._io.start()
         self._closing = False
         await self._take_over()
         self._tasks = [asyncio.create_task(self._drain()), asyncio.create_task(self._report()),
@@ -366,15 +369,14 @@ class Spool:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        loop = asyncio.get_running_loop()
         for segment in self._finished | {s for s in (self._segment, self._spare) if s is not None}:
             if segment.confirmed >= segment.records:
-                await loop.run_in_executor(self._io, self._delete, segment)
+                await self._io.run(self._delete, segment)
             else:
-                await loop.run_in_executor(self._io, os.close, segment.fd)  # unlocked: the next process takes it over
+                await self._io.run(os.close, segment.fd)  # unlocked: the next process takes it over
         self._finished.clear()
         self._segment = self._spare = None
-        self._io.shutdown()
+        await self._io.stop()
         self._io = None
 
     def _next_batch(self) -> tuple[collections.deque[_Entry], list[_Entry]]:
@@ -461,7 +463,7 @@ class Spool:
     async def _compact(self) -> None:
         """Start the live file again once all it holds is stored; keep one sealed own file so stored as
         the spare; delete the other sealed and taken-over files then."""
-        loop = asyncio.get_running_loop()
+        assert self._io is not None  # open
         segment = self._segment
         if segment is not None and segment.size and segment.confirmed == segment.records and not segment.writing:
             await self._start_again(segment)
@@ -471,13 +473,14 @@ class Spool:
                 self._spare = finished  # a write to it can only come after the END: one thread writes, in order
                 await self._start_again(finished)
             else:
-                await loop.run_in_executor(self._io, self._delete, finished)
+                await self._io.run(self._delete, finished)
 
     async def _start_again(self, segment: _Segment) -> None:
         """Empty a file all of whose records are stored: an END at its start (no fsync: a crash before it
         reaches the disk replays stored records, which the store keeps once)."""
         segment.size = segment.records = segment.confirmed = 0
-        await asyncio.get_running_loop().run_in_executor(self._io, _write_at, segment.fd, END, 0)
+        assert self._io is not None  # open
+        await self._io.run(_write_at, segment.fd, END, 0)
 
     def _delete(self, segment: _Segment) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -495,15 +498,15 @@ class Spool:
                 log.exception("spool-takeover-failed dir=%s", self.directory)
 
     async def _take_over(self) -> None:
-        loop = asyncio.get_running_loop()
-        for path in await loop.run_in_executor(self._io, self._orphans):
-            taken = await loop.run_in_executor(self._io, self._read_orphan, path)
+        assert self._io is not None  # open
+        for path in await self._io.run(self._orphans):
+            taken = await self._io.run(self._read_orphan, path)
             if taken is None:
                 continue
             segment, entries = taken
             self._taken_paths.add(path)
             if not entries:
-                await loop.run_in_executor(self._io, self._delete, segment)
+                await self._io.run(self._delete, segment)
                 continue
             log.info("spool-takeover path=%s records=%d", path.name, len(entries))
             self._finished.add(segment)
