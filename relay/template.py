@@ -19,6 +19,7 @@ A copy that does not fit is rendered in full, as every copy was before.
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from collections.abc import Callable, Iterator
@@ -62,29 +63,33 @@ class _Placeholders:
         self.minter = minter
         self.placeholder = placeholder
         self.urls: dict[str, str | None] = {}  # per destination (or markup key): the minter's URL; None: untracked
-        self.hidden: dict[str, str | None] = {}  # the same with the placeholder for its token
-        self.shapes: dict[str, _Shape | None] = {}  # the same as each copy's must be
+        self.shapes: dict[str, _Shape | None] = {}  # the same, as each copy's must be
 
-    def _hide(self, key: str, url: str | None) -> str | None:
-        self.urls[key] = url
-        if url is None:
-            self.shapes[key] = self.hidden[key] = None
-            return None
-        start, end = self.minter.varying(url)
-        self.shapes[key] = _Shape(len(url), start, end, prefix := url[:start], suffix := url[end:])
-        self.hidden[key] = hidden = prefix + self.placeholder * (end - start) + suffix
-        return hidden
+    def hidden(self, key: str) -> str | None:
+        """The template's URL for `key`: the minter's, with the placeholder for its token's characters."""
+        shape = self.shapes[key]
+        return None if shape is None else shape.prefix + self.placeholder * (shape.end - shape.start) + shape.suffix
+
+    def _hide(self, key: str, mint: Callable[[], str | None]) -> str | None:
+        if key not in self.shapes:  # minted once: the markup is asked for again, to learn its order
+            url = self.urls[key] = mint()
+            if url is None:
+                self.shapes[key] = None
+            else:
+                start, end = self.minter.varying(url)
+                self.shapes[key] = _Shape(len(url), start, end, url[:start], url[end:])
+        return self.hidden(key)
 
     def click_url(self, destination: str) -> str | None:
-        return self._hide(destination, self.minter.click_url(destination))
+        return self._hide(destination, functools.partial(self.minter.click_url, destination))
 
     def pixel_url(self) -> str:
-        hidden = self._hide(PIXEL, self.minter.pixel_url())
+        hidden = self._hide(PIXEL, self.minter.pixel_url)
         assert hidden is not None
         return hidden
 
     def honeypot_url(self) -> str | None:
-        return self._hide(HONEYPOT, self.minter.honeypot_url())
+        return self._hide(HONEYPOT, self.minter.honeypot_url)
 
     def is_tracking_url(self, url: str) -> bool:
         return self.minter.is_tracking_url(url)
@@ -159,11 +164,11 @@ def copy_template(plan: InstrumentationPlan, minter: SplicingMinter) -> CopyTemp
 
 def _token_order(plan: InstrumentationPlan, hidden: _Placeholders) -> Iterator[str]:
     """The key of each token in the copy, in order: a slot's destination, or the markup's URLs where the pixel goes."""
-    markup = tracking_markup(hidden)  # as the render made it (the URLs are minted again, alike)
-    in_markup = sorted((key for key in (HONEYPOT, PIXEL) if hidden.hidden.get(key) is not None),
-                       key=lambda key: markup.find(escape_attribute(hidden.hidden[key] or "", '"')))
+    markup = tracking_markup(hidden)  # as the render made it
+    in_markup = sorted((key for key in (HONEYPOT, PIXEL) if hidden.shapes.get(key) is not None),
+                       key=lambda key: markup.find(escape_attribute(hidden.hidden(key) or "", '"')))
     for destination in plan.destinations():
         if destination is None:
             yield from in_markup
-        elif hidden.hidden.get(destination) is not None:
+        elif hidden.shapes.get(destination) is not None:
             yield destination
