@@ -38,7 +38,6 @@ import collections
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import secrets
@@ -50,6 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import orjson
 
 from store.io_thread import IoThread
 from store.model import NewEvent
@@ -228,7 +229,7 @@ class Spool:
         if self._closing or self._io is None:
             raise RuntimeError("spool is not open")
         handler = self.handlers[kind]
-        entry = _Entry(json.dumps([kind, body], separators=(",", ":")).encode(), kind,
+        entry = _Entry(orjson.dumps([kind, body]), kind,
                        handler.key(body) if handler.key else None, time.time(), not handler.gather)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._unwritten.append((entry, done))
@@ -323,7 +324,7 @@ class Spool:
         for entry in self._by_key.get(key, ()):
             decode = self.handlers[entry.kind].decode
             assert decode is not None, "records are keyed only for handlers that decode them"
-            yield decode(json.loads(entry.data)[1])
+            yield decode(orjson.loads(entry.data)[1])
 
     async def settled(self, timeout: float) -> bool:
         """Wait until every record this process appended before the call is in the store (read your
@@ -429,7 +430,7 @@ class Spool:
                 by_kind.setdefault(entry.kind, []).append(entry.data)
                 continue
             try:
-                by_kind.setdefault(entry.kind, []).append(decode(json.loads(entry.data)[1]))
+                by_kind.setdefault(entry.kind, []).append(decode(orjson.loads(entry.data)[1]))
             except (TypeError, KeyError, ValueError) as exc:
                 self.set_aside(entry.data, entry.kind, f"{type(exc).__name__}: {exc}")
         for kind, items in by_kind.items():
@@ -550,7 +551,7 @@ class Spool:
         entries = []
         for payload in payloads:
             try:
-                kind, body = json.loads(payload)
+                kind, body = orjson.loads(payload)
             except ValueError as exc:
                 self.set_aside(payload, "?", f"{type(exc).__name__}: {exc}")
                 continue

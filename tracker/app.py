@@ -61,6 +61,23 @@ NOT_FOUND = Response("Not Found", status_code=404, media_type="text/plain")
 # Built once: a Response holds no per-request state, and the pixel's bytes and headers never change.
 PIXEL = Response(PIXEL_GIF, media_type="image/gif", headers=NO_CACHE)
 HONEYPOT = Response(b"", media_type="text/html", headers={**NO_CACHE, "X-Robots-Tag": "noindex"})
+_REDIRECT_HEADERS = Response(status_code=302, headers=NO_CACHE).raw_headers  # with content-length: 0
+
+
+class Redirect(Response):
+    """A 302 to `location` with the hit's headers, as Response(status_code=302, headers=...) would answer it.
+
+    Every click answers one: Response.__init__ renders a body and builds every header again (~5 µs, a
+    tenth of what the answering process spends a hit: bench case `tracker`); here only Location is new.
+    """
+
+    def __init__(self, location: str) -> None:
+        self.status_code = 302
+        self.background = None
+        self.body = b""
+        self.raw_headers = [*_REDIRECT_HEADERS, (b"location", location.encode("latin-1"))]
+
+
 UNAUTHORIZED = JSONResponse({"error": "missing or invalid bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
 SETTLE_SECONDS = 1.0  # the events API waits at most this for hits answered before it to reach the store
 SLOW_LOG_SECONDS = 10.0  # at most one spool-slow line per this many seconds
@@ -229,7 +246,7 @@ class Tracker:
             return NOT_FOUND, None  # only signed http(s) destinations are ever redirected to: no open redirect
         # The signed link as a browser requests it: byte for byte when it is visible ASCII, else its WHATWG
         # serialisation (the event keeps the link as written). RedirectResponse would re-quote it.
-        return Response(status_code=302, headers={**NO_CACHE, "Location": location}), self._spool(request, claims)
+        return Redirect(location), self._spool(request, claims)
 
     async def answer(self, kind: str, token: str, scope: Scope) -> Response:
         """`respond` for the Starlette routes: the hits HitProtocol leaves to the app."""

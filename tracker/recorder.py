@@ -11,7 +11,6 @@ same code runs inline and in the other process.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import Counter
@@ -19,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
+
+import orjson
 
 from config.settings import IpMode, Settings
 from store.model import Decision, EventStore, Judgement, NewEvent, rfc3339
@@ -88,7 +89,7 @@ class HitRecorder:
         outcome, spooled = Recorded(), []
         for payload in payloads:
             try:
-                spooled.append(SpooledHit.decode(json.loads(payload)[1]))
+                spooled.append(SpooledHit.decode(orjson.loads(payload)[1]))
             except (TypeError, KeyError, ValueError, IndexError) as exc:
                 outcome.unreadable.append((payload, f"{type(exc).__name__}: {exc}"))
         sends = await self.sends.sends_of([item.claims for item in spooled])  # one store trip for the batch
