@@ -302,6 +302,10 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
         (store/postgresql_hits.py), so a burst of hits costs a few transactions, not one each."""
         return await self._hits.submit(hits.Hit(event, judgement))
 
+    async def record_engagements(self, batch: list[tuple[NewEvent, Judgement | None]]) -> list[list[int]]:
+        """`record_engagement` for each hit of `batch`, in order, without a task each (a recorder's batch)."""
+        return await self._hits.submit_many([hits.Hit(event, judgement) for event, judgement in batch])
+
     @retrying
     async def _engage(self, batch: list[hits.Hit]) -> list[list[int]]:
         """Store a batch of hits in one transaction of four round trips; the ids each stored, in order."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sqlite3
@@ -441,6 +442,11 @@ class SqliteEventStore(SqliteFeedback, SqliteDashboardQueries):
         message never opened first records an implied open before it. Returns the ids stored, in
         order, once committed."""
         return await self._writes.submit(lambda db: self._engagement_in(db, event, judgement))
+
+    async def record_engagements(self, batch: list[tuple[NewEvent, Judgement | None]]) -> list[list[int]]:
+        """`record_engagement` for each hit of `batch`, in order, without a task each (a recorder's batch)."""
+        return await self._writes.submit_many([functools.partial(self._engagement_in, event=event, judgement=judgement)
+                                               for event, judgement in batch])
 
     async def _commit(self, writes: list[_Write]) -> list[list[int]]:
         # The whole batch is one function run in aiosqlite's thread (its `_execute`, which every

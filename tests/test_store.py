@@ -144,22 +144,22 @@ def test_hits_recorded_together_store_what_they_store_one_by_one(store_url: str)
     async def scenario() -> tuple[list[list[int]], list[list[int]], list[dict], list[dict]]:
         async with opened(store_url) as store:
             judged = Judgement(since="2026-03-01T00:00:00.000000Z", decide=decide)
-            for project in ("p", "q"):
+            for project in ("p", "q", "r"):
                 await store.record([replace(sent(m, c), project=project) for m, c in (("m1", "a"), ("m2", "b"), ("m2", "c"))])
             alone = [await store.record_engagement(event, judged) for event in burst("p")]
             together = await asyncio.gather(*(store.record_engagement(event, judged) for event in burst("q")))
-            return (alone, list(together), await public(store, EventQuery(project="p", limit=100)),
-                    await public(store, EventQuery(project="q", limit=100)))
+            batched = await store.record_engagements([(event, judged) for event in burst("r")])
+            return (alone, list(together), batched, *[await public(store, EventQuery(project=p, limit=100)) for p in "pqr"])
 
-    alone, together, one_by_one, at_once = run(scenario())
-    assert alone[2] == alone[4] and together[2] == together[4]  # the replay answers the ids stored the first time
-    assert [len(ids) for ids in together] == [len(ids) for ids in alone] == [2, 1, 1, 1, 1, 2, 1, 1, 1]
+    alone, together, batched, one_by_one, at_once, as_batch = run(scenario())
+    assert alone[2] == alone[4] and together[2] == together[4] and batched[2] == batched[4]  # a replay: the first ids
+    assert [len(ids) for ids in batched] == [len(ids) for ids in together] == [len(ids) for ids in alone] == [2, 1, 1, 1, 1, 2, 1, 1, 1]
 
     def comparable(events: list[dict], ids: list[list[int]]) -> list[dict]:
         order = {event_id: place for place, event_id in enumerate(sorted({i for call in ids for i in call}))}
         return [{**{k: v for k, v in e.items() if k not in ("id", "project")}, "place": order.get(e["id"])} for e in events]
 
-    assert comparable(at_once, together) == comparable(one_by_one, alone)
+    assert comparable(at_once, together) == comparable(as_batch, batched) == comparable(one_by_one, alone)
     labelled = [(e["name"], e.get("implied"), e["agent"]) for e in one_by_one if e["agent"] == "prefetch"]
     assert ("email.open", True, "prefetch") in labelled and ("email.click", None, "prefetch") in labelled
 
@@ -429,6 +429,24 @@ def test_a_bad_event_fails_only_its_own_caller(tmp_path: Path) -> None:
     assert isinstance(failed, sqlite3.IntegrityError)
     assert isinstance(first, list) and isinstance(last, list)
     assert [contact for _, contact in stored(path)] == ["a@example.net", "b@example.net"]
+
+
+def test_a_bad_hit_in_a_batch_fails_the_call_and_the_others_are_stored(store_url: str) -> None:
+    """record_engagements raises the bad hit's error, once every hit of the batch is committed or failed."""
+
+    async def scenario() -> tuple[BaseException | None, list[dict]]:
+        async with opened(store_url) as store:
+            await store.record([sent("m1", "a"), sent("m1", "b")])
+            bad = replace(hit("email.open", "m1", "x"), contact=None)  # contact is NOT NULL
+            try:
+                await store.record_engagements([(hit("email.open", "m1", "a"), None), (bad, None), (hit("email.open", "m1", "b"), None)])
+            except Exception as exc:
+                return exc, await public(store, EventQuery(project="p", name="email.open", limit=100))
+            return None, []
+
+    error, opens = run(scenario())
+    assert error is not None
+    assert sorted(event["contact"] for event in opens) == ["a", "b"]
 
 
 def test_close_waits_for_events_already_handed_over(tmp_path: Path) -> None:

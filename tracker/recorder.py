@@ -10,7 +10,6 @@ same code runs inline and in the other process.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import Counter
@@ -42,7 +41,7 @@ class Recorded:
     deferred: list[dict[str, Any]] = field(default_factory=list)  # hits whose copy is not in the store yet: spool again
     unreadable: list[tuple[bytes, str]] = field(default_factory=list)  # payloads no version of a hit reads, and why
     hits: Counter[tuple[str, str]] = field(default_factory=Counter)  # stored hits by (kind, agent verdict)
-    store_seconds: list[float] = field(default_factory=list)  # each record_engagement call
+    store_seconds: list[float] = field(default_factory=list)  # each record_engagements call (one a batch)
     webhooks_queued: bool = False  # the store queued webhook deliveries another process must be woken for
     only_waiting: bool = False  # every hit of the batch waits for its copy: the next try should not come at once
 
@@ -93,7 +92,9 @@ class HitRecorder:
             except (TypeError, KeyError, ValueError, IndexError) as exc:
                 outcome.unreadable.append((payload, f"{type(exc).__name__}: {exc}"))
         sends = await self.sends.sends_of([item.claims for item in spooled])  # one store trip for the batch
-        now, writes = time.time(), []
+        now = time.time()
+        batch: list[tuple[NewEvent, Judgement | None]] = []
+        verdicts: list[tuple[str, list[str]]] = []
         for item, send in zip(spooled, sends, strict=True):
             if send is None:
                 if item.missing_since is None or now - item.missing_since < SEND_WAIT_SECONDS:
@@ -104,10 +105,15 @@ class HitRecorder:
             if await self.forgotten.covers(send.project, send.recipient, send.contact):
                 continue  # an erased contact: a legacy token still carries the address; answered, not recorded
             hit = Hit(**{**vars(item.hit), "sent_at": send.sent_at})  # dataclasses.replace: several times this
-            writes.append(self._record_engagement(self._event(item.claims, send, hit, item.uid), hit, outcome))
-        for result in await asyncio.gather(*writes, return_exceptions=True):
-            if isinstance(result, BaseException):
-                raise result
+            agents: list[str] = []  # the verdict's agent, appended when the store judges the hit
+            batch.append((self._event(item.claims, send, hit, item.uid), self._judgement(hit, agents)))
+            verdicts.append((hit.kind, agents))
+        if batch:  # one call for the batch: the store group-commits its hits without a task each
+            started = time.perf_counter()
+            await self.store.record_engagements(batch)
+            outcome.store_seconds.append(time.perf_counter() - started)
+        for kind, agents in verdicts:
+            outcome.hits[(kind, agents[-1] if agents else "none")] += 1
         outcome.only_waiting = len(outcome.deferred) == len(payloads)
         return outcome
 
@@ -145,12 +151,3 @@ class HitRecorder:
             return verdict.agent, verdict.reason, {event_id: (v.agent, v.reason) for event_id, v in exposed.items()}
 
         return Judgement(rfc3339(datetime.fromtimestamp(hit.at - self.policy.lookback_seconds, UTC)), decide)
-
-    async def _record_engagement(self, event: NewEvent, hit: Hit, outcome: Recorded) -> None:
-        agents: list[str] = []
-        started = time.perf_counter()
-        try:
-            await self.store.record_engagement(event, self._judgement(hit, agents))
-        finally:
-            outcome.store_seconds.append(time.perf_counter() - started)
-        outcome.hits[(hit.kind, agents[-1] if agents else "none")] += 1
