@@ -40,7 +40,7 @@ async def writer(store: Any, index: int, messages: int, start: float, stop: floa
                          recipient=f"c{message}@example.net", message_id=f"{message}.bench@relay.bench.example",
                          at=now_rfc3339(), campaign="spring", template_type="MARKETING", tracked=True,
                          ip="198.51.100.7", user_agent="Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7)")
-        await store.record_engagement(event, Judgement(since="1970-01-01T00:00:00Z", decide=human))
+        await store.record_engagements([(event, Judgement(since="1970-01-01T00:00:00Z", decide=human))])
         made[0] += 1
         if sent >= start:
             latencies.append(time.monotonic() - sent)

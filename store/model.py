@@ -58,7 +58,7 @@ class NewEvent:
     reason: str | None = None
     agent: str | None = None  # opens and clicks: human | apple_mpp | image_proxy | scanner | prefetch
     agent_reason: str | None = None  # the signals behind `agent` (tracker/agents.py)
-    # Set by the store when it records an open or a click (record_engagement), never by callers:
+    # Set by the store when it records an open or a click (record_engagements), never by callers:
     # they are counts over the events already stored, exact only inside the write transaction.
     opens: int | None = None
     clicks: int | None = None
@@ -227,7 +227,6 @@ class Events(Protocol):
     """Events and their engagement counters: exact however many nodes record at once."""
 
     async def record(self, events: list[NewEvent]) -> list[int]: ...
-    async def record_engagement(self, event: NewEvent, judgement: Judgement | None = None) -> list[int]: ...
     async def record_engagements(self, batch: list[tuple[NewEvent, Judgement | None]]) -> list[list[int]]: ...
     async def events(self, query: EventQuery) -> list[StoredEvent]: ...
     async def stats(self, query: StatsQuery) -> StatsCounts: ...

@@ -196,7 +196,7 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
         self._listener = asyncio.create_task(self._keep_session(lost))
 
     async def close(self) -> None:
-        await self._hits.drained()  # hits already handed to record_engagement are committed before the pool goes
+        await self._hits.drained()  # hits already handed to record_engagements are committed before the pool goes
         if self._listener is not None:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
@@ -294,16 +294,12 @@ class PostgresEventStore(PostgresFeedback, PostgresDashboardQueries):
             self.outbox_added.set()
         return [ids[uid] for uid in uids]
 
-    async def record_engagement(self, event: NewEvent, judgement: Judgement | None = None) -> list[int]:
-        """Record an open or a click with its counters (and its verdict, when judged): exact on any
-        number of nodes. Returns the ids stored, in order, once committed.
-
-        Group-committed: calls that arrive while a batch is being written go in the next one
-        (store/postgresql_hits.py), so a burst of hits costs a few transactions, not one each."""
-        return await self._hits.submit(hits.Hit(event, judgement))
-
     async def record_engagements(self, batch: list[tuple[NewEvent, Judgement | None]]) -> list[list[int]]:
-        """`record_engagement` for each hit of `batch`, in order, without a task each (a recorder's batch)."""
+        """Record opens and clicks, in order, with their counters (and their verdicts, when judged): exact on
+        any number of nodes. Returns the ids each stored, once committed.
+
+        Group-committed: hits that arrive while a batch is being written go in the next one
+        (store/postgresql_hits.py), so a burst of hits costs a few transactions, not one each."""
         return await self._hits.submit_many([hits.Hit(event, judgement) for event, judgement in batch])
 
     @retrying

@@ -1,8 +1,8 @@
 """Events into PostgreSQL in a fixed number of round trips, whatever the batch holds.
 
 `record` is one statement (in a transaction: three round trips): the rows, their webhook outbox rows
-and the NOTIFY, and the ids of the uids stored before. Opens and clicks (`record_engagement`) are
-group-committed, as on SQLite (store/group_commit.py): calls that arrive while a batch is being
+and the NOTIFY, and the ids of the uids stored before. Opens and clicks (`record_engagements`) are
+group-committed, as on SQLite (store/group_commit.py): hits that arrive while a batch is being
 written go together in the next one, one transaction of four round trips for the whole batch:
 
 1. BEGIN (custom plans, see BEGIN) and the advisory locks of the batch's messages, in one order on
@@ -163,7 +163,7 @@ def lock_sql(events: Collection[NewEvent]) -> str:
 
 @dataclass
 class Hit:
-    """One record_engagement call waiting in a batch."""
+    """One hit handed to record_engagements, waiting in a batch."""
 
     event: NewEvent
     judgement: Judgement | None

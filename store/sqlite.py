@@ -261,7 +261,7 @@ class SqliteEventStore(SqliteFeedback, SqliteDashboardQueries):
     first read, so counts read inside it are exact even when another process (a second
     tracker on the same file) records at the same moment.
 
-    Events are group-committed: `record` and `record_engagement` calls that arrive while a
+    Events are group-committed: `record` calls and `record_engagements` hits that arrive while a
     transaction is being written queue up and go together, in arrival order, in the next one
     (a single writer task), so a burst of pixel hits costs a few transactions instead of one
     each. Every caller still returns only after the commit that holds its events, so the tracker
@@ -437,14 +437,10 @@ class SqliteEventStore(SqliteFeedback, SqliteDashboardQueries):
             return []
         return await self._writes.submit(lambda db: self._record_in(db, events))
 
-    async def record_engagement(self, event: NewEvent, judgement: Judgement | None = None) -> list[int]:
-        """Record an open or a click with its counters (and its verdict, when judged); a click on a
-        message never opened first records an implied open before it. Returns the ids stored, in
-        order, once committed."""
-        return await self._writes.submit(lambda db: self._engagement_in(db, event, judgement))
-
     async def record_engagements(self, batch: list[tuple[NewEvent, Judgement | None]]) -> list[list[int]]:
-        """`record_engagement` for each hit of `batch`, in order, without a task each (a recorder's batch)."""
+        """Record opens and clicks, in order, with their counters (and their verdicts, when judged); a click on
+        a message never opened first records an implied open before it. Returns the ids each stored, once
+        committed. The hits of a batch are queued together: one future each, no task each."""
         return await self._writes.submit_many([functools.partial(self._engagement_in, event=event, judgement=judgement)
                                                for event, judgement in batch])
 

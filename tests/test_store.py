@@ -34,6 +34,12 @@ def hit(name: str, message: str, contact: str, link: str | None = None, campaign
                     campaign=campaign, template="t1", link=link, tracked=True)
 
 
+async def engage(store: EventStore, event: NewEvent, judgement: Judgement | None = None) -> list[int]:
+    """One hit recorded alone: the ids it stored."""
+    (ids,) = await store.record_engagements([(event, judgement)])
+    return ids
+
+
 def run(coroutine):  # type: ignore[no-untyped-def]
     return asyncio.run(coroutine)
 
@@ -69,7 +75,7 @@ def test_counters_are_exact_across_two_connections_recording_at_once(store_url: 
     async def scenario() -> list[dict]:
         async with opened(store_url) as first, opened(store_url) as second:
             await first.record([sent("m1", "a@x.test")])
-            await asyncio.gather(*(store.record_engagement(hit("email.open", "m1", "a@x.test"))
+            await asyncio.gather(*(engage(store, hit("email.open", "m1", "a@x.test"))
                                    for _ in range(25) for store in (first, second)))
             return await public(first, _query())
 
@@ -84,9 +90,9 @@ def test_first_click_without_open_records_an_implied_open_once(store_url: str) -
     async def scenario() -> list[dict]:
         async with opened(store_url) as store:
             await store.record([sent("m1", "a@x.test")])
-            await store.record_engagement(hit("email.click", "m1", "a@x.test", "https://x.test/1"))
-            await store.record_engagement(hit("email.click", "m1", "a@x.test", "https://x.test/2"))
-            await store.record_engagement(hit("email.open", "m1", "a@x.test"))
+            await engage(store, hit("email.click", "m1", "a@x.test", "https://x.test/1"))
+            await engage(store, hit("email.click", "m1", "a@x.test", "https://x.test/2"))
+            await engage(store, hit("email.open", "m1", "a@x.test"))
             found = await public(store, _query())
         return list(reversed(found))  # oldest first
 
@@ -112,7 +118,7 @@ def test_a_verdict_sees_the_hits_stored_before_it_in_its_batch_and_relabels_them
     async def scenario() -> tuple[list[list[int]], list[dict]]:
         async with opened(store_url) as store:
             judged = Judgement(since="2026-03-01T00:00:00.000000Z", decide=decide)
-            ids = await asyncio.gather(*(store.record_engagement(hit("email.open", "m1", "a"), judged) for _ in range(3)))
+            ids = await asyncio.gather(*(engage(store, hit("email.open", "m1", "a"), judged) for _ in range(3)))
             return ids, list(reversed(await public(store, _query())))
 
     ids, events = run(scenario())
@@ -146,8 +152,8 @@ def test_hits_recorded_together_store_what_they_store_one_by_one(store_url: str)
             judged = Judgement(since="2026-03-01T00:00:00.000000Z", decide=decide)
             for project in ("p", "q", "r"):
                 await store.record([replace(sent(m, c), project=project) for m, c in (("m1", "a"), ("m2", "b"), ("m2", "c"))])
-            alone = [await store.record_engagement(event, judged) for event in burst("p")]
-            together = await asyncio.gather(*(store.record_engagement(event, judged) for event in burst("q")))
+            alone = [await engage(store, event, judged) for event in burst("p")]
+            together = await asyncio.gather(*(engage(store, event, judged) for event in burst("q")))
             batched = await store.record_engagements([(event, judged) for event in burst("r")])
             return (alone, list(together), batched, *[await public(store, EventQuery(project=p, limit=100)) for p in "pqr"])
 
@@ -168,7 +174,7 @@ def test_counters_are_per_message_and_contact(store_url: str) -> None:
     async def scenario() -> list[dict]:
         async with opened(store_url) as store:
             for message, contact in (("m1", "a"), ("m1", "b"), ("m2", "a"), ("m1", "a")):
-                await store.record_engagement(hit("email.open", message, contact))
+                await engage(store, hit("email.open", message, contact))
             found = await public(store, _query())
         return list(reversed(found))
 
@@ -185,23 +191,23 @@ def test_stats_on_a_crafted_dataset(store_url: str) -> None:
             await store.record([sent("m1", "a"), sent("m1", "b"), sent("m2", "c"), sent("m3", "d", tracked=False),
                                 sent("m9", "z", campaign="c2")])
 
-            async def engage(event: NewEvent, agent: str | None) -> None:
+            async def judged(event: NewEvent, agent: str | None) -> None:
                 labelled = Judgement(since=AT, decide=lambda _history: (str(agent), "test", {}))
-                await store.record_engagement(event, labelled if agent is not None else None)
+                await engage(store, event, labelled if agent is not None else None)
 
-            await engage(hit("email.open", "m1", "a"), "apple_mpp")
-            await engage(hit("email.open", "m1", "a"), None)
-            await engage(hit("email.open", "m1", "a"), "human")
-            await engage(hit("email.open", "m1", "b"), "scanner")
-            await engage(hit("email.open", "m2", "c"), "image_proxy")
-            await engage(hit("email.click", "m1", "a", l1), "human")
-            await engage(hit("email.click", "m1", "a", l1), "human")
-            await engage(hit("email.click", "m1", "a", l2), "scanner")
-            await engage(hit("email.click", "m1", "b", l1), "scanner")
-            await engage(hit("email.click", "m2", "c", l2), None)
-            await engage(hit("email.click", "m9", "z", l1, campaign="c2"), "human")  # c2: implied open + click
+            await judged(hit("email.open", "m1", "a"), "apple_mpp")
+            await judged(hit("email.open", "m1", "a"), None)
+            await judged(hit("email.open", "m1", "a"), "human")
+            await judged(hit("email.open", "m1", "b"), "scanner")
+            await judged(hit("email.open", "m2", "c"), "image_proxy")
+            await judged(hit("email.click", "m1", "a", l1), "human")
+            await judged(hit("email.click", "m1", "a", l1), "human")
+            await judged(hit("email.click", "m1", "a", l2), "scanner")
+            await judged(hit("email.click", "m1", "b", l1), "scanner")
+            await judged(hit("email.click", "m2", "c", l2), None)
+            await judged(hit("email.click", "m9", "z", l1, campaign="c2"), "human")  # c2: implied open + click
             late = rfc3339(datetime(2026, 3, 2, tzinfo=UTC))
-            await engage(hit("email.open", "m2", "c", at=late), "scanner")
+            await judged(hit("email.open", "m2", "c", at=late), "scanner")
             c1 = await stats(store, StatsQuery(project="p", campaign="c1"))
             whole = await stats(store, StatsQuery(project="p"))
             since = await stats(store, StatsQuery(project="p", campaign="c1", since=late))
@@ -228,7 +234,7 @@ def test_outbox_rows_are_written_with_their_events_and_leased(store_url: str) ->
     async def scenario() -> None:
         async with opened(store_url, webhook_projects=("p",)) as store:
             await store.record([sent("m1", "a"), replace(sent("m1", "b"), project="other")])
-            await store.record_engagement(hit("email.click", "m1", "a", "https://x.test/1"))
+            await engage(store, hit("email.click", "m1", "a", "https://x.test/1"))
             assert store.outbox_added.is_set()
             assert await store.pending_webhooks() == 3  # sent(a), implied open, click; not the other project's
             jobs = await store.claim_webhooks(now=1e12, lease=60, limit=10)
@@ -303,11 +309,11 @@ def test_recording_an_event_again_by_its_uid_stores_counts_and_queues_nothing_ne
             again = await store.record([sends[1], sent("m3", "a"), replace(sends[0], at="2026-03-02T10:00:00.000000Z")])
             assert (again[0], again[2]) == (first_ids[1], first_ids[0]) and again[1] > max(first_ids)  # by uid, whatever its time
             click = hit("email.click", "m1", "a", "https://x.test/1")
-            click_ids = await store.record_engagement(click)  # the implied open, then the click
-            replays = await asyncio.gather(*(store.record_engagement(click) for _ in range(3)))
+            click_ids = await engage(store, click)  # the implied open, then the click
+            replays = await asyncio.gather(*(engage(store, click) for _ in range(3)))
             assert replays == [click_ids] * 3
             opened_ = hit("email.open", "m1", "a")
-            assert await store.record_engagement(opened_) == await store.record_engagement(opened_)
+            assert await engage(store, opened_) == await engage(store, opened_)
             events = await public(store, _query())
             assert len(events) == 3 + 2 + 1 and all("uid" not in e for e in events)
             assert sorted(e["opens"] for e in events if e["name"] == "email.open") == [1, 2]
@@ -502,7 +508,7 @@ def test_200_hits_of_one_message_through_two_stores_count_1_to_200_once(store_ur
     async def scenario() -> list[dict]:
         async with opened(store_url) as one, opened(store_url) as two:
             await one.record([sent("m1", "a@x.test")])
-            await asyncio.gather(*(store.record_engagement(hit("email.open", "m1", "a@x.test"))
+            await asyncio.gather(*(engage(store, hit("email.open", "m1", "a@x.test"))
                                    for _ in range(100) for store in (one, two)))
             return await public(two, _query())
 
@@ -568,7 +574,7 @@ def test_forget_erases_a_contact_its_webhooks_and_ledger_rows(store_url: str) ->
     async def scenario() -> None:
         async with opened(store_url, webhook_projects=("p",)) as store:
             await store.record([sent("m1", "gone@x.test"), sent("m2", "kept@x.test")])
-            await store.record_engagement(hit("email.open", "m1", "gone@x.test"))
+            await engage(store, hit("email.open", "m1", "gone@x.test"))
             await store.record_delivered([Delivered("p", "m1", ["Gone@x.test", "kept@x.test"], int(time.time()) + 3600)])
             assert await store.forget("GONE@x.test") == (2, 2)
             assert [e["contact"] for e in await public(store, _query())] == ["kept@x.test"]

@@ -140,17 +140,17 @@ def test_the_service_runs_on_a_postgresql_store(pg_url: str, tmp_path: Path, sin
 def test_calls_wait_for_the_database_to_come_back(pg_url: str) -> None:
     """Every connection cut at once, as a restart does: the next calls reconnect and succeed, a hit
     is counted once, and the session (LISTEN, ledger owner) comes back by itself."""
-    from tests.test_store import hit
+    from tests.test_store import engage, hit
 
     async def scenario() -> tuple[list[int], list[int], str | None]:
         async with opened(pg_url, webhook_projects=("p",)) as store:
             await store.record([sent("m1", "a")])
-            first = await store.record_engagement(hit("email.open", "m1", "a"))
+            first = await engage(store, hit("email.open", "m1", "a"))
             await store.set_tracking_mode("p", "DISABLED")
             cut = await fetchval(pg_url, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                                          "WHERE datname = current_database() AND pid <> pg_backend_pid()")
             assert cut >= 2  # the pool's and the session's
-            second = await store.record_engagement(hit("email.open", "m1", "a"))
+            second = await engage(store, hit("email.open", "m1", "a"))
             opens = [e["opens"] for e in await store.events(EventQuery(project="p", name="email.open"))]
             mode = await store.tracking_mode("p")
             store.outbox_added.clear()
