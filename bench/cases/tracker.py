@@ -167,12 +167,14 @@ def run(quick: bool, smoke: bool = False) -> list[dict[str, Any]]:
         rows.append(row(CASE, base_name, "req/s", [r["rate"] for r in bare]))
         rows.append(row(CASE, f"{endpoint}: inflight", "req/s", [r["rate"] for r in ours],
                         baseline=(base_name, [r["rate"] for r in bare]), min_ratio=0.80, note=note))
-        # Per process (the budget's words): the answering process's CPU a hit against bare Starlette's, its recorder apart.
+        # Per process (the budget's words): the answering process's CPU a hit against bare Starlette's, its recorder
+        # apart. 0.80x bare Starlette's hits per CPU second is at most 1.25x its CPU a hit. The rate row above is the
+        # stricter reading: on two cores its answering process, its recorder and the load generator share them.
         base_cpu = (f"{endpoint}: CPU per hit, bare Starlette", [own for own, _ in cpu[base_name]])
         recorder = statistics.median(other for _, other in cpu[f"{endpoint}: inflight"])
         rows.append(row(CASE, base_cpu[0], "µs", base_cpu[1]))
         rows.append(row(CASE, f"{endpoint}: CPU per hit, inflight answering process", "µs",
-                        [own for own, _ in cpu[f"{endpoint}: inflight"]], baseline=base_cpu,
+                        [own for own, _ in cpu[f"{endpoint}: inflight"]], baseline=base_cpu, max_ratio=1 / 0.80,
                         note=f"its recorder process: {recorder:.0f} µs a hit more"))
         for quantile in ("p50", "p99"):
             base_samples = [r[f"{quantile}_ms"] for r in bare]
