@@ -15,10 +15,12 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from starlette.responses import Response
 
 from relay.links import TrackingLinks
 from tests.conftest import PROJECT, PROJECT_SECRET, RunningService, Sink, make_settings
 from tests.test_flow import events, fetch, html_message, send, tracked_urls
+from tracker.app import NO_CACHE, Redirect
 from tracking.tokens import TokenKeys, is_redirectable, new_send_id
 from tracking.urls import redirect_location
 
@@ -94,6 +96,16 @@ def test_location_is_the_signed_link_byte_for_byte(tracker: tuple[RunningService
     link = "https://example.com/a|b/{c}?q=<x>&r=%7E~&s='t'#frag"
     response = client.get(f"/c/{click_token(link)}")
     assert response.status_code == 302 and response.headers["location"] == link
+    assert "no-store" in response.headers["cache-control"] and response.headers["content-length"] == "0"
+
+
+def test_a_redirect_has_the_headers_starlette_would_give_it() -> None:
+    """A click's 302 is built from precomputed headers: the same ones Response builds, the no-cache ones included."""
+    location = "https://shop.example.com/p/7?a=1&b=2"
+    redirect = Redirect(location)
+    expected = Response(status_code=302, headers={**NO_CACHE, "Location": location})
+    assert (redirect.status_code, redirect.body, redirect.background) == (302, b"", None)
+    assert sorted(redirect.raw_headers) == sorted(expected.raw_headers)
 
 
 def test_no_redirect_that_we_did_not_sign(tracker: tuple[RunningService, httpx.Client]) -> None:
