@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-import orjson
-
 from config.settings import IpMode, Settings
 from store.model import Decision, EventStore, Judgement, NewEvent, rfc3339
+from store.spool import decode_record
 from tracker.agents import AgentPolicy, Hit, PriorHit, classify, relabel
 from tracker.netdata import NetworkLists, network_specs
 from tracker.privacy import ForgottenContacts, stored_ip
@@ -88,7 +87,7 @@ class HitRecorder:
         outcome, spooled = Recorded(), []
         for payload in payloads:
             try:
-                spooled.append(SpooledHit.decode(orjson.loads(payload)[1]))
+                spooled.append(SpooledHit.decode(decode_record(payload)[1]))
             except (TypeError, KeyError, ValueError, IndexError) as exc:
                 outcome.unreadable.append((payload, f"{type(exc).__name__}: {exc}"))
         sends = await self.sends.sends_of([item.claims for item in spooled])  # one store trip for the batch
