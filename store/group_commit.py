@@ -33,16 +33,14 @@ class GroupCommit(Generic[W, R]):
         self._writer: asyncio.Task[None] | None = None
 
     async def submit(self, write: W) -> R:
-        done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._pending.append((write, done))
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write_pending())
-        return await done
+        """One write's result, once the transaction that holds it is committed."""
+        (result,) = await self.submit_many([write])
+        return result
 
     async def submit_many(self, writes: list[W]) -> list[R]:
-        """`submit` for several writes at once, their results in order: one future each, but no task or
-        coroutine each (a recorder's batch of hits: bench case `tracker`). When any fails, the first error
-        is raised once all are done: the others are committed or failed as `submit` would have left them."""
+        """Several writes queued at once, their results in order once committed: one future each, but no task
+        or coroutine each (a recorder's batch of hits: bench case `tracker`). When any fails, the first error
+        is raised once all are done; the others are committed, or failed with their own errors."""
         loop = asyncio.get_running_loop()
         pending = [(write, loop.create_future()) for write in writes]
         self._pending += pending

@@ -178,8 +178,8 @@ class Tracker:
             self.spool.append("hit", body)
         for payload, reason in recorded.unreadable:
             self.spool.set_aside(payload, "hit", reason)
-        for seconds in recorded.store_seconds:
-            self._store_seconds.observe(seconds)
+        if recorded.store_seconds is not None:
+            self._store_seconds.observe(recorded.store_seconds)
         for labels, count in recorded.hits.items():
             counter = self._hits.get(labels)
             if counter is None:

@@ -40,7 +40,7 @@ class Recorded:
     deferred: list[dict[str, Any]] = field(default_factory=list)  # hits whose copy is not in the store yet: spool again
     unreadable: list[tuple[bytes, str]] = field(default_factory=list)  # payloads no version of a hit reads, and why
     hits: Counter[tuple[str, str]] = field(default_factory=Counter)  # stored hits by (kind, agent verdict)
-    store_seconds: list[float] = field(default_factory=list)  # each record_engagements call (one a batch)
+    store_seconds: float | None = None  # the batch's record_engagements call (None: nothing to store)
     webhooks_queued: bool = False  # the store queued webhook deliveries another process must be woken for
     only_waiting: bool = False  # every hit of the batch waits for its copy: the next try should not come at once
 
@@ -110,7 +110,7 @@ class HitRecorder:
         if batch:  # one call for the batch: the store group-commits its hits without a task each
             started = time.perf_counter()
             await self.store.record_engagements(batch)
-            outcome.store_seconds.append(time.perf_counter() - started)
+            outcome.store_seconds = time.perf_counter() - started
         for kind, agents in verdicts:
             outcome.hits[(kind, agents[-1] if agents else "none")] += 1
         outcome.only_waiting = len(outcome.deferred) == len(payloads)
