@@ -179,17 +179,11 @@ class InlineCopies:
         return [_render(self._plan, self._template, minter, self._dkim, None) for minter in minters]
 
 
-def render_copies(
-    message: bytes | str, minters: Sequence[SplicingMinter], dkim: DkimSigner, *, directory: str | None = None
-) -> list[Rendered]:
-    """Plan once, render and sign once per recipient. Module-level and pure so a worker process can run it;
-    there with the message as a file's name (HeldMessage.path) and a `directory`, so copies come back as
-    names of files in it instead of pickled bytes (never spliced: a 100 k-link template would be held
-    beside each copy)."""
-    data = message if isinstance(message, bytes) else Path(message).read_bytes()
-    if directory is None:
-        return InlineCopies(data, minters, dkim).render(minters)
-    plan = plan_instrumentation(data)
+def render_copies(message: bytes | str, minters: Sequence[LinkMinter], dkim: DkimSigner, *, directory: str) -> list[Rendered]:
+    """Plan once, render and sign once per recipient, in a worker process of the CPU pool: the message as a
+    file's name (HeldMessage.path) or its bytes, the copies as names of files in `directory` instead of pickled
+    bytes. Never spliced: a 100 k-link template would be held beside each copy (smaller messages: InlineCopies)."""
+    plan = plan_instrumentation(message if isinstance(message, bytes) else Path(message).read_bytes())
     rendered: list[Rendered] = []
     try:
         for minter in minters:

@@ -27,6 +27,7 @@ from relay.copies import (
     FILE_PREFIX,
     SCRATCH_PREFIX,
     HeldMessage,
+    InlineCopies,
     Rendered,
     ScratchDirectory,
     abandoned_scratch,
@@ -156,7 +157,8 @@ def copy_files(directory: Path) -> list[Path]:
 
 def test_a_copy_rendered_into_a_file_is_the_copy_rendered_in_memory(tmp_path: Path, make_minter: type[DeterministicMinter]) -> None:
     data = newsletter(300)
-    in_memory = render_copies(data, [make_minter(recipient="a"), make_minter(recipient="b")], DkimSigner())
+    minters = [make_minter(recipient="a"), make_minter(recipient="b")]
+    in_memory = InlineCopies(data, minters, DkimSigner()).render(minters)
     in_files = render_copies(data, [make_minter(recipient="a"), make_minter(recipient="b")], DkimSigner(), directory=str(tmp_path))
     assert [r.path for r in in_memory] == [None, None] and all(r.path for r in in_files)
     assert len(copy_files(tmp_path)) == 2 and all(r.result.data == b"" for r in in_files)
@@ -170,7 +172,8 @@ def test_a_copy_whose_file_cannot_be_written_is_rendered_in_memory(tmp_path: Pat
     missing = tmp_path / "gone"  # no such directory: as good as a full disk for mkstemp
     [copy] = render_copies(data, [make_minter()], DkimSigner(), directory=str(missing))
     assert copy.path is None and copy.result.outcome == "instrumented"
-    assert copy.read() == render_copies(data, [make_minter()], DkimSigner())[0].read()
+    minters = [make_minter()]
+    assert copy.read() == InlineCopies(data, minters, DkimSigner()).render(minters)[0].read()
 
 
 def test_mail_with_nothing_to_track_leaves_no_file(tmp_path: Path, make_minter: type[DeterministicMinter]) -> None:

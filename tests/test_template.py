@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 
 from relay import copies
-from relay.copies import InlineCopies, render_copies
+from relay.copies import InlineCopies
 from relay.dkim import DkimSigner
 from relay.instrument import plan_instrumentation
 from relay.links import TrackingLinks
@@ -41,7 +41,7 @@ def minters(count: int, *, honeypot: bool = True, base: str = "https://t.shop.ex
 
 
 def assert_spliced_as_rendered(raw: bytes, copies: list[TrackingLinks], *, spliced: bool, misfits: int = 0) -> None:
-    """Every copy from render_copies equals its full render; `spliced`: whether a template made them (but the
+    """Every copy from InlineCopies equals its full render; `spliced`: whether a template made them (but the
     last `misfits`, which do not fit it)."""
     plan = plan_instrumentation(raw)
     template = copy_template(plan, copies[0])
@@ -50,7 +50,7 @@ def assert_spliced_as_rendered(raw: bytes, copies: list[TrackingLinks], *, splic
     if template is not None:
         fits = len(copies) - misfits
         assert [template.render(minter) for minter in copies] == expected[:fits] + [None] * misfits
-    rendered = render_copies(raw, copies, DkimSigner())
+    rendered = InlineCopies(raw, copies, DkimSigner()).render(copies)
     assert [copy.result for copy in rendered] == expected
     assert len({copy.result.data for copy in rendered}) == len(copies) or expected[0].outcome != "instrumented"
 
@@ -109,7 +109,7 @@ def test_fewer_than_three_copies_are_rendered_in_full() -> None:
     """A template costs about what two spliced copies save (bench: make bench, case relay)."""
     raw = message(HTML.encode())
     copies = minters(2)
-    assert [copy.result for copy in render_copies(raw, copies, DkimSigner())] == [
+    assert [copy.result for copy in InlineCopies(raw, copies, DkimSigner()).render(copies)] == [
         plan_instrumentation(raw).render(minter) for minter in copies]
 
 
@@ -126,7 +126,7 @@ def test_corpus_copies_splice_as_they_render(path: Path | None) -> None:
         if plan.splices and not set(PLACEHOLDERS) <= set(raw):
             assert template is not None, path.name
         expected = [plan.render(minter) for minter in copies]
-        assert [copy.result for copy in render_copies(raw, copies, DkimSigner())] == expected
+        assert [copy.result for copy in InlineCopies(raw, copies, DkimSigner()).render(copies)] == expected
         if template is not None:
             assert [template.render(minter) for minter in copies] == expected
 
@@ -138,7 +138,7 @@ def test_generated_mail_splices_as_it_renders(generated: tuple[bytes, Tree]) -> 
     plan = plan_instrumentation(raw)
     copies = minters(3)
     expected = [plan.render(minter) for minter in copies]
-    assert [copy.result for copy in render_copies(raw, copies, DkimSigner())] == expected
+    assert [copy.result for copy in InlineCopies(raw, copies, DkimSigner()).render(copies)] == expected
 
 
 def test_a_message_is_planned_and_templated_once_for_all_its_batches(monkeypatch: pytest.MonkeyPatch) -> None:
